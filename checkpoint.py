@@ -1,0 +1,96 @@
+"""Checkpoints in the reference port's layout (SPEC section 4): reading, writing, and building the model they hold."""
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from commons import UserError, atomic_torch_save
+from models import build_model, config_from_state_dict
+
+CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
+# Older reference checkpoints pickle numpy scalars (best_score, recalls); these globals rebuild them safely.
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                        np.dtypes.Int64DType]
+
+
+def checkpoint_path(run_dir, which='latest'):
+    return os.path.join(run_dir, 'checkpoints', CHECKPOINT_NAMES[which])
+
+
+def read_checkpoint(path, unsafe=False):
+    """Load a checkpoint dict with weights_only=True (numpy scalars allowed); --unsafe_load for anything else."""
+    if not os.path.isfile(path):
+        raise UserError(f'Checkpoint file {path} does not exist. --resume=DIR expects DIR/checkpoints/'
+                        f'checkpoint.pth.tar (or model_best.pth.tar with --ckpt=best).')
+    try:
+        if unsafe:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f'Checkpoint {path} holds Python objects that the safe loader (torch.load weights_only=True) refuses '
+            f'({str(error).splitlines()[0]}). If you trust the file, run again with --unsafe_load.') from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f'Checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint '
+                        f'({type(error).__name__}: {str(error).splitlines()[0]}).') from None
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+        raise UserError(f'Checkpoint {path} is not in the expected layout: a dict with a "state_dict" entry.')
+    checkpoint['state_dict'] = {key.replace('module.', ''): value for key, value in checkpoint['state_dict'].items()}
+    return plain_numbers(checkpoint)
+
+
+def plain_numbers(value):
+    """Numpy scalars and arrays of old checkpoints as plain Python numbers, recursively (tensors untouched)."""
+    if isinstance(value, dict):
+        return {key: plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def check_config_against_flags(config, opt, path):
+    """A checkpoint whose architecture contradicts a flag the user gave explicitly is an error naming the flag."""
+    for flag in ('arch', 'num_clusters', 'pooling', 'vladv2'):
+        given = getattr(opt, flag)
+        if flag in opt.explicit and config[flag] is not None and given != config[flag]:
+            raise UserError(f'Checkpoint {path} holds a model with {flag}={config[flag]}, but the command line '
+                            f'asks for --{flag}={given}. Drop the flag or pass the matching checkpoint.')
+
+
+def load_model_from_checkpoint(opt, which=None):
+    """The model and checkpoint dict stored in run folder opt.resume."""
+    path = checkpoint_path(opt.resume, which or opt.ckpt)
+    checkpoint = read_checkpoint(path, opt.unsafe_load)
+    state_dict = checkpoint['state_dict']
+    if 'quantized' in checkpoint:
+        from quantize import load_quantized_model
+        return load_quantized_model(checkpoint, opt.resume), checkpoint
+    if 'encoder.0.weight' not in state_dict:
+        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
+    config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
+    check_config_against_flags(config, opt, path)
+    model = build_model(config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise UserError(f'Checkpoint {path} does not match the model it describes: '
+                        f'{" ".join(str(error).split())}') from None
+    return model, checkpoint
+
+
+def save_checkpoint(state, run_dir, is_best):
+    """checkpoint.pth.tar always, model_best.pth.tar when best; each written atomically."""
+    atomic_torch_save(state, checkpoint_path(run_dir, 'latest'))
+    if is_best:
+        atomic_torch_save(state, checkpoint_path(run_dir, 'best'))
+
+
+def model_state(model):
+    """The parts of a checkpoint that describe the model: its weights, plus the pooling the weights cannot show."""
+    return {'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            'pooling': 'netvlad' if hasattr(model.pool, 'centroids') else model.pool.mode}
