@@ -10,8 +10,9 @@ from models import build_model, config_from_state_dict
 
 CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
 # Older reference checkpoints pickle numpy scalars (best_score, recalls); these globals rebuild them safely.
-NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
-                        np.dtypes.Int64DType]
+# Files written under numpy 1.x name the scalar builder numpy.core.multiarray.scalar (numpy 2 moved it to _core).
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, (np._core.multiarray.scalar, 'numpy.core.multiarray.scalar'),
+                        np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
 
 
 def checkpoint_path(run_dir, which='latest'):
