@@ -76,6 +76,38 @@ def build_parser():
     train.add_argument('--evalEvery', type=int, default=1, help='Validate every this many epochs.')
     train.add_argument('--patience', type=int, default=10,
                        help='Stop after this many validations without a better Recall@5 (0: never).')
+    train.add_argument('--finetune_epochs', type=int, default=2,
+                       help='Prune mode: epochs of triplet fine-tuning after pruning (0: none).')
+
+    compress = p.add_argument_group('pruning and quantization')
+    compress.add_argument('--pruning_type', default='structured', choices=['structured', 'unstructured'],
+                          help='structured: remove whole conv channels (smaller, faster); unstructured: zero '
+                               'individual weights by magnitude (stored packed).')
+    compress.add_argument('--pruning_amount', type=float, default=0.2,
+                          help='Fraction of channels (structured) or weights (unstructured) to remove, in (0, 1).')
+    compress.add_argument('--pruning_layers', default='all',
+                          help='Encoder convs to prune: "all", or comma-separated indices into the encoder '
+                               '(torchvision features indices, e.g. "3,6,8").')
+    compress.add_argument('--pruning_scope', default='global', choices=['global', 'layer'],
+                          help='Unstructured: one magnitude threshold over all layers, or the same fraction per layer.')
+    compress.add_argument('--quantization_type', default='static', choices=['static', 'qat'],
+                          help='static: int8 post-training quantization calibrated on training images; '
+                               'qat: quantization-aware fine-tuning with the triplet loss, then int8.')
+    compress.add_argument('--calib_images', type=int, default=256,
+                          help='Training-database images used to calibrate int8 activations.')
+    compress.add_argument('--qat_epochs', type=int, default=1, help='Epochs of quantization-aware training.')
+    compress.add_argument('--latency_size', default='480x640', type=_size,
+                          help='Image size HEIGHTxWIDTH at which compression reports time CPU latency.')
+
+    scale = p.add_argument_group('large-scale evaluation')
+    scale.add_argument('--pca_dim', type=int, default=4096,
+                       help='PCA mode: output dimension of the PCA-whitening layer (the paper uses 4096).')
+    scale.add_argument('--index', default='flat', choices=['flat', 'ivfpq', 'hnsw'],
+                       help='Test search: exact (flat) or approximate faiss index.')
+
+    report = p.add_argument_group('demo and report')
+    report.add_argument('--demo_size', default='default', choices=['tiny', 'default'],
+                        help='Demo: "tiny" runs every stage on a very small dataset in about a minute.')
     return p
 
 

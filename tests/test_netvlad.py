@@ -55,7 +55,8 @@ def test_forward_realistic_shape():
     x = torch.relu(torch.randn(2, 256, 7, 9))
     with torch.no_grad():
         out = layer(x)
-    assert relative_error(out, netvlad_reference(x, *layer_params(layer))) <= 1e-5
+        expected = netvlad_reference(x, *layer_params(layer))
+    assert relative_error(out, expected) <= 1e-5
 
 
 def v1_init_reference(centroids, descriptors):

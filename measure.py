@@ -1,0 +1,80 @@
+"""What compression is judged by: parameters, MACs, file size and CPU latency of a model, before against after."""
+import logging
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from commons import atomic_write_json
+
+
+def count_parameters(model):
+    """Parameters that are not exactly zero (pruned weights do not count) and the total."""
+    tensors = list(model.state_dict().values())
+    total = sum(t.numel() for t in tensors if t.is_floating_point())
+    nonzero = sum(int(torch.count_nonzero(t)) for t in tensors if t.is_floating_point())
+    return nonzero, total
+
+
+def count_macs(model, image_size):
+    """Multiply-accumulates of one forward pass on a [1, 3, H, W] image: convs, linears and NetVLAD's products."""
+    macs = []
+
+    def conv_hook(layer, inputs, output):
+        macs.append(output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1])
+
+    def linear_hook(layer, inputs, output):
+        macs.append(output.numel() * layer.in_features)
+
+    def netvlad_hook(layer, inputs, output):
+        locations = inputs[0].shape[2] * inputs[0].shape[3]
+        macs.append(layer.num_clusters * layer.dim * locations)  # the residual sums; the 1x1 conv is hooked above
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear_hook))
+        elif hasattr(module, 'num_clusters'):
+            hooks.append(module.register_forward_hook(netvlad_hook))
+    with torch.inference_mode():
+        model.eval()(torch.zeros(1, 3, *image_size))
+    for hook in hooks:
+        hook.remove()
+    return sum(macs)
+
+
+def latency_ms(model, image_size, repeats=20, warmup=3, batch=1):
+    """Median CPU wall time of one forward pass per image, in milliseconds."""
+    images = torch.randn(batch, 3, *image_size).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            started = time.perf_counter()
+            model(images)
+            if i >= warmup:
+                times.append((time.perf_counter() - started) * 1000 / batch)
+    return statistics.median(times)
+
+
+def directory_size(path):
+    """Bytes of the model files of a run folder (checkpoints/ without the training-only flags)."""
+    folder = os.path.join(path, 'checkpoints')
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+               if name.endswith(('.pth.tar', '.pt2')) and name != 'model_best.pth.tar')
+
+
+def compare(before, after, path, title):
+    """Print a before/after table with ratios and write it, with both records, as JSON to `path`."""
+    rows = [key for key in before if isinstance(before[key], (int, float)) and key in after]
+    ratios = {key: after[key] / before[key] for key in rows if before[key]}
+    logging.info('%s\n%-24s %14s %14s %8s', title, 'metric', 'before', 'after', 'ratio')
+    for key in rows:
+        logging.info('%-24s %14.4g %14.4g %8.3f', key, before[key], after[key], ratios.get(key, float('nan')))
+    report = dict(title=title, before=before, after=after, ratio_after_over_before=ratios)
+    atomic_write_json(report, path)
+    logging.info('Report written to %s', path)
+    return report
