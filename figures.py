@@ -1,0 +1,58 @@
+"""Pictures of a run: Recall@N curves of the evaluated variants, and query strips with their top retrievals."""
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+STRIP_TOP = 5
+THUMB = (160, 120)  # width, height of each picture in a strip
+
+
+def plot_recall_curves(records, path):
+    """Recall@N for N = 1..25, one line per variant."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for record in records:
+        curve = record['curve']
+        axes.plot(range(1, len(curve) + 1), curve, marker='o', markersize=3,
+                  label=f'{record["arch"]} {record["variant"]}')
+    axes.set_xlabel('N (number of top database candidates)')
+    axes.set_ylabel('Recall@N')
+    axes.set_title(f'Recall@N on {records[0]["dataset"]} {records[0]["split"]}')
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc='lower right')
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def framed(path, colour, caption):
+    """A thumbnail of the image at `path` with a coloured frame and a caption."""
+    image = Image.open(path).convert('RGB').resize(THUMB)
+    canvas = Image.new('RGB', (THUMB[0] + 8, THUMB[1] + 26), 'white')
+    canvas.paste(Image.new('RGB', (THUMB[0] + 8, THUMB[1] + 8), colour), (0, 0))
+    canvas.paste(image, (4, 4))
+    ImageDraw.Draw(canvas).text((4, THUMB[1] + 11), caption, fill='black')
+    return canvas
+
+
+def retrieval_strips(dataset, predictions, query_indices, path):
+    """For each chosen query: the query, then its top retrievals framed green (within 25 m) or red."""
+    struct = dataset.db_struct
+    rows = []
+    for query in query_indices:
+        tiles = [framed(dataset.paths[struct.numDb + query], 'grey', f'query {query}')]
+        for rank, db_index in enumerate(predictions[query][:STRIP_TOP], 1):
+            metres = float(np.linalg.norm(struct.utmDb[db_index] - struct.utmQ[query]))
+            colour = 'green' if metres <= struct.posDistThr else 'red'
+            tiles.append(framed(dataset.paths[db_index], colour, f'#{rank}: {metres:.0f} m'))
+        rows.append(tiles)
+    tile_w, tile_h = rows[0][0].size
+    sheet = Image.new('RGB', (tile_w * (STRIP_TOP + 1), tile_h * len(rows)), 'white')
+    for y, tiles in enumerate(rows):
+        for x, tile in enumerate(tiles):
+            sheet.paste(tile, (x * tile_w, y * tile_h))
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    sheet.save(path)
