@@ -1,5 +1,6 @@
 """--mode=test: descriptors of a split, exact nearest neighbours, Recall@N (SPEC section 5)."""
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -12,7 +13,9 @@ from tqdm import tqdm
 from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
 from commons import atomic_write_json, make_deterministic, select_device
+from measure import latency_ms, model_bytes
 from pittsburgh import WholeDataset, image_loader
+from results import append_result
 
 RECALL_NS = [1, 5, 10, 20]
 CURVE_MAX_N = 25
@@ -31,10 +34,12 @@ def extract_descriptors(model, dataset, opt, device, description='descriptors'):
     loader = image_loader(dataset, opt, opt.cacheBatchSize)
     descriptors = np.empty((len(dataset), model.output_dim), dtype=np.float32)
     model.eval()
+    start = 0
     with torch.inference_mode(), autocast(opt.precision, device):
-        for images, indices in tqdm(loader, desc=description, unit='batch'):
+        for images, _ in tqdm(loader, desc=description, unit='batch'):
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            descriptors[indices.numpy()] = model(images).float().cpu().numpy()
+            descriptors[start:start + len(images)] = model(images).float().cpu().numpy()
+            start += len(images)
     return descriptors
 
 
@@ -75,7 +80,7 @@ def evaluate(model, dataset, opt, device):
     recalls = {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
     return dict(recalls=recalls, curve=curve.tolist(), descriptor_dim=int(descriptors.shape[1]),
                 extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s,
-                search_s=time.time() - started - extraction_s)
+                search_s=time.time() - started - extraction_s, predictions=predictions)
 
 
 def log_recalls(recalls):
@@ -84,25 +89,42 @@ def log_recalls(recalls):
 
 
 def load_model(opt):
-    """The model of --resume (checkpoint) or, without it, the cluster-initialised off-the-shelf network."""
+    """Model, checkpoint and run folder of --resume or, without it, of the cluster-initialised untrained network."""
     if opt.resume:
-        return load_model_from_checkpoint(opt)[0], opt.resume
-    return initialised_model(opt), os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
+        return (*load_model_from_checkpoint(opt), opt.resume)
+    return initialised_model(opt), None, os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
+
+
+def record_result(opt, model, checkpoint, run_dir, result):
+    """Append the evaluated model, its size and its CPU latency to the results file (see results.py)."""
+    cpu_model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()
+    with autocast(opt.precision, torch.device('cpu')):
+        latency = latency_ms(cpu_model, opt.latency_size, repeats=5, warmup=1)
+    default_variant = 'trained' if checkpoint is not None else 'off-the-shelf (k-means init)'
+    variant = checkpoint.get('variant', default_variant) if checkpoint is not None else default_variant
+    if opt.precision != 'fp32':
+        variant += f' {opt.precision}'
+    return append_result(opt, variant, result, model_bytes(model, checkpoint, run_dir), latency)
 
 
 def test(opt):
     make_deterministic(opt.seed)
     device = select_device(opt)
     dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
-    model, run_dir = load_model(opt)
+    model, checkpoint, run_dir = load_model(opt)
+    if getattr(model, 'cpu_only', False) and device.type != 'cpu':  # the int8 model of --mode=quantize
+        logging.info('This model runs on the CPU (int8 x86 kernels): evaluating on the CPU instead of %s.', device)
+        device = torch.device('cpu')
     model = model.to(device).to(memory_format=torch.channels_last)
     logging.info('Testing %s on %s split %s: %d database images, %d queries', run_dir, opt.dataset, opt.split,
                  dataset.db_struct.numDb, dataset.db_struct.numQ)
     result = evaluate(model, dataset, opt, device)
+    predictions = result.pop('predictions')
     log_recalls(result['recalls'])
     result.update(split=opt.split, dataset=opt.dataset, run=run_dir, precision=opt.precision,
                   device=str(device))
     path = os.path.join(run_dir, f'test_{opt.split}.json')
     atomic_write_json(result, path)
+    record_result(opt, model, checkpoint, run_dir, result)
     logging.info('Tested %d images at %.1f images/s; results in %s', len(dataset), result['images_per_s'], path)
-    return result
+    return dict(result, predictions=predictions)

@@ -1,4 +1,5 @@
 """What compression is judged by: parameters, MACs, file size and CPU latency of a model, before against after."""
+import io
 import logging
 import os
 import statistics
@@ -65,6 +66,16 @@ def directory_size(path):
     folder = os.path.join(path, 'checkpoints')
     return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
                if name.endswith(('.pth.tar', '.pt2')) and name != 'model_best.pth.tar')
+
+
+def model_bytes(model, checkpoint, run_dir):
+    """Bytes needed to store the model: its run folder's model files, or, for an untrained model or a training
+    checkpoint (which also holds optimizer state), its serialised state dict."""
+    if checkpoint is None or 'optimizer' in checkpoint:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        return buffer.tell()
+    return directory_size(run_dir)
 
 
 def compare(before, after, path, title):

@@ -223,6 +223,7 @@ def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer,
                         num_workers=min(opt.threads, os.cpu_count() or 1), collate_fn=collate_triplets,
                         pin_memory=device.type == 'cuda')
     model.train()
+    losses = []
     for images, neg_counts in loader:
         started = time.time()
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -233,13 +234,14 @@ def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer,
         loss.backward()
         optimizer.step()
         step += 1
+        losses.append(loss.item())
         progress.update(len(neg_counts))
         progress.set_postfix(loss=f'{loss.item():.4f}')
         if writer is not None:
             writer.add_scalar('Train/Loss', loss.item(), step)
             writer.add_scalar('Train/nNeg', sum(neg_counts) / len(neg_counts), step)
             writer.add_scalar('Train/images_per_s', len(images) / (time.time() - started), step)
-    return step
+    return step, losses
 
 
 def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
@@ -262,6 +264,9 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     if 'optimizer' in state:
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
+        if 'lr' in opt.explicit:  # a learning rate given when resuming replaces the stored one
+            for group in optimizer.param_groups:
+                group['lr'] = group['initial_lr'] = opt.lr
         stored = state['hard_negatives'].numpy()
         hard_negatives[:, :min(opt.nNeg, stored.shape[1])] = stored[:, :opt.nNeg]
     epoch = state.get('epoch', 0)
@@ -269,21 +274,25 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     writer = tensorboard_writer(run_dir) if rank == 0 and save else None
     step = state.get('step', 0)
     recalls = state.get('recalls', {})
+    epoch_losses = list(state.get('epoch_losses', []))
     while epoch < num_epochs:
         epoch += 1
         rng = np.random.default_rng([opt.seed, epoch])
         torch.manual_seed(opt.seed * 1000 + epoch)
         order = rng.permutation(data.queries)
+        losses = []
         chunk_size = opt.cacheRefreshRate or len(order)
         with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
             for start in range(0, len(order), chunk_size):
                 chunk = order[start:start + chunk_size]
                 triplets = chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world)
                 share = len(triplets) // world  # equal shares: every rank runs the same number of steps
-                step = train_chunk(model, data, triplets[rank * share:(rank + 1) * share], optimizer, opt,
-                                   device, bar, writer, step)
+                step, chunk_losses = train_chunk(model, data, triplets[rank * share:(rank + 1) * share],
+                                                 optimizer, opt, device, bar, writer, step)
+                losses += chunk_losses
                 bar.update(len(chunk) - len(triplets[rank * share:(rank + 1) * share]))
         scheduler.step()
+        epoch_losses.append(float(np.mean(losses)) if losses else float('nan'))
         if writer is not None:
             writer.add_scalar('Train/lr', optimizer.param_groups[0]['lr'], epoch)
         if epoch % opt.evalEvery and epoch != num_epochs:
@@ -296,7 +305,8 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
             for n, recall in recalls.items():
                 writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
         state = dict(model_state(unwrap(model)), epoch=epoch, recalls=recalls, best_score=best_score,
-                     not_improved=not_improved, step=step, optimizer=optimizer.state_dict(),
+                     not_improved=not_improved, step=step, epoch_losses=epoch_losses,
+                     optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), hard_negatives=torch.from_numpy(hard_negatives),
                      parallel=world > 1)
         if save and rank == 0:
@@ -327,19 +337,24 @@ def tensorboard_writer(run_dir):
 
 
 def restore_flags(opt, run_dir):
-    """Stored flags of a resumed run; flags given on the command line win, each difference said in one line."""
+    """Take the stored flags of a resumed run, except those given on the command line, which win.
+
+    Returns one line for each flag whose command-line value replaces a different stored one.
+    """
     path = os.path.join(run_dir, 'checkpoints', 'flags.json')
     if not os.path.isfile(path):
-        return
+        return []
     with open(path) as f:
         stored = json.load(f)
+    changes = []
     for key, value in stored.items():
         if key in NOT_RESTORED or not hasattr(opt, key) or getattr(opt, key) == value:
             continue
         if key in opt.explicit:
-            logging.info('--%s: the command line value %r replaces the stored %r', key, getattr(opt, key), value)
+            changes.append(f'--{key}: the command line value {getattr(opt, key)!r} replaces the stored {value!r}')
         else:
             setattr(opt, key, value)
+    return changes
 
 
 def write_flags(opt, run_dir):
@@ -349,14 +364,16 @@ def write_flags(opt, run_dir):
 
 def train(opt):
     rank, _ = init_distributed(opt)
+    run_dir = opt.resume or opt.savePath
+    flag_changes = restore_flags(opt, run_dir) if opt.resume else []
     if opt.resume:
-        restore_flags(opt, opt.resume)
         model, state = load_model_from_checkpoint(opt, 'latest')
-        run_dir = opt.resume
     else:
-        model, state, run_dir = initialised_model(opt), None, opt.savePath
+        model, state = initialised_model(opt), None
+    setup_logging(run_dir, rank)  # only now: a run that fails on its input writes nothing
+    for change in flag_changes:
+        logging.info(change)
     make_deterministic(opt.seed)
-    setup_logging(run_dir, rank)
     device = select_device(opt)
     if rank == 0:
         write_flags(opt, run_dir)

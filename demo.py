@@ -1,0 +1,76 @@
+"""--mode=demo: the whole chain on the synthetic dataset, as the user's own commands would run it (SPEC section 1).
+
+Every stage is a command line parsed and run by main.py exactly as if typed, so each stage reads what the one
+before wrote: cluster -> test (untrained) -> train -> test -> prune (structured, unstructured) -> quantize
+(static, QAT) -> report, then the pictures.
+"""
+import logging
+import os
+import shlex
+import time
+
+from figures import plot_recall_curves, retrieval_strips
+from pittsburgh import WholeDataset
+from results import latest_per_variant, read_results, results_path
+
+# Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
+DEMO_SIZES = {
+    'default': dict(synth_db=300, synth_queries=150, synth_imsize='120x160', nEpochs=3, finetune_epochs=1,
+                    qat_epochs=1, calib_images=128, latency_size='480x640'),
+    'tiny': dict(synth_db=40, synth_queries=20, synth_imsize='96x128', nEpochs=1, finetune_epochs=1,
+                 qat_epochs=1, calib_images=16, latency_size='96x128'),
+}
+# Training from random weights (no ImageNet weights offline): Adam at 1e-5 is stable; 1e-4 destroys the
+# k-means initialisation in the first epoch.
+TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.00001']
+STRIP_QUERIES = 4
+
+
+def stage_commands(opt, size):
+    """The command lines of every stage, as a user would type them."""
+    data_path = opt.dataPath if 'dataPath' in opt.explicit else f'synthetic_data_{opt.demo_size}'
+    run = os.path.join(opt.runsPath, f'{opt.arch}_netvlad_checkpoint', f'{opt.arch}_netvlad_checkpoint')
+    common = ['--dataset', 'synthetic', '--dataPath', data_path, '--runsPath', opt.runsPath, '--arch', opt.arch,
+              '--fromscratch', '--seed', str(opt.seed), '--threads', str(opt.threads), '--nGPU', str(opt.nGPU),
+              '--latency_size', size['latency_size'], '--cacheBatchSize', str(opt.cacheBatchSize)]
+    common += ['--nocuda'] if opt.nocuda else []
+    common += [f'--{k}={size[k]}' for k in ('synth_db', 'synth_queries', 'synth_imsize')]
+    evaluate = ['--split', 'test']
+    resume = ['--resume', run]
+    return [
+        ['--mode=cluster'] + common,
+        ['--mode=test'] + common + evaluate,
+        ['--mode=train', '--nEpochs', str(size['nEpochs']), '--savePath', run] + TRAIN_FLAGS + common,
+        ['--mode=test'] + common + evaluate + resume,
+        ['--mode=prune', '--pruning_type=structured', '--pruning_amount=0.2',
+         f'--finetune_epochs={size["finetune_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
+        ['--mode=prune', '--pruning_type=unstructured', '--pruning_amount=0.2',
+         f'--finetune_epochs={size["finetune_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
+        ['--mode=quantize', '--quantization_type=static', f'--calib_images={size["calib_images"]}']
+        + common + evaluate + resume,
+        ['--mode=quantize', '--quantization_type=qat', f'--calib_images={size["calib_images"]}',
+         f'--qat_epochs={size["qat_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
+    ], run
+
+
+def demo(opt):
+    from main import parse_options, run as run_mode
+    size = DEMO_SIZES[opt.demo_size]
+    commands, run_dir = stage_commands(opt, size)
+    started = time.time()
+    trained_test = None
+    for number, argv in enumerate(commands, 1):
+        logging.info('\n===== Demo stage %d/%d: python main.py %s', number, len(commands), shlex.join(argv))
+        result = run_mode(parse_options(argv))
+        if argv[0] == '--mode=test' and '--resume' in argv:
+            trained_test = result
+    stage_opt = parse_options(commands[0])
+    records = [r for r in latest_per_variant(read_results(results_path(opt)))
+               if r['arch'] == opt.arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
+    plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
+    test_set = WholeDataset(stage_opt.dataPath, 'test')
+    retrieval_strips(test_set, trained_test['predictions'], range(STRIP_QUERIES),
+                     os.path.join(run_dir, 'retrievals.png'))
+    table = run_mode(parse_options(['--mode=report', '--runsPath', opt.runsPath]))
+    logging.info('====> Demo finished in %.1f min; pictures in %s', (time.time() - started) / 60, run_dir)
+    return table
