@@ -213,7 +213,9 @@ def make_optimizer(model, opt):
         optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weightDecay)
     else:
         optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weightDecay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep, gamma=opt.lrGamma)
+    # the paper's schedule halves SGD's rate every lrStep epochs; Adam keeps its rate, as in the reference
+    gamma = opt.lrGamma if opt.optim == 'SGD' else 1.0
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep, gamma=gamma)
     return optimizer, scheduler
 
 
@@ -244,6 +246,26 @@ def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer,
     return step, losses
 
 
+def train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer, step):
+    """One epoch: queries in an order drawn from (seed, epoch), the cache refreshed and mined chunk by chunk."""
+    rank, world = rank_world
+    rng = np.random.default_rng([opt.seed, epoch])
+    torch.manual_seed(opt.seed * 1000 + epoch)
+    order = rng.permutation(data.queries)
+    losses = []
+    chunk_size = opt.cacheRefreshRate or len(order)
+    with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
+        for start in range(0, len(order), chunk_size):
+            chunk = order[start:start + chunk_size]
+            triplets = chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world)
+            share = len(triplets) // world  # equal shares: every rank runs the same number of steps
+            mine = triplets[rank * share:(rank + 1) * share]
+            step, chunk_losses = train_chunk(model, data, mine, optimizer, opt, device, bar, writer, step)
+            losses += chunk_losses
+            bar.update(len(chunk) - len(mine))
+    return step, losses
+
+
 def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     """Train `model` for epochs state['epoch']+1 .. num_epochs, validating and checkpointing into run_dir.
 
@@ -255,7 +277,7 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     val_set = WholeDataset(opt.dataPath, 'val', opt.resize) if rank == 0 else None
     model = model.to(device).to(memory_format=torch.channels_last)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     elif opt.nGPU > 1 and device.type == 'cuda' and torch.cuda.device_count() > 1:
         model = torch.nn.DataParallel(model, device_ids=list(range(opt.nGPU)))
     optimizer, scheduler = make_optimizer(model, opt)
@@ -277,20 +299,8 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     epoch_losses = list(state.get('epoch_losses', []))
     while epoch < num_epochs:
         epoch += 1
-        rng = np.random.default_rng([opt.seed, epoch])
-        torch.manual_seed(opt.seed * 1000 + epoch)
-        order = rng.permutation(data.queries)
-        losses = []
-        chunk_size = opt.cacheRefreshRate or len(order)
-        with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
-            for start in range(0, len(order), chunk_size):
-                chunk = order[start:start + chunk_size]
-                triplets = chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world)
-                share = len(triplets) // world  # equal shares: every rank runs the same number of steps
-                step, chunk_losses = train_chunk(model, data, triplets[rank * share:(rank + 1) * share],
-                                                 optimizer, opt, device, bar, writer, step)
-                losses += chunk_losses
-                bar.update(len(chunk) - len(triplets[rank * share:(rank + 1) * share]))
+        step, losses = train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs,
+                                   (rank, world), writer, step)
         scheduler.step()
         epoch_losses.append(float(np.mean(losses)) if losses else float('nan'))
         if writer is not None:
@@ -304,13 +314,11 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
         if writer is not None:
             for n, recall in recalls.items():
                 writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
-        state = dict(model_state(unwrap(model)), epoch=epoch, recalls=recalls, best_score=best_score,
-                     not_improved=not_improved, step=step, epoch_losses=epoch_losses,
-                     optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), hard_negatives=torch.from_numpy(hard_negatives),
-                     parallel=world > 1)
+        state = dict(epoch=epoch, recalls=recalls, best_score=best_score, not_improved=not_improved, step=step,
+                     epoch_losses=epoch_losses, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                     hard_negatives=torch.from_numpy(hard_negatives), parallel=world > 1)
         if save and rank == 0:
-            save_checkpoint(state, run_dir, is_best)
+            save_checkpoint(dict(model_state(unwrap(model)), **state), run_dir, is_best)
         logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score, ' *' if is_best else '')
         if opt.patience and not_improved >= opt.patience:
             logging.info('No better Recall@5 for %d epochs: stopping early.', not_improved)
