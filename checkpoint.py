@@ -39,8 +39,26 @@ def read_checkpoint(path, unsafe=False):
                         f'({type(error).__name__}: {str(error).splitlines()[0]}).') from None
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
         raise UserError(f'Checkpoint {path} is not in the expected layout: a dict with a "state_dict" entry.')
+    if 'packed_state_dict' in checkpoint:
+        checkpoint['state_dict'] = unpack_state_dict(checkpoint['state_dict'], checkpoint.pop('packed_state_dict'))
     checkpoint['state_dict'] = {key.replace('module.', ''): value for key, value in checkpoint['state_dict'].items()}
     return plain_numbers(checkpoint)
+
+
+def unpack_state_dict(state_dict, packed):
+    """The state dict with the sparse weights that prune.py stored packed put back, dense, at their positions.
+
+    Each packed weight: `shape`, `mask` (np.packbits of its nonzero entries, row-major, uint8), `values` (those
+    entries in order) and `position` (its index in the full state dict, whose order gives the conv widths).
+    """
+    items = list(state_dict.items())
+    for key, item in sorted(packed.items(), key=lambda pair: pair[1]['position']):
+        numel = int(np.prod(item['shape']))
+        nonzero = torch.from_numpy(np.unpackbits(item['mask'].numpy(), count=numel).astype(bool))
+        dense = torch.zeros(numel, dtype=item['values'].dtype)
+        dense[nonzero] = item['values']
+        items.insert(item['position'], (key, dense.reshape(item['shape'])))
+    return dict(items)
 
 
 def plain_numbers(value):

@@ -1,4 +1,11 @@
-"""--mode=test: descriptors of a split, exact nearest neighbours, Recall@N (SPEC section 5)."""
+"""--mode=test: descriptors of a split, exact nearest neighbours, Recall@N (SPEC section 5).
+
+Memory does not grow with the split: descriptors go to a file as they are computed (descriptors.py), the exact
+search reads it in chunks and keeps only each query's top 25, and recall needs only those. --index ivfpq|hnsw
+searches an approximate faiss index instead (on the GPU when faiss-gpu and CUDA are there, as is the exact
+search). Under torchrun each process writes its share of the descriptors (extract_part), and
+`--descriptors PART...` merges the parts and searches them in one process.
+"""
 import contextlib
 import copy
 import logging
@@ -8,17 +15,24 @@ import time
 import faiss
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
-from commons import atomic_write_json, make_deterministic, select_device
+from commons import UserError, atomic_write_json, make_deterministic, select_device
+from descriptors import DescriptorFile, cache_folder, load_descriptor_file, merge_parts, part_name, part_rows
 from measure import latency_ms, model_bytes
 from pittsburgh import WholeDataset, image_loader
 from results import append_result
 
 RECALL_NS = [1, 5, 10, 20]
 CURVE_MAX_N = 25
+SEARCH_CHUNK_BYTES = 512 * 2 ** 20   # float32 bytes of one database or query chunk of the exact search
+APPROX_TRAIN_BYTES = 2 ** 30         # float32 bytes of the database sample an IVF-PQ index is trained on
+IVF_NPROBE = 32                      # inverted lists visited per query
+PQ_MAX_BYTES = 64                    # product-quantizer code bytes per database image (8-bit sub-quantizers)
+HNSW_M, HNSW_EF_SEARCH = 32, 128     # graph degree; candidate list length at search
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -29,10 +43,15 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def extract_descriptors(model, dataset, opt, device, description='descriptors'):
-    """Descriptors of every image of `dataset`, [N, D] float32, in dataset order."""
+def extract_descriptors(model, dataset, opt, device, description='descriptors', path=None):
+    """Descriptors of every image of `dataset`, in dataset order: [N, D] float32 in memory or, given `path`, a
+    DescriptorFile there (dtype --desc_dtype) written batch by batch as they are computed."""
     loader = image_loader(dataset, opt, opt.cacheBatchSize)
-    descriptors = np.empty((len(dataset), model.output_dim), dtype=np.float32)
+    if path is None:
+        descriptors = np.empty((len(dataset), model.output_dim), dtype=np.float32)
+    else:
+        descriptors = DescriptorFile.create(path, len(dataset), model.output_dim,
+                                            getattr(opt, 'desc_dtype', 'float32'))
     model.eval()
     start = 0
     with torch.inference_mode(), autocast(opt.precision, device):
@@ -43,23 +62,117 @@ def extract_descriptors(model, dataset, opt, device, description='descriptors'):
     return descriptors
 
 
-def exact_search(db_desc, query_desc, k, db_chunk=50000):
-    """Exact L2 top-k (faiss flat) over database chunks, merged: [numQ, k] distances and indices."""
+# ---------------------------------------------------------------------------------------------- search
+
+def chunk_rows(dim, chunk_bytes=None):
+    """Rows of a [rows, dim] float32 chunk of at most chunk_bytes (default SEARCH_CHUNK_BYTES)."""
+    return max(1, (chunk_bytes or SEARCH_CHUNK_BYTES) // (4 * dim))
+
+
+def as_float32(rows):
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def rows_of(descriptors, start, stop):
+    """Rows start..stop of an array (a view) or of a DescriptorFile (a view, nothing read)."""
+    return descriptors.view(start, stop) if isinstance(descriptors, DescriptorFile) else descriptors[start:stop]
+
+
+def faiss_gpu_available():
+    """faiss built with GPU support (faiss-gpu) and a CUDA device it can see."""
+    return hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
+
+
+def on_gpu(index, gpu):
+    """The index moved to the GPU when `gpu` (faiss GPU resources) is given, else the index itself."""
+    return index if gpu is None else faiss.index_cpu_to_gpu(gpu, 0, index)
+
+
+def merge_top_k(best_dist, best_index, dist, found, k):
+    """The k smallest of two [Q, *] candidate lists (ties keep the earlier list, i.e. the lower database rows)."""
+    dist = np.where(found < 0, np.inf, dist)
+    merged_dist = np.concatenate([best_dist, dist], axis=1)
+    merged_index = np.concatenate([best_index, found], axis=1)
+    order = np.argsort(merged_dist, axis=1, kind='stable')[:, :k]
+    return np.take_along_axis(merged_dist, order, axis=1), np.take_along_axis(merged_index, order, axis=1)
+
+
+def exact_search(db_desc, query_desc, k, db_chunk=None, query_chunk=None, use_gpu=False):
+    """Exact L2 top-k (faiss flat): [numQ, k] squared distances and database indices, nearest first.
+
+    db_desc, query_desc: [N, D] arrays or DescriptorFiles. Each database chunk is read once and searched by every
+    query chunk; a chunk holds at most SEARCH_CHUNK_BYTES of float32 (by default), and only [numQ, k] results are
+    kept, so memory does not grow with the database and no numQ x numDb matrix is ever formed.
+    """
+    dim = db_desc.shape[1]
     k = min(k, len(db_desc))
+    db_chunk = db_chunk or chunk_rows(dim)
+    query_chunk = query_chunk or chunk_rows(dim)
     best_dist = np.full((len(query_desc), k), np.inf, dtype=np.float32)
     best_index = np.full((len(query_desc), k), -1, dtype=np.int64)
-    queries = np.ascontiguousarray(query_desc, dtype=np.float32)
-    for start in range(0, len(db_desc), db_chunk):
-        index = faiss.IndexFlatL2(queries.shape[1])
-        index.add(np.ascontiguousarray(db_desc[start:start + db_chunk], dtype=np.float32))
-        dist, found = index.search(queries, k)
-        merged_dist = np.concatenate([best_dist, dist], axis=1)
-        merged_index = np.concatenate([best_index, found + start], axis=1)
-        order = np.argsort(merged_dist, axis=1, kind='stable')[:, :k]
-        best_dist = np.take_along_axis(merged_dist, order, axis=1)
-        best_index = np.take_along_axis(merged_index, order, axis=1)
+    gpu = faiss.StandardGpuResources() if use_gpu else None
+    for db_start in range(0, len(db_desc), db_chunk):
+        index = on_gpu(faiss.IndexFlatL2(dim), gpu)
+        index.add(as_float32(db_desc[db_start:db_start + db_chunk]))
+        for q_start in range(0, len(query_desc), query_chunk):
+            rows = slice(q_start, q_start + query_chunk)
+            dist, found = index.search(as_float32(query_desc[rows]), k)
+            best_dist[rows], best_index[rows] = merge_top_k(best_dist[rows], best_index[rows], dist,
+                                                            np.where(found < 0, -1, found + db_start), k)
     return best_dist, best_index
 
+
+def approximate_index(kind, db_desc, gpu=None):
+    """A faiss IVF-PQ or HNSW index over the database, trained on (a strided sample of) the database itself."""
+    num_db, dim = db_desc.shape
+    if kind == 'hnsw':
+        index = faiss.index_factory(dim, f'HNSW{HNSW_M}')
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        logging.info('HNSW index: M=%d, efSearch=%d; it holds the database as float32 in memory (%.1f GB)',
+                     HNSW_M, HNSW_EF_SEARCH, num_db * dim * 4 / 1e9)
+    else:
+        train = training_sample(db_desc)
+        nlist = 2 ** int(np.log2(max(1, min(4 * np.sqrt(num_db), len(train) / 39))))
+        nbits = min(8, int(np.log2(len(train))))
+        subquantizers = max(m for m in range(1, PQ_MAX_BYTES + 1) if dim % m == 0)
+        index = faiss.index_factory(dim, f'IVF{nlist},PQ{subquantizers}x{nbits}')
+        ivf = faiss.downcast_index(index)
+        ivf.do_polysemous_training = False  # Hamming filtering is not used; its training is slow and noisy
+        ivf.nprobe = min(IVF_NPROBE, nlist)
+        index.train(train)
+        logging.info('IVF-PQ index: %d lists (nprobe %d), %d sub-quantizers x %d bits (%d bytes per image), '
+                     'trained on %d database descriptors', nlist, min(IVF_NPROBE, nlist), subquantizers, nbits,
+                     subquantizers * nbits // 8, len(train))
+        if gpu is not None:
+            try:
+                index = on_gpu(index, gpu)
+            except RuntimeError as error:  # code sizes the GPU kernels do not support
+                logging.info('IVF-PQ stays on the CPU: faiss GPU refused it (%s)', str(error).splitlines()[0])
+    step = chunk_rows(dim)
+    for start in range(0, num_db, step):
+        index.add(as_float32(db_desc[start:start + step]))
+    return index
+
+
+def training_sample(db_desc):
+    """Every s-th database descriptor, at most APPROX_TRAIN_BYTES of float32 of them, as one array."""
+    num_db, dim = db_desc.shape
+    stride = -(-num_db // max(1, min(num_db, APPROX_TRAIN_BYTES // (4 * dim))))
+    step = chunk_rows(dim) // stride * stride or stride
+    return np.concatenate([as_float32(db_desc[start:start + step])[::stride] for start in range(0, num_db, step)])
+
+
+def approximate_search(kind, db_desc, query_desc, k, use_gpu=False):
+    """Top-k database indices [numQ, k] from an approximate index (see approximate_index)."""
+    index = approximate_index(kind, db_desc, faiss.StandardGpuResources() if use_gpu else None)
+    k = min(k, len(db_desc))
+    step = chunk_rows(query_desc.shape[1])
+    found = [index.search(as_float32(query_desc[start:start + step]), k)[1]
+             for start in range(0, len(query_desc), step)]
+    return np.concatenate(found).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- recall
 
 def recall_curve(predictions, positives):
     """Share of queries with a correct database image among the top N, for N = 1 .. predictions.shape[1]."""
@@ -69,18 +182,94 @@ def recall_curve(predictions, positives):
     return np.logical_or.accumulate(hits, axis=1).mean(axis=0)
 
 
-def evaluate(model, dataset, opt, device):
-    """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate."""
+def recalls_of(curve):
+    return {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
+
+
+def search_and_recall(whole, num_db, positives, opt):
+    """Search the queries (rows num_db..) of a whole-set descriptor array or file among its database rows.
+
+    Returns recalls, curve, descriptor_dim, search_s and predictions; with --index ivfpq|hnsw also `index`, and
+    with --compare_exact the exact search's `exact` recalls and time beside them.
+    """
+    db_desc, query_desc = rows_of(whole, 0, num_db), rows_of(whole, num_db, len(whole))
+    use_gpu = opt.cuda and faiss_gpu_available()
+    index = getattr(opt, 'index', 'flat')
     started = time.time()
-    descriptors = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors')
-    extraction_s = time.time() - started
-    num_db = dataset.db_struct.numDb
-    _, predictions = exact_search(descriptors[:num_db], descriptors[num_db:], CURVE_MAX_N)
-    curve = recall_curve(predictions, dataset.positives())
-    recalls = {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
-    return dict(recalls=recalls, curve=curve.tolist(), descriptor_dim=int(descriptors.shape[1]),
-                extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s,
-                search_s=time.time() - started - extraction_s, predictions=predictions)
+    if index == 'flat':
+        _, predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
+    else:
+        predictions = approximate_search(index, db_desc, query_desc, CURVE_MAX_N, use_gpu)
+    curve = recall_curve(predictions, positives)
+    result = dict(recalls=recalls_of(curve), curve=curve.tolist(), descriptor_dim=int(whole.shape[1]),
+                  search_s=time.time() - started, predictions=predictions)
+    if index != 'flat':
+        result['index'] = index
+    if index != 'flat' and getattr(opt, 'compare_exact', False):
+        started = time.time()
+        _, exact_predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
+        exact = dict(recalls=recalls_of(recall_curve(exact_predictions, positives)), search_s=time.time() - started)
+        result['exact'] = exact
+        logging.info('%-10s %10s %10s %10s', 'Recall@N', 'exact', index, 'change')
+        for n, recall in result['recalls'].items():
+            logging.info('%-10d %10.4f %10.4f %+10.4f', n, exact['recalls'][n], recall, recall - exact['recalls'][n])
+        logging.info('%-10s %10.1f %10.1f', 'search s', exact['search_s'], result['search_s'])
+    return result
+
+
+def evaluate(model, dataset, opt, device):
+    """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate.
+
+    The descriptors are streamed to a file in --cachePath (default: a new temporary folder), searched there in
+    chunks, and deleted afterwards.
+    """
+    with cache_folder(getattr(opt, 'cachePath', None)) as folder:
+        started = time.time()
+        whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
+                                    path=os.path.join(folder, f'{dataset.split}.npy'))
+        extraction_s = time.time() - started
+        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
+    return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s)
+
+
+def evaluate_parts(paths, dataset, dim, opt):
+    """Recall@N from the descriptor files that a sharded extraction (torchrun, see extract_part) wrote."""
+    with cache_folder(opt.cachePath) as folder:
+        started = time.time()
+        dtype = load_descriptor_file(paths[0], check_values=False).dtype
+        whole = DescriptorFile.create(os.path.join(folder, f'{dataset.split}.npy'), len(dataset), dim, dtype)
+        world = merge_parts(paths, len(dataset), dim, whole)
+        logging.info('Merged and checked %d descriptor parts (%d x %d %s) in %.1f s', world, len(dataset), dim,
+                     dtype.name, time.time() - started)
+        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
+    return dict(result, extraction_s=None, images_per_s=None)
+
+
+def torchrun_process():
+    """(rank, world size) of this process under torchrun (its RANK and WORLD_SIZE), else (0, 1)."""
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
+def extract_part(model, dataset, opt, device, rank, world):
+    """This process's contiguous share of the split's images, as a descriptor file in --cachePath."""
+    if not opt.cachePath:
+        raise UserError(f'Under torchrun (WORLD_SIZE={world}) --mode=test writes each process\'s share of the '
+                        f'descriptors to --cachePath and leaves the search to one later command: give --cachePath, '
+                        f'a folder on a filesystem all machines share (or copy the parts to one machine).')
+    start, stop = part_rows(len(dataset), rank, world)
+    path = os.path.join(opt.cachePath, part_name(opt.split, model.output_dim, rank, world))
+    partial = path[:-len('.npy')] + '.partial'
+    started = time.time()
+    extract_descriptors(model, Subset(dataset, range(start, stop)), opt, device,
+                        f'{opt.split} part {rank}/{world}', path=partial)
+    os.replace(partial, path)  # a killed process leaves no file that looks complete
+    logging.info('====> Part %d of %d: descriptors of images %d..%d of %d written to %s in %.1f s. When all %d '
+                 'parts are written, search them with: python main.py --mode=test --split=%s --resume=%s '
+                 '--descriptors %s', rank, world, start, stop, len(dataset), path, time.time() - started, world,
+                 opt.split, opt.resume or '(none)',
+                 os.path.join(opt.cachePath, part_name(opt.split, model.output_dim, 0, world).replace(
+                     'part000', 'part*')))
+    return dict(part=path, rows=[start, stop], world=world)
 
 
 def log_recalls(recalls):
@@ -110,15 +299,23 @@ def record_result(opt, model, checkpoint, run_dir, result):
 def test(opt):
     make_deterministic(opt.seed)
     device = select_device(opt)
-    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    rank, world = torchrun_process()
+    if world > 1 and device.type == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize, images=not opt.descriptors)
     model, checkpoint, run_dir = load_model(opt)
     if getattr(model, 'cpu_only', False) and device.type != 'cpu':  # the int8 model of --mode=quantize
         logging.info('This model runs on the CPU (int8 x86 kernels): evaluating on the CPU instead of %s.', device)
         device = torch.device('cpu')
     model = model.to(device).to(memory_format=torch.channels_last)
+    if world > 1:
+        return extract_part(model, dataset, opt, device, rank, world)
     logging.info('Testing %s on %s split %s: %d database images, %d queries', run_dir, opt.dataset, opt.split,
                  dataset.db_struct.numDb, dataset.db_struct.numQ)
-    result = evaluate(model, dataset, opt, device)
+    if opt.descriptors:
+        result = evaluate_parts(opt.descriptors, dataset, model.output_dim, opt)
+    else:
+        result = evaluate(model, dataset, opt, device)
     predictions = result.pop('predictions')
     log_recalls(result['recalls'])
     result.update(split=opt.split, dataset=opt.dataset, run=run_dir, precision=opt.precision,
@@ -126,5 +323,6 @@ def test(opt):
     path = os.path.join(run_dir, f'test_{opt.split}.json')
     atomic_write_json(result, path)
     record_result(opt, model, checkpoint, run_dir, result)
-    logging.info('Tested %d images at %.1f images/s; results in %s', len(dataset), result['images_per_s'], path)
+    logging.info('Tested %d images%s; results in %s', len(dataset),
+                 f' at {result["images_per_s"]:.1f} images/s' if result['images_per_s'] else '', path)
     return dict(result, predictions=predictions)

@@ -101,9 +101,26 @@ def build_parser():
 
     scale = p.add_argument_group('large-scale evaluation')
     scale.add_argument('--pca_dim', type=int, default=4096,
-                       help='PCA mode: output dimension of the PCA-whitening layer (the paper uses 4096).')
+                       help='PCA mode: output dimension of the PCA-whitening layer (the paper uses 4096). It cannot '
+                            'exceed the rank of the training sample (--pca_images - 1); the default is lowered to '
+                            'it with a message, a value given explicitly is an error.')
+    scale.add_argument('--pca_images', type=int, default=10000,
+                       help='PCA mode: random training-database images whose descriptors the whitening is fitted '
+                            'on (all of them when the database is smaller).')
     scale.add_argument('--index', default='flat', choices=['flat', 'ivfpq', 'hnsw'],
-                       help='Test search: exact (flat) or approximate faiss index.')
+                       help='Test search: exact (flat) or approximate faiss index (IVF-PQ or HNSW, built on the '
+                            'database descriptors).')
+    scale.add_argument('--compare_exact', action='store_true',
+                       help='With --index ivfpq|hnsw: also run the exact search and log the recall the approximate '
+                            'index loses.')
+    scale.add_argument('--cachePath', default=None,
+                       help='Folder for descriptor files during evaluation (default: a new temporary folder); they '
+                            'are deleted afterwards, except the parts written under torchrun.')
+    scale.add_argument('--desc_dtype', default='float32', choices=['float32', 'float16'],
+                       help='Storage of the descriptor files: float16 halves disk and I/O; the search is float32.')
+    scale.add_argument('--descriptors', nargs='+', default=None, metavar='PART',
+                       help='Test mode: search the descriptor parts that test mode under torchrun wrote '
+                            '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
 
     report = p.add_argument_group('demo and report')
     report.add_argument('--demo_size', default='default', choices=['tiny', 'default'],

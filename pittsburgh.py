@@ -111,10 +111,12 @@ class ImageList(data.Dataset):
 class WholeDataset(ImageList):
     """All images of a split, database first then queries, with the split's ground truth."""
 
-    def __init__(self, data_path, split, resize=None):
+    def __init__(self, data_path, split, resize=None, images=True):
+        """images=False: only the ground truth is needed (e.g. searching descriptors computed elsewhere)."""
         self.db_struct = parse_db_struct(struct_path(data_path, split))
         paths = image_paths(self.db_struct, data_path)
-        check_images_exist(paths)
+        if images:
+            check_images_exist(paths)
         super().__init__(paths, resize)
         self.split = split
 

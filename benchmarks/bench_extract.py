@@ -1,0 +1,112 @@
+"""Descriptor extraction in fp32 and bf16 autocast: images/s at 480x640 (evaluate.extract_descriptors, random
+--fromscratch weights), and Recall@N of both precisions on the synthetic test split (cluster, then test mode).
+
+Usage: python benchmarks/bench_extract.py [--archs alexnet vgg16] [--images 8] [--batch 4]
+       [--recall_archs alexnet vgg16] [--synth_queries 150] [--threads N]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import main  # noqa: E402
+from cluster import new_model  # noqa: E402
+from evaluate import extract_descriptors  # noqa: E402
+from pittsburgh import ImageList  # noqa: E402
+
+PRECISIONS = ['fp32', 'bf16']
+
+
+def write_images(folder, count, size=(480, 640), seed=0):
+    """Smooth random colour fields with some edges, as JPEGs of the Pittsburgh size."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, size=(size[0] // 16, size[1] // 16, 3), dtype=np.uint8))
+        image = coarse.resize((size[1], size[0]), Image.BICUBIC)
+        paths.append(os.path.join(folder, f'{i:03d}.jpg'))
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+def init_netvlad_from_images(model, images, num_clusters):
+    """Centroids: random L2-normalised local features of these images (random centroids in [0, 1]^D would give
+    every image nearly the same descriptor, hiding any precision loss)."""
+    with torch.no_grad():
+        local = torch.nn.functional.normalize(model.encoder(images).flatten(2), dim=1)  # [B, D, HW]
+    local = local.transpose(1, 2).reshape(-1, local.shape[1]).numpy()
+    chosen = np.random.default_rng(0).choice(len(local), num_clusters, replace=False)
+    model.pool.init_from_clusters(local[chosen], local)
+
+
+def extraction_speed(arch, paths, args):
+    """images/s per precision, and the mean cosine between the fp32 and bf16 descriptors of the same images."""
+    dataset = ImageList(paths)
+    rates, descriptors = {}, {}
+    for precision in PRECISIONS:
+        opt = main.parse_options(['--mode=test', f'--arch={arch}', '--fromscratch', '--nocuda', '--threads=0',
+                                  f'--cacheBatchSize={args.batch}', f'--precision={precision}'])
+        model = new_model(opt).eval()
+        init_netvlad_from_images(model, torch.stack([dataset[i][0] for i in range(2)]), opt.num_clusters)
+        model = model.to(memory_format=torch.channels_last)
+        extract_descriptors(model, ImageList(paths[:args.batch]), opt, torch.device('cpu'), 'warm-up')
+        started = time.perf_counter()
+        descriptors[precision] = extract_descriptors(model, dataset, opt, torch.device('cpu'), f'{arch} {precision}')
+        rates[precision] = len(paths) / (time.perf_counter() - started)
+    cosine = float(np.mean(np.sum(descriptors['fp32'] * descriptors['bf16'], axis=1)))
+    return rates, cosine
+
+
+def recalls_by_precision(arch, folder, synth_queries):
+    """Off-the-shelf (k-means initialised) Recall@N on the synthetic test split, fp32 and bf16."""
+    data, runs = os.path.join(folder, 'synthetic'), os.path.join(folder, 'runs')
+    common = ['--dataset=synthetic', '--dataPath', data, f'--arch={arch}', '--fromscratch', '--nocuda',
+              '--runsPath', runs, f'--synth_queries={synth_queries}']
+    assert main.main(['--mode=cluster', *common]) == 0
+    recalls = {}
+    for precision in PRECISIONS:
+        assert main.main(['--mode=test', '--split=test', f'--precision={precision}', *common]) == 0
+        with open(os.path.join(runs, f'{arch}_offtheshelf', 'test_test.json')) as f:
+            recalls[precision] = {int(n): r for n, r in json.load(f)['recalls'].items()}
+    return recalls
+
+
+def main_():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--archs', nargs='+', default=['alexnet', 'vgg16'], help='archs for the speed measurement')
+    p.add_argument('--images', type=int, default=8, help='480x640 images to time (after a one-batch warm-up)')
+    p.add_argument('--batch', type=int, default=4, help='--cacheBatchSize')
+    p.add_argument('--recall_archs', nargs='*', default=['alexnet', 'vgg16'], help='archs for the recall check')
+    p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    p.add_argument('--synth_queries', type=int, default=150,
+                   help='queries of the synthetic test split (150, the CLI default: one query is 0.0067 of recall)')
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_images(folder, args.images)
+        for arch in args.archs:
+            rates, cosine = extraction_speed(arch, paths, args)
+            summary.append(f'{arch:8s} 480x640 batch {args.batch}: fp32 {rates["fp32"]:.2f} img/s, '
+                           f'bf16 {rates["bf16"]:.2f} img/s, bf16 speed-up {rates["bf16"] / rates["fp32"]:.2f}x; '
+                           f'descriptors: mean 1 - cosine(fp32, bf16) {1 - cosine:.1e}')
+        for arch in args.recall_archs:
+            recalls = recalls_by_precision(arch, os.path.join(folder, arch), args.synth_queries)
+            worst = max(abs(recalls['fp32'][n] - recalls['bf16'][n]) for n in recalls['fp32'])
+            table = ', '.join(f'R@{n} {recalls["fp32"][n]:.4f}/{recalls["bf16"][n]:.4f}' for n in recalls['fp32'])
+            summary.append(f'{arch:8s} synthetic test ({args.synth_queries} queries), off-the-shelf, fp32/bf16: '
+                           f'{table}; max |diff| {worst:.4f} ({"within" if worst <= 0.005 else "NOT within"} 0.005)')
+    print(f'\ntorch {torch.__version__}, {torch.get_num_threads()} threads')
+    print('\n'.join(summary))
+
+
+if __name__ == '__main__':
+    main_()

@@ -1,0 +1,102 @@
+"""Structured pruning: CPU latency, parameters and MACs before and after, for VGG16 and AlexNet (random weights).
+
+    python benchmarks/bench_prune.py --threads 1            # the speed table, 480x640, amounts 0.2 and 0.5
+    python benchmarks/bench_prune.py --recall_dir /tmp/rec  # instead: Recall@N after fine-tuning, synthetic data
+
+Latencies of the model before and after pruning are taken in one process, in alternating rounds (as the prune
+mode does), so that load from other processes on the machine falls on all models alike.
+The recall part trains AlexNet from scratch on the default synthetic dataset (cluster, then --train_epochs of training,
+reused if already in --recall_dir), prunes it with fine-tuning, and reads Recall@N from the prune report.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import main  # noqa: E402
+from measure import count_macs, count_parameters  # noqa: E402
+from models import build_model, conv_indices  # noqa: E402
+from prune import interleaved_latency, prune_structured  # noqa: E402
+from synthetic import parse_size  # noqa: E402
+
+
+def speed_table(archs, amounts, image_size, rounds, repeats):
+    rows = []
+    for arch in archs:
+        torch.manual_seed(0)
+        config = dict(arch=arch, pooling='netvlad', num_clusters=64, vladv2=False, encoder_channels=None)
+        original = build_model(config).eval().to(memory_format=torch.channels_last)  # as the modes run it
+        pruned = [prune_structured(copy.deepcopy(original), amount, conv_indices(original.encoder))
+                  .to(memory_format=torch.channels_last) for amount in amounts]
+        latencies = interleaved_latency([original, *pruned], image_size, rounds, repeats)
+        for amount, model, latency in zip([0.0, *amounts], [original, *pruned], latencies):
+            rows.append(dict(arch=arch, amount=amount, parameters=count_parameters(model)[1],
+                             macs=count_macs(model, image_size), latency_ms=latency,
+                             descriptor_dim=model.output_dim))
+    return rows
+
+
+def print_speed_table(rows, image_size):
+    print(f'| model | amount | params (M) | MACs (G) | MACs ratio | latency (ms, {image_size[0]}x{image_size[1]}) '
+          f'| speed-up | descriptor |')
+    print('|---|---|---|---|---|---|---|---|')
+    for row in rows:
+        base = next(r for r in rows if r['arch'] == row['arch'] and r['amount'] == 0.0)
+        print(f'| {row["arch"]} | {row["amount"]:g} | {row["parameters"] / 1e6:.2f} | {row["macs"] / 1e9:.2f} '
+              f'| {row["macs"] / base["macs"]:.3f} | {row["latency_ms"]:.0f} '
+              f'| {base["latency_ms"] / row["latency_ms"]:.2f}x | {row["descriptor_dim"]} |')
+
+
+def recall_after_finetuning(work_dir, amount, train_epochs, finetune_epochs):
+    """Train AlexNet on the synthetic dataset (if not done yet), prune it, return the prune report."""
+    common = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0']
+    run = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
+    os.chdir(work_dir)
+    steps = [(os.path.join('synthetic_data', 'data', 'centroids'), ['--mode=cluster']),
+             (os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'),
+              ['--mode=train', '--optim', 'ADAM', '--lr', '0.0001', '--nEpochs', str(train_epochs)]),
+             (None, ['--mode=prune', '--pruning_type=structured', f'--pruning_amount={amount}', '--split=test',
+                     '--optim', 'ADAM', '--lr', '0.0001', f'--finetune_epochs={finetune_epochs}',
+                     f'--resume={run}'])]
+    for done, flags in steps:
+        if done is None or not os.path.exists(done):
+            if main.main(flags + common) != 0:
+                raise SystemExit(f'{" ".join(flags)} failed')
+    with open(f'{run}_pruned_structured_{round(100 * amount)}/prune_report.json') as f:
+        return json.load(f)
+
+
+def main_cli():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--archs', default='vgg16,alexnet')
+    parser.add_argument('--amounts', default='0.2,0.5')
+    parser.add_argument('--size', default='480x640', type=parse_size)
+    parser.add_argument('--rounds', type=int, default=5, help='Alternating latency rounds per model.')
+    parser.add_argument('--repeats', type=int, default=3, help='Timed forward passes per round.')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads(),
+                        help='CPU threads of the latency runs (default: all cores).')
+    parser.add_argument('--recall_dir', default=None,
+                        help='Run the recall experiment in this work folder instead of the speed table.')
+    parser.add_argument('--train_epochs', type=int, default=3)
+    parser.add_argument('--finetune_epochs', type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    if args.recall_dir:
+        os.makedirs(args.recall_dir, exist_ok=True)
+        report = recall_after_finetuning(args.recall_dir, 0.2, args.train_epochs, args.finetune_epochs)
+        for n in (1, 5, 10, 20):
+            print(f'Recall@{n}: {report["before"][f"recall@{n}"]:.4f} -> {report["after"][f"recall@{n}"]:.4f}')
+        return
+    rows = speed_table(args.archs.split(','), [float(a) for a in args.amounts.split(',')], args.size,
+                       args.rounds, args.repeats)
+    print_speed_table(rows, args.size)
+
+
+if __name__ == '__main__':
+    main_cli()

@@ -1,0 +1,297 @@
+"""--mode=prune: structured or unstructured pruning of the encoder, triplet fine-tuning, and a before/after report.
+
+Structured pruning removes a fraction A of the output channels of each chosen encoder convolution, for real: the
+conv keeps fewer filters, the next conv loses the matching input channels and, when the last conv is pruned,
+NetVLAD's assignment `conv` weight and its `centroids` lose the matching columns, so the local-descriptor size D and
+the descriptor size K*D shrink by about the same fraction. The channel surgery is written here rather than taken from
+Torch-Pruning (DepGraph): both encoders are plain chains Conv -> ReLU -> [MaxPool] -> Conv, so the only dependency
+of a conv's output channels is the next conv (or NetVLAD after the last one), which a few lines handle; NetVLAD
+needs a rule of its own in Torch-Pruning anyway, and the project gains no dependency.
+
+Each layer keeps (1 - A) of its channels rounded to the nearest multiple of 8 (so A = 0.2 keeps 48 of 64, 208 of
+256): CPU kernels are blocked by channels, and odd widths lose much of the speed-up. The report gives the widths.
+Importance of a filter: the L2 norm of its weights; the lowest are removed. L2 rather than L1 because the triplet
+training applies weight decay, an L2 penalty, so the filters the loss does not need are the ones it has shrunk in L2
+norm; the two norms rank filters almost alike (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
+Layers are ranked one after the other, each from its weights that remain after the previous layer's surgery.
+A model with a PCA-whitening layer is refused when the last conv is pruned: whitening was fitted to the full
+descriptor and cannot follow a smaller one (exclude the last conv with --pruning_layers, or redo PCA afterwards).
+
+Unstructured pruning zeroes the smallest-magnitude weights of the chosen convs with `torch.nn.utils.prune`, over all
+of them at once (--pruning_scope=global) or the same fraction per layer (layer). The masks stay on during
+fine-tuning, so sparsity is kept, and are then made permanent. Dense kernels still run, so there is no speed-up;
+the checkpoint stores each pruned weight packed (a bit mask of its nonzero entries and their values), so the file
+shrinks. `checkpoint.read_checkpoint` unpacks it.
+
+Fine-tuning is the real triplet training (`train.fit`, --finetune_epochs) on the train split, validating on val;
+the final weights are kept (no choice of the best epoch), and the model before and after is evaluated on --split,
+which nothing is calibrated or tuned on. The pruned run folder `<resume>_pruned_<type>_<percent>/` holds
+`checkpoints/checkpoint.pth.tar` (test mode reads the pruned architecture from its weight shapes) and
+`prune_report.json`: parameters, MACs, file size (of the model alone: the input run's file may also hold optimizer
+state), CPU latency per image (both models timed in alternating rounds, median) and Recall@N, before and after.
+"""
+import copy
+import logging
+import os
+import statistics
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as torch_prune
+from tqdm import tqdm
+
+from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
+from commons import UserError, make_deterministic, select_device, setup_logging
+from evaluate import evaluate, log_recalls
+from measure import compare, count_macs, count_parameters, directory_size, latency_ms, model_bytes
+from models import conv_indices
+from pittsburgh import WholeDataset
+from train import fit
+
+# Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
+CHANNELWISE = (nn.ReLU, nn.MaxPool2d)
+PRUNING_TYPES = ('structured', 'unstructured')
+# Kept widths are multiples of this: odd widths (51, 205, ...) ran about 10% slower here than the nearest multiple of 8.
+CHANNEL_MULTIPLE = 8
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def check_request(opt):
+    """Refuse a bad pruning type or amount, or a missing run, before anything is loaded."""
+    if opt.pruning_type not in PRUNING_TYPES:
+        raise UserError(f'--pruning_type={opt.pruning_type} does not exist: use one of {" or ".join(PRUNING_TYPES)}.')
+    if not 0 < opt.pruning_amount < 1:
+        raise UserError(f'--pruning_amount={opt.pruning_amount} is outside (0, 1): it is the fraction of channels '
+                        f'(structured) or weights (unstructured) to remove, e.g. 0.2.')
+    if not opt.resume:
+        raise UserError('--mode=prune needs the run to prune: --resume=RUN_FOLDER (as written by --mode=train).')
+
+
+def selected_layers(encoder, text):
+    """Encoder indices of the convs named by --pruning_layers ("all" or comma-separated indices)."""
+    convs = conv_indices(encoder)
+    if text.strip().lower() == 'all':
+        return convs
+    try:
+        layers = sorted({int(item) for item in text.split(',')})
+    except ValueError:
+        layers = None
+    if not layers or any(index not in convs for index in layers):
+        raise UserError(f'--pruning_layers={text} must be "all" or comma-separated encoder indices of convs; '
+                        f'this encoder has convs at {",".join(map(str, convs))}.')
+    return layers
+
+
+def output_folder(opt):
+    return f'{opt.resume.rstrip("/")}_pruned_{opt.pruning_type}_{round(100 * opt.pruning_amount)}'
+
+
+# ---------------------------------------------------------------------------------------------- structured
+
+def filter_importance(conv):
+    """L2 norm of each output filter's weights: [out_channels]."""
+    return conv.weight.detach().flatten(1).norm(p=2, dim=1)
+
+
+def kept_width(channels, amount):
+    """(1 - amount) * channels, rounded to the nearest multiple of CHANNEL_MULTIPLE (at least one multiple)."""
+    multiple = min(CHANNEL_MULTIPLE, channels)
+    return max(multiple, round((1 - amount) * channels / multiple) * multiple)
+
+
+def channels_to_keep(conv, amount):
+    """Indices, in order, of the filters kept when about the fraction `amount` of lowest importance is removed."""
+    return filter_importance(conv).topk(kept_width(conv.out_channels, amount)).indices.sort().values
+
+
+def select_channels(conv, keep, dim):
+    """A new conv holding only the output (dim 0) or input (dim 1) channels `keep` of `conv`."""
+    weight = conv.weight.detach().index_select(dim, keep)
+    bias = conv.bias
+    new = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, bias=bias is not None).to(weight.device)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.index_select(0, keep) if dim == 0 else bias)
+    return new
+
+
+def shrink_pool_input(model, keep):
+    """Keep only the local-descriptor channels `keep` in the pooling layer (NetVLAD: assignment and centroids)."""
+    pool = model.pool
+    if hasattr(pool, 'centroids'):
+        pool.conv = select_channels(pool.conv, keep, dim=1)
+        pool.centroids = nn.Parameter(pool.centroids.detach()[:, keep].clone())
+    pool.dim = len(keep)
+
+
+def prune_structured(model, amount, layers):
+    """Remove about the fraction `amount` of output channels of the encoder convs `layers`, in place, consistently."""
+    encoder = model.encoder
+    convs = conv_indices(encoder)
+    if convs[-1] in layers and hasattr(model, 'whiten'):
+        raise UserError('This model has a PCA-whitening layer fitted to the full descriptor, which pruning the last '
+                        f'conv ({convs[-1]}) would shrink. Leave it out of --pruning_layers, or prune the model '
+                        'before PCA and fit the whitening afterwards.')
+    original_dim = model.output_dim
+    for position, index in enumerate(convs):
+        if index not in layers:
+            continue
+        keep = channels_to_keep(encoder[index], amount)
+        encoder[index] = select_channels(encoder[index], keep, dim=0)
+        if position + 1 == len(convs):
+            shrink_pool_input(model, keep)
+            continue
+        following = convs[position + 1]
+        if not all(isinstance(layer, CHANNELWISE) for layer in encoder[index + 1:following]):
+            raise ValueError(f'Encoder layers between convs {index} and {following} mix channels.')
+        encoder[following] = select_channels(encoder[following], keep, dim=1)
+    logging.info('Structured pruning of %.0f%% of the channels (lowest filter L2 norm) of convs %s: widths %s; '
+                 'descriptor size %d -> %d (local descriptor D = %d)', 100 * amount, layers,
+                 [encoder[i].out_channels for i in convs], original_dim, model.output_dim, model.pool.dim)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- unstructured
+
+def add_magnitude_masks(model, amount, layers, scope):
+    """Mask the smallest-magnitude weights of the encoder convs `layers` (global or per-layer threshold)."""
+    model.to(memory_format=torch.contiguous_format)  # the global threshold flattens weights with .view(-1)
+    convs = [model.encoder[index] for index in layers]
+    if scope == 'global':
+        torch_prune.global_unstructured([(conv, 'weight') for conv in convs], torch_prune.L1Unstructured,
+                                        amount=amount)
+    else:
+        for conv in convs:
+            torch_prune.l1_unstructured(conv, 'weight', amount=amount)
+
+
+def sparsity(model, layers):
+    """Share of zero weights of each pruned conv and over all of them: ({key: share}, total share)."""
+    weights = {f'encoder.{index}.weight': model.encoder[index].weight.detach() for index in layers}
+    per_layer = {key: float((w == 0).sum()) / w.numel() for key, w in weights.items()}
+    total = sum(float((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+    return per_layer, total
+
+
+def pack_weight(tensor, position):
+    """A sparse weight as a bit mask of its nonzero entries (np.packbits) and their values, row-major."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    nonzero = flat != 0
+    return dict(shape=list(tensor.shape), mask=torch.from_numpy(np.packbits(nonzero.numpy())),
+                values=flat[nonzero].clone(), position=position)
+
+
+def packed_state(state, keys):
+    """A checkpoint dict whose weights `keys` move, packed, from 'state_dict' to 'packed_state_dict'."""
+    dense, packed = {}, {}
+    for position, (key, value) in enumerate(state['state_dict'].items()):
+        if key in keys:
+            packed[key] = pack_weight(value, position)
+        else:
+            dense[key] = value
+    return dict(state, state_dict=dense, packed_state_dict=packed)
+
+
+# ---------------------------------------------------------------------------------------------- the mode
+
+def fine_tune(model, opt, device, run_dir):
+    """Triplet fine-tuning on the train split (validated on val); returns the final training state."""
+    if opt.finetune_epochs <= 0:
+        logging.info('No fine-tuning (--finetune_epochs=%d).', opt.finetune_epochs)
+        return {}
+    logging.info('Fine-tuning for %d epochs with the triplet loss on the train split', opt.finetune_epochs)
+    return fit(model, opt, device, run_dir=run_dir, num_epochs=opt.finetune_epochs, save=False)
+
+
+def measure_model(model, dataset, opt, device):
+    """Recall@N on --split (on `device`), then parameters and MACs at --latency_size (on the CPU)."""
+    model.to(device).to(memory_format=torch.channels_last)
+    result = evaluate(model, dataset, opt, device)
+    log_recalls(result['recalls'])
+    model.cpu().eval()
+    nonzero, total = count_parameters(model)
+    record = dict(parameters_nonzero=nonzero, parameters_total=total, macs=count_macs(model, opt.latency_size),
+                  descriptor_dim=result['descriptor_dim'],
+                  encoder_channels=[model.encoder[i].out_channels for i in conv_indices(model.encoder)])
+    record.update({f'recall@{n}': recall for n, recall in result['recalls'].items()})
+    return record
+
+
+def interleaved_latency(models, image_size, rounds=5, repeats=4):
+    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
+    processes falls on all models alike."""
+    times = [[] for _ in models]
+    for _ in tqdm(range(rounds), desc='latency', unit='round'):
+        for model, samples in zip(models, times):
+            samples.append(latency_ms(model.cpu().eval(), image_size, repeats=repeats, warmup=1))
+    return [statistics.median(samples) for samples in times]
+
+
+def apply_pruning(model, opt, layers):
+    """Remove channels (structured) or mask weights (unstructured, masks kept on for fine-tuning), in place."""
+    if opt.pruning_type == 'structured':
+        prune_structured(model, opt.pruning_amount, layers)
+    else:
+        add_magnitude_masks(model, opt.pruning_amount, layers, opt.pruning_scope)
+
+
+def make_masks_permanent(model, layers, scope):
+    """Fold the masks into the weights; returns the sparsity reached, per layer and in total, for the report."""
+    for index in layers:
+        torch_prune.remove(model.encoder[index], 'weight')
+    per_layer, total = sparsity(model, layers)
+    logging.info('Unstructured pruning (%s threshold), sparsity per layer:\n%s\ntotal %.4f over the pruned '
+                 'layers; dense kernels still run, so expect no speed-up', scope,
+                 '\n'.join(f'  {key:<20} {share:.4f}' for key, share in per_layer.items()), total)
+    return dict(sparsity=per_layer, sparsity_total=total)
+
+
+def save_pruned(model, opt, run_dir, layers, tuned):
+    state = dict(model_state(model), epoch=tuned.get('epoch', 0), recalls=tuned.get('recalls', {}),
+                 best_score=tuned.get('best_score', 0.0), parallel=False,
+                 pruning=dict(type=opt.pruning_type, amount=opt.pruning_amount, layers=layers,
+                              scope=opt.pruning_scope, finetune_epochs=opt.finetune_epochs, source=opt.resume))
+    if opt.pruning_type == 'unstructured':
+        state = packed_state(state, {f'encoder.{index}.weight' for index in layers})
+    save_checkpoint(state, run_dir, is_best=False)
+
+
+def prune(opt):
+    check_request(opt)
+    make_deterministic(opt.seed)
+    device = select_device(opt)
+    model, checkpoint = load_model_from_checkpoint(opt)
+    run_dir = output_folder(opt)
+    setup_logging(run_dir)
+    layers = selected_layers(model.encoder, opt.pruning_layers)
+    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
+                 100 * opt.pruning_amount, run_dir, opt.split)
+    pruned = copy.deepcopy(model)
+    apply_pruning(pruned, opt, layers)  # before the long work: it may refuse the model
+    before = measure_model(model, dataset, opt, device)
+    before['file_bytes'] = model_bytes(model, checkpoint, opt.resume)  # without optimizer state, as saved here
+    tuned = fine_tune(pruned, opt, device, run_dir)
+    extra = make_masks_permanent(pruned, layers, opt.pruning_scope) if opt.pruning_type == 'unstructured' else {}
+    after = dict(measure_model(pruned, dataset, opt, device), **extra)
+    save_pruned(pruned, opt, run_dir, layers, tuned)
+    after['file_bytes'] = directory_size(run_dir)
+    before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
+    report = compare(before, after, os.path.join(run_dir, 'prune_report.json'),
+                     f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
+                     f'{opt.latency_size[0]}x{opt.latency_size[1]})')
+    log_summary(report, run_dir)
+    return report
+
+
+def log_summary(report, run_dir):
+    before, after, ratio = report['before'], report['after'], report['ratio_after_over_before']
+    logging.info('====> Pruned model in %s: parameters %.2fx, MACs %.2fx, file %.2fx, %.2fx faster, '
+                 'Recall@1 %.4f -> %.4f', run_dir, ratio['parameters_nonzero'], ratio['macs'],
+                 ratio['file_bytes'], before['latency_ms'] / after['latency_ms'], before['recall@1'],
+                 after['recall@1'])
+

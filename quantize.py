@@ -1,0 +1,444 @@
+"""--mode=quantize: an int8 encoder for x86 CPUs with a float32 NetVLAD head, by static PTQ or QAT.
+
+The flow is the one PyTorch supports today for int8 convnets on x86 (torchao PT2E):
+    torch.export of the encoder (dynamic batch and image size)
+    -> prepare_pt2e / prepare_qat_pt2e with X86InductorQuantizer (uint8 per-tensor activations, int8 per-channel
+       symmetric weights)
+    -> calibration on --calib_images training-database images (never the evaluated split); QAT then fine-tunes the
+       fake-quantised network with the triplet loss and hard-negative mining of train.fit
+    -> convert_pt2e (weights folded into int8 constants) -> torch.export.save.
+Only the encoder is quantised: NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay
+float32, stored as a state dict beside the program. At load time the program is compiled by Inductor with freezing,
+which lowers its quantize/dequantize pattern to oneDNN int8 convolutions, once per input shape (seconds).
+NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: the same int8 arithmetic, computed slowly.
+
+Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pt2 (the program) and
+checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), which
+--mode=test --resume=<that folder> runs without recalibration and without the training code.
+"""
+import copy
+import io
+import logging
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
+from commons import UserError, make_deterministic, select_device, setup_logging
+from evaluate import evaluate, log_recalls
+from measure import compare, directory_size, latency_ms
+from models import ARCHS, config_from_state_dict
+from netvlad import GlobalPool, NetVLAD
+from pittsburgh import WholeDataset, image_loader
+from results import append_result
+
+QUANTIZATION_TYPES = ('static', 'qat')
+PROGRAM_NAME = 'encoder_int8.pt2'
+COMPILE_ENV = 'NETVLAD_INT8_COMPILE'
+TRAIN_SPLITS = ('train', 'train250k')
+X86_MACHINES = ('x86_64', 'amd64', 'x86', 'i386', 'i686')
+
+
+# ---------------------------------------------------------------------------------------------- int8 program
+
+def x86_quantizer(is_qat):
+    """X86InductorQuantizer with its default config: uint8 per-tensor activations, int8 per-channel weights.
+
+    Importing this module also registers torchao's Inductor passes that lower the int8 pattern to oneDNN."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=is_qat))
+
+
+def register_x86_int8_lowering():
+    """The quantized_decomposed ops and the Inductor int8 fusion passes, needed to load and compile a program."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer  # noqa: F401  (registers on import)
+
+
+def export_encoder(encoder, example):
+    """torch.export of the encoder for any batch size and image size: [B, 3, H, W] -> [B, D, h, w]."""
+    dynamic = ({0: torch.export.Dim('batch', min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},)
+    return torch.export.export(encoder, (example,), dynamic_shapes=dynamic)
+
+
+def drop_unused_weights(graph_module):
+    """Remove the float weights convert_pt2e leaves behind (the graph reads their int8 copies instead)."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == 'get_attr'}
+    for name in [name for name, _ in graph_module.named_parameters()] + [n for n, _ in graph_module.named_buffers()]:
+        if name not in used:
+            owner, _, attr = name.rpartition('.')
+            delattr(graph_module.get_submodule(owner) if owner else graph_module, attr)
+    return graph_module
+
+
+def converted_program(prepared, example):
+    """The int8 ExportedProgram of a calibrated (or QAT-trained) prepared encoder, int8 weights only."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    converted = convert_pt2e(prepared, fold_quantize=True)
+    converted.delete_all_unused_submodules()
+    converted = drop_unused_weights(converted)
+    program = export_encoder(converted, example)
+    program.example_inputs = None  # otherwise torch.export.save stores the example batch in the file
+    return program
+
+
+def int8_weights(program_or_module):
+    """(int8 weight, scale) of each quantised conv, in graph order, read from a program or its module."""
+    module = program_or_module.module() if hasattr(program_or_module, 'graph_signature') else program_or_module
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    weights = []
+    for node in module.graph.nodes:
+        if node.op == 'call_function' and node.target == dequantize and node.args[0].op == 'get_attr':
+            weight, scale = (_attribute(module, arg.target) for arg in node.args[:2])
+            weights.append((weight, scale))
+    return weights
+
+
+def _attribute(module, target):
+    owner, _, name = target.rpartition('.')
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def calibration_set(opt):
+    """--calib_images random training-database images (seeded): the only images that set activation ranges."""
+    try:
+        train_set = WholeDataset(opt.dataPath, 'train', opt.resize)
+    except UserError as error:
+        raise UserError(f'--mode=quantize calibrates the int8 activations on --calib_images training-database '
+                        f'images, never on the evaluated split, and the training split cannot be read. '
+                        f'{error}') from None
+    num_db = train_set.db_struct.numDb
+    if num_db == 0:
+        raise UserError(f'The training split of {opt.dataPath} has no database images to calibrate on.')
+    count = min(opt.calib_images, num_db)
+    if count < opt.calib_images:
+        logging.info('--calib_images %d: the training database has only %d images; calibrating on all of them.',
+                     opt.calib_images, num_db)
+    chosen = np.sort(np.random.default_rng(opt.seed).choice(num_db, count, replace=False))
+    return Subset(train_set, chosen.tolist())
+
+
+def calibrate(prepared, loader):
+    """Run the calibration images through the observed (or fake-quantised) encoder."""
+    with torch.no_grad():  # observers update buffers: not inference mode
+        for images, _ in tqdm(loader, desc='calibration', unit='batch'):
+            prepared(images.contiguous(memory_format=torch.channels_last))
+
+
+def example_batch(loader):
+    """Two copies of the first calibration image: with batch 2, export keeps the batch size dynamic."""
+    return loader.dataset[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+class FakeQuantEmbedNet(nn.Module):
+    """The QAT-prepared encoder program with the float head, shaped as train.fit expects a model.
+
+    train()/eval() reach the program through torchao's move_exported_model_to_train/eval, and switch its observers
+    on and off: activation ranges follow the training batches only, not descriptor caching or validation."""
+
+    def __init__(self, encoder, pool, whiten=None):
+        super().__init__()
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        self.encoder = allow_exported_model_train_eval(encoder)
+        self.pool = pool
+        if whiten is not None:
+            self.whiten = whiten
+
+    @property
+    def output_dim(self):
+        return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
+
+    def train(self, mode=True):
+        from torchao.quantization.pt2e import disable_observer, enable_observer
+        super().train(mode)
+        self.encoder.apply(enable_observer if mode else disable_observer)
+        return self
+
+    def forward(self, images):
+        features = self.encoder(images)
+        with torch.autocast(features.device.type, enabled=False):
+            return aggregate(self, features.float())
+
+
+class QuantizedEmbedNet(nn.Module):
+    """Image [B, 3, H, W] -> int8 encoder program (x86 CPU) -> float32 pooling (and whitening) -> descriptor.
+
+    Inference only, and CPU only: device and dtype moves are ignored (`cpu_only`), inputs are brought to the CPU.
+    The program is compiled (Inductor, freezing) at the first batch of each new shape, unless compile=False."""
+
+    cpu_only = True
+
+    def __init__(self, encoder, pool, whiten=None, compile=True):
+        super().__init__()
+        self.encoder = encoder
+        self.pool = pool
+        if whiten is not None:
+            self.whiten = whiten
+        # Kept out of the module tree: the compiled wrapper would duplicate the program's state and train() calls.
+        object.__setattr__(self, 'compiled_encoder', torch.compile(encoder, dynamic=False) if compile else None)
+        self.compiled_shapes = set()
+
+    @property
+    def output_dim(self):
+        return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
+
+    def train(self, mode=True):
+        """The int8 program has no training mode; only the flag and the float head follow."""
+        self.training = mode
+        self.pool.train(mode)
+        if hasattr(self, 'whiten'):
+            self.whiten.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        return self  # int8 oneDNN kernels run on x86 CPUs: .to(device), .cuda(), .half() leave the model as it is
+
+    def run_encoder(self, images):
+        if self.compiled_encoder is None:
+            return self.encoder(images)
+        shape = tuple(images.shape)
+        started = time.time()
+        try:
+            with torch._inductor.config.patch(freezing=True):  # options={'freezing': True} fails to lower qconv
+                features = self.compiled_encoder(images)
+        except Exception as error:  # no C++ compiler, or a lowering the installed versions lack
+            logging.warning('Compiling the int8 encoder failed (%s: %s); running the program uncompiled (slow).',
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else '')
+            object.__setattr__(self, 'compiled_encoder', None)
+            return self.encoder(images)
+        if shape not in self.compiled_shapes:
+            self.compiled_shapes.add(shape)
+            logging.info('int8 encoder compiled for input %s in %.1f s', 'x'.join(map(str, shape)),
+                         time.time() - started)
+        return features
+
+    def forward(self, images):
+        images = images.to('cpu', torch.float32)
+        with torch.no_grad(), torch.autocast('cpu', enabled=False):  # int8 stays int8 under --precision
+            return aggregate(self, self.run_encoder(images).float())
+
+
+def aggregate(model, features):
+    """Pooling, then optional whitening and L2 normalisation: EmbedNet.aggregate, in float32."""
+    descriptor = model.pool(features)
+    if hasattr(model, 'whiten'):
+        descriptor = F.normalize(model.whiten(descriptor), p=2, dim=1)
+    return descriptor
+
+
+def float_head(config, state_dict, path):
+    """The float pooling (and whitening) of a quantised checkpoint, from its config and 'pool.*'/'whiten.*' keys."""
+    dim = (config.get('encoder_channels') or ARCHS[config['arch']]['channels'])[-1]
+    head = nn.Module()
+    if config['pooling'] == 'netvlad':
+        head.pool = NetVLAD(config['num_clusters'], dim, vladv2=config['vladv2'])
+    else:
+        head.pool = GlobalPool(dim, config['pooling'])
+    if config.get('pca_dim'):
+        head.whiten = nn.Linear(head.pool.output_dim, config['pca_dim'])
+    try:
+        head.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise UserError(f'Quantized checkpoint {path} does not match the pooling it describes: '
+                        f'{" ".join(str(error).split())}') from None
+    return head.pool, getattr(head, 'whiten', None)
+
+
+def head_state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(('pool.', 'whiten.'))}
+
+
+def compile_enabled():
+    if os.environ.get(COMPILE_ENV, '1') == '0':
+        return False
+    if platform.machine().lower() not in X86_MACHINES:
+        logging.warning('The int8 program targets x86 CPUs (oneDNN); on %s it runs uncompiled (slow).',
+                        platform.machine())
+        return False
+    return True
+
+
+def load_quantized_model(checkpoint, run_dir):
+    """The QuantizedEmbedNet of a quantised run folder: its int8 program and float head, nothing recalibrated."""
+    folder = os.path.join(run_dir, 'checkpoints')
+    path = os.path.join(folder, checkpoint.get('encoder_program', PROGRAM_NAME))
+    if not os.path.isfile(path):
+        raise UserError(f'The quantized checkpoint in {folder} names its int8 encoder program {path}, which does not '
+                        f'exist. Copy the whole checkpoints/ folder, or run --mode=quantize again.')
+    if 'config' not in checkpoint:
+        raise UserError(f'The quantized checkpoint in {folder} has no "config" entry: it was not written by '
+                        f'--mode=quantize.')
+    register_x86_int8_lowering()
+    try:
+        program = torch.export.load(path)
+    except Exception as error:
+        raise UserError(f'int8 encoder program {path} cannot be read ({type(error).__name__}: '
+                        f'{str(error).splitlines()[0] if str(error) else ""}).') from None
+    pool, whiten = float_head(checkpoint['config'], checkpoint['state_dict'], path)
+    return QuantizedEmbedNet(program.module(), pool, whiten, compile=compile_enabled()).eval()
+
+
+# ---------------------------------------------------------------------------------------------- the two flows
+
+def quantize_static(model, loader):
+    """Post-training quantisation: observe activation ranges on the calibration images, then convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    example = example_batch(loader)
+    prepared = prepare_pt2e(export_encoder(model.encoder.eval(), example).module(), x86_quantizer(is_qat=False))
+    calibrate(prepared, loader)
+    return converted_program(prepared, example), model
+
+
+def quantize_qat(model, loader, opt, device, run_dir):
+    """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss, convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from train import fit
+    example = example_batch(loader)
+    prepared = prepare_qat_pt2e(export_encoder(model.encoder.train(), example).module(), x86_quantizer(is_qat=True))
+    calibrate(prepared, loader)
+    qat_model = FakeQuantEmbedNet(prepared, model.pool, getattr(model, 'whiten', None))
+    logging.info('QAT: %d epoch(s) of fake-quantised triplet fine-tuning on %s', opt.qat_epochs, device)
+    state = fit(qat_model, opt, device, run_dir, opt.qat_epochs, state=None, save=False)
+    logging.info('QAT done: epoch %d, val Recall@5 of the fake-quantised model %.4f', state.get('epoch', 0),
+                 state.get('best_score', 0.0))
+    qat_model = qat_model.eval().to('cpu').to(memory_format=torch.contiguous_format)
+    return converted_program(qat_model.encoder, example), qat_model
+
+
+# ---------------------------------------------------------------------------------------------- the mode
+
+def check_options(opt):
+    if opt.quantization_type not in QUANTIZATION_TYPES:
+        raise UserError(f'--quantization_type={opt.quantization_type} is not supported; use one of '
+                        f'{", ".join(QUANTIZATION_TYPES)}.')
+    if not opt.resume:
+        raise UserError('--mode=quantize needs the run to quantize: --resume=RUN_FOLDER (RUN_FOLDER/checkpoints/'
+                        'checkpoint.pth.tar).')
+    if opt.calib_images < 1:
+        raise UserError(f'--calib_images={opt.calib_images}: static quantization and QAT both need at least one '
+                        f'training-database image to calibrate the int8 activations (a few hundred is typical).')
+    if opt.quantization_type == 'qat' and opt.qat_epochs < 1:
+        raise UserError(f'--qat_epochs={opt.qat_epochs}: QAT needs at least one epoch (or use '
+                        f'--quantization_type=static).')
+    if opt.split in TRAIN_SPLITS:
+        raise UserError(f'--split={opt.split}: the calibration images come from the training database; evaluate '
+                        f'the quantized model on val or test instead.')
+
+
+def output_dir(opt):
+    return f'{opt.resume.rstrip("/" + os.sep)}_quantized_{opt.quantization_type}'
+
+
+def serialized_bytes(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def measure_model(model, dataset, opt, device):
+    """Recall@N on --split; returns the report record and the evaluation (for the results file)."""
+    result = evaluate(model, dataset, opt, device)
+    log_recalls(result['recalls'])
+    record = dict(descriptor_dim=result['descriptor_dim'])
+    record.update({f'recall@{n}': recall for n, recall in result['recalls'].items()})
+    return record, result
+
+
+def interleaved_latency(models, image_size, rounds=5, repeats=4):
+    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
+    processes falls on all models alike (the int8 program compiles for the new shape in the first round)."""
+    times = [[] for _ in models]
+    for _ in range(rounds):
+        for model, samples in zip(models, times):
+            samples.append(latency_ms(model.cpu().eval(), image_size, repeats=repeats, warmup=1))
+    return [float(np.median(samples)) for samples in times]
+
+
+def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
+    """encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config, provenance)."""
+    folder = os.path.join(out_dir, 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = os.path.join(folder, 'tmp_' + PROGRAM_NAME)  # torch.export.save wants the .pt2 suffix
+    torch.export.save(program, tmp_path)
+    os.replace(tmp_path, os.path.join(folder, PROGRAM_NAME))
+    checkpoint = dict(quantized=opt.quantization_type, variant=f'int8 {opt.quantization_type}',
+                      state_dict=head_state(head_model), config=config, pooling=config['pooling'],
+                      encoder_program=PROGRAM_NAME, source_run=opt.resume, epoch=int(source.get('epoch', 0)),
+                      recalls={}, best_score=0.0, calib_images=calib_count,
+                      qat_epochs=opt.qat_epochs if opt.quantization_type == 'qat' else 0,
+                      weights='int8 per-channel symmetric', activations='uint8 per-tensor affine',
+                      versions=dict(torch=str(torch.__version__), torchao=_torchao_version()))
+    save_checkpoint(checkpoint, out_dir, is_best=True)  # model_best too: --ckpt=best finds the same model
+    return checkpoint
+
+
+def quantize(opt):
+    check_options(opt)
+    make_deterministic(opt.seed)
+    device = select_device(opt)
+    model, source = load_model_from_checkpoint(opt)
+    if 'quantized' in source:
+        raise UserError(f'--resume={opt.resume} holds an already quantized model; quantize its float run instead.')
+    config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
+    calib_set = calibration_set(opt)
+    eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    out_dir = output_dir(opt)
+    setup_logging(out_dir)
+    if device.type != 'cpu':
+        logging.info('int8 models run on the CPU (x86 oneDNN int8 kernels): calibration, conversion and int8 '
+                     'evaluation run on the CPU%s.',
+                     f'; QAT fine-tunes on {device}' if opt.quantization_type == 'qat' else '')
+    logging.info('Quantizing %s (%s) to int8 (%s) into %s: calibration on %d training-database images, '
+                 'evaluation on %s %s', opt.resume, config['arch'], opt.quantization_type, out_dir, len(calib_set),
+                 opt.dataset, opt.split)
+
+    before, _ = measure_model(model.to(device).to(memory_format=torch.channels_last), eval_set, opt, device)
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    before['file_bytes'] = serialized_bytes(model_state(model))  # the weights alone, without optimizer state
+    original = copy.deepcopy(model)  # QAT fine-tunes the float head in place
+    started = time.time()
+    calib_loader = image_loader(calib_set, opt, opt.cacheBatchSize)
+    if opt.quantization_type == 'static':
+        program, head_model = quantize_static(model, calib_loader)
+    else:
+        program, head_model = quantize_qat(model, calib_loader, opt, device, out_dir)
+    checkpoint = save_quantized(program, head_model, config, source, opt, out_dir, len(calib_set))
+    logging.info('int8 model written to %s in %.1f s', os.path.join(out_dir, 'checkpoints'), time.time() - started)
+
+    quantized = load_model_from_checkpoint(_options(opt, resume=out_dir, ckpt='latest'))[0]  # what --mode=test runs
+    after, result = measure_model(quantized, eval_set, opt, torch.device('cpu'))
+    checkpoint.update(recalls=result['recalls'], best_score=result['recalls'].get(5, 0.0))
+    save_checkpoint(checkpoint, out_dir, is_best=True)
+    after['file_bytes'] = directory_size(out_dir)
+    before['latency_ms'], after['latency_ms'] = interleaved_latency([original, quantized], opt.latency_size)
+    report = compare(before, after, os.path.join(out_dir, 'quantize_report.json'),
+                     f'int8 quantization ({opt.quantization_type}) of {opt.resume} ({opt.split} split, CPU latency '
+                     f'at {opt.latency_size[0]}x{opt.latency_size[1]})')
+    append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
+                  after['latency_ms'])
+    logging.info('====> int8 model (%s) in %s: file %.2fx smaller, %.2fx faster on the CPU, Recall@1 %.4f -> %.4f',
+                 opt.quantization_type, out_dir, before['file_bytes'] / after['file_bytes'],
+                 before['latency_ms'] / after['latency_ms'], before.get('recall@1', float('nan')),
+                 after.get('recall@1', float('nan')))
+    return report
+
+
+def _options(opt, **changes):
+    """A copy of the options with some values changed."""
+    from argparse import Namespace
+    return Namespace(**dict(vars(opt), **changes))
+
+
+def _torchao_version():
+    import torchao
+    return str(torchao.__version__)

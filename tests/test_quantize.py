@@ -1,0 +1,307 @@
+"""int8 quantization: int8 weights in the saved program, descriptors close to fp32, a reload in a fresh process
+that gives the same descriptors without the training split, QAT that learns through the triplet loss, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import quantize
+import train
+from checkpoint import checkpoint_path, load_model_from_checkpoint, model_state, save_checkpoint
+from cluster import initialised_model
+from helpers import error_paragraph
+from pittsburgh import WholeDataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
+ALEXNET_CONV_KEYS = [f'encoder.{i}.weight' for i in (0, 3, 6, 8, 10)]
+
+
+@pytest.fixture(scope='module')
+def clustered_data(tiny_data, tmp_path_factory):
+    """A private copy of the tiny dataset with AlexNet (--fromscratch, K=8) centroids in it."""
+    path = tmp_path_factory.mktemp('quantize') / 'data'
+    shutil.copytree(tiny_data, path)
+    assert main.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+                      f'--dataPath={path}', *FAST]) == 0
+    return path
+
+
+@pytest.fixture(scope='module')
+def float_run(clustered_data, tmp_path_factory):
+    """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet."""
+    opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+                              f'--dataPath={clustered_data}'])
+    path = tmp_path_factory.mktemp('quantize_runs') / 'run'
+    save_checkpoint(dict(model_state(initialised_model(opt)), epoch=0, recalls={}, best_score=0.0), str(path), True)
+    return path
+
+
+@pytest.fixture(scope='module')
+def static_run(float_run, clustered_data):
+    """The static int8 quantization of float_run, made through the CLI (programs run uncompiled: fast)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(quantize.COMPILE_ENV, '0')
+        assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={float_run}',
+                          f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=16',
+                          *FAST]) == 0
+    return float_run.parent / 'run_quantized_static'
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    monkeypatch.setenv(quantize.COMPILE_ENV, '0')
+
+
+def options(run_dir, data, *flags):
+    return main.parse_options(['--mode=test', f'--resume={run_dir}', f'--dataPath={data}', *FAST, *flags])
+
+
+def fp32_weights(run_dir):
+    state = torch.load(checkpoint_path(str(run_dir)), weights_only=True)['state_dict']
+    return [state[key] for key in ALEXNET_CONV_KEYS]
+
+
+def program_weights(run_dir):
+    program = torch.export.load(os.path.join(run_dir, 'checkpoints', quantize.PROGRAM_NAME))
+    return program, quantize.int8_weights(program)
+
+
+def reference_quantization(weight):
+    """int8 per-output-channel symmetric quantisation, from its definition: scale = max|w| / 127.5."""
+    scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.5).clamp_min(2 ** -12)
+    return torch.clamp(torch.round(weight / scale[:, None, None, None]), -128, 127).to(torch.int8), scale
+
+
+def sample_images(data, count=8):
+    dataset = WholeDataset(str(data), 'test')
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+# ---------------------------------------------------------------------------------------------- static
+
+def test_static_program_stores_int8_weights_and_the_head_stays_float(static_run, float_run):
+    folder = static_run / 'checkpoints'
+    assert sorted(os.listdir(folder)) == ['checkpoint.pth.tar', 'encoder_int8.pt2', 'model_best.pth.tar']
+    checkpoint = torch.load(folder / 'checkpoint.pth.tar', weights_only=True)  # plain data only
+    assert checkpoint['quantized'] == 'static' and checkpoint['encoder_program'] == 'encoder_int8.pt2'
+    assert sorted(checkpoint['state_dict']) == ['pool.centroids', 'pool.conv.weight']
+    source = torch.load(checkpoint_path(str(float_run)), weights_only=True)['state_dict']
+    for key, value in checkpoint['state_dict'].items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, source[key], rtol=0, atol=0)  # static quantization leaves the head
+
+    program, weights = program_weights(static_run)
+    assert len(weights) == 5
+    for (int8, scale), fp32 in zip(weights, fp32_weights(float_run)):
+        expected, expected_scale = reference_quantization(fp32)
+        assert int8.dtype == torch.int8 and int8.shape == fp32.shape
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+        assert (int8.int() - expected.int()).abs().max() <= 1  # a rounding tie may go either way
+        assert (int8 == expected).float().mean() > 0.999
+    stored = list(program.state_dict.values()) + list(program.constants.values())
+    assert not [t.shape for t in stored if t.is_floating_point() and t.dim() == 4], 'fp32 conv weights stored'
+
+
+def test_static_report_sizes_and_recalls(static_run, float_run):
+    with open(static_run / 'quantize_report.json') as f:
+        report = json.load(f)
+    before, after, ratio = report['before'], report['after'], report['ratio_after_over_before']
+    for record in (before, after):
+        assert {'file_bytes', 'latency_ms', 'recall@1', 'recall@5', 'recall@10', 'recall@20'} <= set(record)
+        assert record['latency_ms'] > 0
+    assert ratio['file_bytes'] <= 1 / 3.5  # int8 weights stored, not fp32
+    assert after['file_bytes'] == sum(os.path.getsize(static_run / 'checkpoints' / name)
+                                      for name in ('checkpoint.pth.tar', 'encoder_int8.pt2'))
+    assert abs(after['recall@5'] - before['recall@5']) <= 0.2
+    with open(float_run.parent / 'results.jsonl') as f:
+        record = json.loads(f.readlines()[-1])
+    assert record['variant'] == 'int8 static' and record['arch'] == 'alexnet'
+
+
+def test_static_descriptors_close_to_fp32(static_run, float_run, clustered_data, uncompiled):
+    fp32_model, _ = load_model_from_checkpoint(options(float_run, clustered_data))
+    int8_model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    assert isinstance(int8_model, quantize.QuantizedEmbedNet) and int8_model.output_dim == 8 * 256
+    images = sample_images(clustered_data, 30)
+    with torch.inference_mode():
+        cosine = (fp32_model.eval()(images) * int8_model(images)).sum(dim=1)  # both L2-normalised
+    assert cosine.min() >= 0.98, cosine
+
+
+def test_compiled_program_runs_onednn_int8_convs(static_run, clustered_data):
+    """The default path: Inductor lowers every conv to a oneDNN int8 conv; same numbers as the plain program."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    reference = quantize.QuantizedEmbedNet(model.encoder, model.pool, compile=False)
+    images = sample_images(clustered_data)
+    with torch.inference_mode():
+        compiled, plain = model(images), reference(images)
+    assert counters['inductor']['qconv_weight_prepack_matcher_count'] == 5
+    assert (compiled * plain).sum(dim=1).min() >= 0.999
+
+
+def test_reload_in_fresh_process_without_training_split(static_run, clustered_data, tmp_path):
+    """--mode=test runs the saved program as it is: no calibration images needed, no training code imported,
+    and the same descriptors as in this process."""
+    data = tmp_path / 'data'
+    shutil.copytree(clustered_data, data)
+    os.remove(data / 'datasets' / 'pitts30k_train.mat')
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {REPO!r})
+        import numpy as np, torch
+        torch.set_num_threads(1)  # as in this process (conftest): float reductions then add up in the same order
+        import main
+        from checkpoint import load_model_from_checkpoint
+        from pittsburgh import WholeDataset
+        argv = ['--mode=test', '--resume={static_run}', '--dataPath={data}', '--runsPath={tmp_path}', *{FAST!r}]
+        model = load_model_from_checkpoint(main.parse_options(argv))[0]
+        dataset = WholeDataset('{data}', 'test')
+        with torch.inference_mode():
+            descriptors = model(torch.stack([dataset[i][0] for i in range(8)]))
+        np.save('{tmp_path / "descriptors.npy"}', descriptors.numpy())
+        assert main.main(argv) == 0
+        assert 'train' not in sys.modules and 'prune' not in sys.modules, 'training code imported'
+    ''')
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'Recall@1:' in done.stdout and 'int8 encoder compiled' in done.stdout
+    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    with torch.inference_mode():
+        descriptors = model(sample_images(clustered_data)).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / 'descriptors.npy'), descriptors)
+
+
+def test_test_mode_on_a_cuda_machine_evaluates_on_the_cpu(static_run, clustered_data, monkeypatch, uncompiled,
+                                                         capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    # No driver here: the DataLoader's page-locking of batches, which a real CUDA machine does, is skipped.
+    monkeypatch.setattr(torch.utils.data._utils.pin_memory, 'pin_memory', lambda data, device=None: data)
+    assert main.main(['--mode=test', f'--resume={static_run}', f'--dataPath={clustered_data}',
+                      f'--runsPath={static_run.parent}', *FAST[2:]]) == 0
+    out = capsys.readouterr().out
+    assert 'evaluating on the CPU instead of cuda' in out and 'Recall@1:' in out
+    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    assert model.cuda() is model and model.to('cuda').pool.centroids.device.type == 'cpu'
+
+
+# ---------------------------------------------------------------------------------------------- QAT
+
+def qat_program(float_run, data, out_dir):
+    """QAT of float_run through quantize.quantize_qat (calibration, train.fit, conversion), without the report."""
+    opt = main.parse_options(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}',
+                              f'--dataPath={data}', '--calib_images=8', '--qat_epochs=1', '--optim=ADAM',
+                              '--lr=0.001', '--weightDecay=0', '--nNeg=2', '--nNegSample=20', *FAST])
+    model, _ = load_model_from_checkpoint(opt)
+    loader = quantize.image_loader(quantize.calibration_set(opt), opt, opt.cacheBatchSize)
+    return quantize.quantize_qat(model, loader, opt, torch.device('cpu'), str(out_dir))
+
+
+def max_weight_change(weights, fp32):
+    """Largest |dequantised int8 weight - original fp32 weight|, in units of that channel's quantisation step."""
+    return max(((int8.float() * scale[:, None, None, None] - w).abs() / scale[:, None, None, None]).max().item()
+               for (int8, scale), w in zip(weights, fp32))
+
+
+def test_qat_learns_through_the_triplet_loss(float_run, clustered_data, tmp_path, monkeypatch):
+    """With the real triplet loss the encoder (through the fake-quantisers) and NetVLAD change; with the same loss
+    multiplied by zero nothing does. A QAT that trained on anything else (output.sum()) fails the second half."""
+    losses, factor = [], [1.0]
+
+    def scaled_triplet_loss(descriptors, neg_counts, margin, real=train.triplet_loss):
+        loss = real(descriptors, neg_counts, margin)
+        losses.append(loss.detach())
+        return loss * factor[0]
+
+    monkeypatch.setattr(train, 'triplet_loss', scaled_triplet_loss)
+    fp32 = fp32_weights(float_run)
+    source_head = torch.load(checkpoint_path(str(float_run)), weights_only=True)['state_dict']
+    changes = {}
+    for factor[0] in (1.0, 0.0):
+        losses.clear()
+        program, head_model = qat_program(float_run, clustered_data, tmp_path / f'qat_{factor[0]}')
+        assert losses and sum(losses) > 0  # the triplet loss was computed on mined triplets
+        weights = quantize.int8_weights(program)
+        assert len(weights) == 5 and all(int8.dtype == torch.int8 for int8, _ in weights)
+        head = quantize.head_state(head_model)
+        changes[factor[0]] = (max_weight_change(weights, fp32),
+                              max((head[key] - source_head[key]).abs().max().item() for key in head))
+    # zero gradient: int8 weights are the original ones up to rounding (half a step), the head is untouched
+    assert changes[0.0][0] <= 0.5 + 1e-3 and changes[0.0][1] == 0, changes
+    # the triplet loss moved encoder weights by several quantisation steps, and NetVLAD's parameters
+    assert changes[1.0][0] > 2 and changes[1.0][1] > 1e-4, changes
+
+
+def test_qat_cli_writes_an_int8_model_test_mode_runs(float_run, clustered_data, uncompiled, capsys):
+    assert main.main(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}', *FAST,
+                      f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=8',
+                      '--qat_epochs=1', '--nNeg=2', '--nNegSample=20']) == 0
+    qat_run = float_run.parent / 'run_quantized_qat'
+    checkpoint = torch.load(qat_run / 'checkpoints' / 'checkpoint.pth.tar', weights_only=True)
+    assert checkpoint['quantized'] == 'qat' and checkpoint['qat_epochs'] == 1
+    _, weights = program_weights(qat_run)
+    assert len(weights) == 5 and all(int8.dtype == torch.int8 for int8, _ in weights)
+    with open(qat_run / 'quantize_report.json') as f:
+        assert json.load(f)['ratio_after_over_before']['file_bytes'] <= 1 / 3.5
+    capsys.readouterr()
+    assert main.main(['--mode=test', f'--resume={qat_run}', f'--dataPath={clustered_data}',
+                      f'--runsPath={float_run.parent}', *FAST]) == 0
+    assert '====> Recall@1:' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def cli_error(capsys, *argv):
+    """The one-paragraph error of a quantize run that must fail (exit status 2)."""
+    assert main.main(['--mode=quantize', *FAST, *argv]) == 2
+    return error_paragraph(capsys.readouterr().err)
+
+
+def test_no_calibration_images_is_an_error(float_run, clustered_data, capsys):
+    message = cli_error(capsys, f'--resume={float_run}', f'--dataPath={clustered_data}', '--calib_images=0')
+    assert '--calib_images=0' in message
+
+
+def test_missing_training_split_is_an_error(float_run, clustered_data, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(clustered_data, data)
+    os.remove(data / 'datasets' / 'pitts30k_train.mat')
+    message = cli_error(capsys, f'--resume={float_run}', f'--dataPath={data}')
+    assert 'pitts30k_train.mat' in message and 'calibrat' in message
+
+
+def test_unknown_quantization_type_is_an_error(float_run, clustered_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse knows the choices
+        main.main(['--mode=quantize', f'--resume={float_run}', '--quantization_type=dynamic'])
+    assert exit_info.value.code == 2 and "invalid choice: 'dynamic'" in capsys.readouterr().err
+    opt = main.parse_options(['--mode=quantize', f'--resume={float_run}', f'--dataPath={clustered_data}'])
+    opt.quantization_type = 'dynamic'
+    with pytest.raises(main.UserError, match='--quantization_type=dynamic'):
+        quantize.quantize(opt)
+
+
+def test_calibrating_on_the_evaluated_split_is_an_error(float_run, clustered_data, capsys):
+    message = cli_error(capsys, f'--resume={float_run}', f'--dataPath={clustered_data}', '--split=train')
+    assert '--split=train' in message
+
+
+def test_quantizing_a_quantized_run_is_an_error(static_run, clustered_data, capsys):
+    message = cli_error(capsys, f'--resume={static_run}', f'--dataPath={clustered_data}')
+    assert 'already quantized' in message
+
+
+def test_missing_program_is_an_error(static_run, clustered_data, tmp_path, capsys):
+    copy = tmp_path / 'copy_quantized'
+    shutil.copytree(static_run, copy)
+    os.remove(copy / 'checkpoints' / 'encoder_int8.pt2')
+    assert main.main(['--mode=test', f'--resume={copy}', f'--dataPath={clustered_data}', *FAST]) == 2
+    assert 'encoder_int8.pt2' in error_paragraph(capsys.readouterr().err)
