@@ -4,17 +4,21 @@ The flow is the one PyTorch supports today for int8 convnets on x86 (torchao PT2
     torch.export of the encoder (dynamic batch and image size)
     -> prepare_pt2e / prepare_qat_pt2e with X86InductorQuantizer (uint8 per-tensor activations, int8 per-channel
        symmetric weights)
-    -> calibration on --calib_images training-database images (never the evaluated split); QAT then fine-tunes the
-       fake-quantised network with the triplet loss and hard-negative mining of train.fit
+    -> calibration on --calib_images random training-database images (never the evaluated split, which may not be
+       train); QAT then fine-tunes the fake-quantised network for --qat_epochs with the triplet loss and mining of
+       train.fit and its optimiser flags (--optim, --lr, ...: about a tenth of the training rate works best)
     -> convert_pt2e (weights folded into int8 constants) -> torch.export.save.
 Only the encoder is quantised: NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay
 float32, stored as a state dict beside the program. At load time the program is compiled by Inductor with freezing,
-which lowers its quantize/dequantize pattern to oneDNN int8 convolutions, once per input shape (seconds).
-NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: the same int8 arithmetic, computed slowly.
+which lowers its quantize/dequantize pattern to oneDNN int8 convolutions (VNNI/AMX), once per input shape (seconds).
+NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: a slow float simulation of the same int8 arithmetic.
+On a CUDA machine int8 inference runs on the CPU (QAT fine-tuning itself uses the GPU).
 
 Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pt2 (the program) and
 checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), which
---mode=test --resume=<that folder> runs without recalibration and without the training code.
+--mode=test --resume=<that folder> runs without recalibration and without the training code; and
+quantize_report.json: file size, median CPU latency per image at --latency_size and Recall@N on --split, fp32 before
+and int8 after, with ratios (also printed, and appended to the results file).
 """
 import copy
 import io

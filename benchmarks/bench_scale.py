@@ -35,10 +35,10 @@ from descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
 NUM_PLACES, VIEWS, NUM_QUERIES, NUM_TRAIN = 3498, 24, 8280, 10000
 FULL_DIM, PCA_DIM = 32768, 4096
 PLACE_SPACING_M, STREET_SPACING_M, LOOK_DISTANCE_M = 12.5, 150.0, 10.0
-LATENT, NUISANCE, LENGTH_SCALE_M = 256, 256, 8.0
-ALIAS, ALIAS_PERIOD_M = 0.6, 150.0             # share of the appearance that repeats on every street
-SIGNAL, NUISANCE_GAIN, NOISE = 1.0, 1.5, 1.2   # norms of the three parts before L2 normalisation
-NOISE_DECAY = 0.5                              # noise spectrum: coordinate i has scale (i + 1) ** -NOISE_DECAY
+LATENT, NUISANCE, LENGTH_SCALE_M = 256, 64, 8.0
+ALIAS, ALIAS_PERIOD_M = 0.7, 150.0             # share of the appearance that repeats on every street
+APPEARANCE_NOISE = 1.2                         # per-image change of appearance (viewpoint, light), relative
+SIGNAL, NUISANCE_GAIN, NOISE = 1.0, 1.0, 0.5   # norms of the three parts before L2 normalisation
 VARIANTS = ['exact32k', 'exact4096', 'ivfpq4096', 'hnsw4096']
 
 
@@ -62,7 +62,10 @@ def geometry(rng):
 
 
 class DescriptorModel:
-    """x = normalise(SIGNAL * B z(looked-at point, pitch) + NUISANCE_GAIN * A w + NOISE * n), in float32 torch."""
+    """x = normalise(SIGNAL * B (z(looked-at point, pitch) + e) + NUISANCE_GAIN * A w + NOISE * n), float32 torch.
+
+    B [LATENT, D] and A [NUISANCE, D]: random orthonormal rows; z: appearance, part of it repeating on every
+    street (aliasing); e: per-image appearance noise; w: nuisance with a falling spectrum; n: isotropic noise."""
 
     def __init__(self, seed):
         import torch
@@ -74,8 +77,6 @@ class DescriptorModel:
         self.nuisance = torch.linalg.qr(torch.randn(FULL_DIM, NUISANCE, generator=g))[0].T.contiguous()
         self.nuisance_scale = torch.linspace(1.5, 0.5, NUISANCE)
         self.nuisance_scale /= self.nuisance_scale.norm()
-        self.noise_scale = torch.arange(1, FULL_DIM + 1, dtype=torch.float32) ** -NOISE_DECAY
-        self.noise_scale /= self.noise_scale.norm()
         self.noise = torch.Generator().manual_seed(seed + 1)
 
     def appearance(self, looked_at, pitch):
@@ -89,8 +90,9 @@ class DescriptorModel:
         looked_at = utm + LOOK_DISTANCE_M * np.stack([np.cos(yaw), np.sin(yaw)], axis=1)
         alias = np.stack([looked_at[:, 0] % ALIAS_PERIOD_M, looked_at[:, 1] % STREET_SPACING_M], axis=1)
         z = np.sqrt(1 - ALIAS ** 2) * self.appearance(looked_at, pitch) + ALIAS * self.appearance(alias, pitch)
+        z += APPEARANCE_NOISE * torch.randn(len(utm), LATENT, generator=self.noise) / np.sqrt(LATENT)
         w = torch.randn(len(utm), NUISANCE, generator=self.noise) * self.nuisance_scale
-        n = torch.randn(len(utm), FULL_DIM, generator=self.noise) * self.noise_scale
+        n = torch.randn(len(utm), FULL_DIM, generator=self.noise) / np.sqrt(FULL_DIM)
         x = SIGNAL * z @ self.signal + NUISANCE_GAIN * w @ self.nuisance + NOISE * n
         return torch.nn.functional.normalize(x, dim=1).numpy()
 

@@ -1,5 +1,6 @@
 """int8 quantization: int8 weights in the saved program, descriptors close to fp32, a reload in a fresh process
 that gives the same descriptors without the training split, QAT that learns through the triplet loss, errors."""
+import copy
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import train
 from checkpoint import checkpoint_path, load_model_from_checkpoint, model_state, save_checkpoint
 from cluster import initialised_model
 from helpers import error_paragraph
+from models import build_model
 from pittsburgh import WholeDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +136,28 @@ def test_static_descriptors_close_to_fp32(static_run, float_run, clustered_data,
     with torch.inference_mode():
         cosine = (fp32_model.eval()(images) * int8_model(images)).sum(dim=1)  # both L2-normalised
     assert cosine.min() >= 0.98, cosine
+
+
+def test_whitened_model_keeps_its_float_whitening(tmp_path, uncompiled):
+    """A model with PCA whitening: the encoder becomes int8, whitening and normalisation stay float."""
+    torch.manual_seed(0)
+    config = dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None, pca_dim=16)
+    model = build_model(config).eval()
+    images = torch.randn(6, 3, 64, 80)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(6)), batch_size=3)
+    program, head_model = quantize.quantize_static(copy.deepcopy(model), loader)
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    torch.export.save(program, folder / quantize.PROGRAM_NAME)
+    state = quantize.head_state(head_model)
+    assert sorted(state) == ['pool.centroids', 'pool.conv.weight', 'whiten.bias', 'whiten.weight']
+    int8_model = quantize.load_quantized_model(dict(quantized='static', state_dict=state, config=config), tmp_path)
+    assert int8_model.output_dim == 16
+    with torch.inference_mode():
+        int8_desc, fp32_desc = int8_model(images), model(images)
+    assert int8_desc.shape == (6, 16)
+    torch.testing.assert_close(int8_desc.norm(dim=1), torch.ones(6))
+    assert (int8_desc * fp32_desc).sum(dim=1).min() >= 0.95
 
 
 def test_compiled_program_runs_onednn_int8_convs(static_run, clustered_data):

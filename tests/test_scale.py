@@ -295,3 +295,22 @@ def test_approximate_index_reports_recall_beside_exact(clustered_data, tmp_path,
     result = json.loads((runs / 'alexnet_offtheshelf' / 'test_test.json').read_text())
     assert result['index'] == 'ivfpq' and result['exact']['recalls'] == exact['recalls']
     assert 'Recall@N        exact      ivfpq     change' in capsys.readouterr().out
+
+
+def test_faiss_gpu_is_used_when_present_and_allowed(random_set, monkeypatch):
+    """With faiss-gpu and a GPU (stood in for here), both searches move their indexes to it, unless --nocuda."""
+    import faiss
+    db, queries, positives = random_set
+    moved = []
+    monkeypatch.setattr(faiss, 'StandardGpuResources', lambda: 'gpu resources', raising=False)
+    monkeypatch.setattr(faiss, 'get_num_gpus', lambda: 1)
+    monkeypatch.setattr(faiss, 'index_cpu_to_gpu', raising=False,
+                        value=lambda res, device, index: moved.append(type(faiss.downcast_index(index))) or index)
+    whole = np.concatenate([db, queries])
+    expected = evaluate.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', '--nocuda']))
+    assert moved == []
+    for flags, index_type in ((['--index=flat'], faiss.IndexFlatL2), (['--index=ivfpq'], faiss.IndexIVFPQ)):
+        result = evaluate.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', *flags]))
+        assert moved.pop() == index_type
+        if flags == ['--index=flat']:
+            np.testing.assert_array_equal(result['predictions'], expected['predictions'])
