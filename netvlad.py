@@ -59,8 +59,12 @@ class NetVLAD(nn.Module):
         batch, dim = x.shape[:2]
         if self.normalize_input:
             x = F.normalize(x, p=2, dim=1)
-        soft_assign = F.softmax(self.conv(x).flatten(2), dim=1)  # [B, K, HW]
         features = x.flatten(2)  # [B, D, HW]
+        # the 1x1 conv as one matrix product: its backward is cheaper than the conv's on CPUs
+        logits = torch.matmul(self.conv.weight.reshape(self.num_clusters, dim), features)  # [B, K, HW]
+        if self.conv.bias is not None:
+            logits = logits + self.conv.bias.unsqueeze(1)
+        soft_assign = F.softmax(logits, dim=1)
         # sum_i a_k(x_i) x_i  -  c_k sum_i a_k(x_i)
         vlad = torch.bmm(soft_assign, features.transpose(1, 2))  # [B, K, D]
         vlad = vlad - self.centroids.unsqueeze(0) * soft_assign.sum(dim=2, keepdim=True)
