@@ -9,6 +9,8 @@ import os
 import shlex
 import time
 
+import numpy as np
+
 from figures import plot_recall_curves, retrieval_strips
 from pittsburgh import WholeDataset
 from results import latest_per_variant, read_results, results_path
@@ -69,7 +71,8 @@ def demo(opt):
                if r['arch'] == opt.arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
     plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
     test_set = WholeDataset(stage_opt.dataPath, 'test')
-    retrieval_strips(test_set, trained_test['predictions'], range(STRIP_QUERIES),
+    queries = np.linspace(0, test_set.db_struct.numQ - 1, STRIP_QUERIES).round().astype(int)  # spread over streets
+    retrieval_strips(test_set, trained_test['predictions'], queries,
                      os.path.join(run_dir, 'retrievals.png'))
     table = run_mode(parse_options(['--mode=report', '--runsPath', opt.runsPath]))
     logging.info('====> Demo finished in %.1f min; pictures in %s', (time.time() - started) / 60, run_dir)

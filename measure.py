@@ -31,7 +31,7 @@ def count_macs(model, image_size):
 
     def netvlad_hook(layer, inputs, output):
         locations = inputs[0].shape[2] * inputs[0].shape[3]
-        macs.append(layer.num_clusters * layer.dim * locations)  # the residual sums; the 1x1 conv is hooked above
+        macs.append(2 * layer.num_clusters * layer.dim * locations)  # soft-assignment logits and residual sums
 
     hooks = []
     for module in model.modules():

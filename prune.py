@@ -48,6 +48,7 @@ from evaluate import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, latency_ms, model_bytes
 from models import conv_indices
 from pittsburgh import WholeDataset
+from results import append_result
 from train import fit
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
@@ -225,7 +226,7 @@ def measure_model(model, dataset, opt, device):
                   descriptor_dim=result['descriptor_dim'],
                   encoder_channels=[model.encoder[i].out_channels for i in conv_indices(model.encoder)])
     record.update({f'recall@{n}': recall for n, recall in result['recalls'].items()})
-    return record
+    return record, result
 
 
 def interleaved_latency(models, image_size, rounds=5, repeats=4):
@@ -257,8 +258,13 @@ def make_masks_permanent(model, layers, scope):
     return dict(sparsity=per_layer, sparsity_total=total)
 
 
+def variant_name(opt):
+    return f'pruned {opt.pruning_type} {round(100 * opt.pruning_amount)}%'
+
+
 def save_pruned(model, opt, run_dir, layers, tuned):
-    state = dict(model_state(model), epoch=tuned.get('epoch', 0), recalls=tuned.get('recalls', {}),
+    state = dict(model_state(model), variant=variant_name(opt), epoch=tuned.get('epoch', 0),
+                 recalls=tuned.get('recalls', {}),
                  best_score=tuned.get('best_score', 0.0), parallel=False,
                  pruning=dict(type=opt.pruning_type, amount=opt.pruning_amount, layers=layers,
                               scope=opt.pruning_scope, finetune_epochs=opt.finetune_epochs, source=opt.resume))
@@ -280,17 +286,19 @@ def prune(opt):
                  100 * opt.pruning_amount, run_dir, opt.split)
     pruned = copy.deepcopy(model)
     apply_pruning(pruned, opt, layers)  # before the long work: it may refuse the model
-    before = measure_model(model, dataset, opt, device)
+    before, _ = measure_model(model, dataset, opt, device)
     before['file_bytes'] = model_bytes(model, checkpoint, opt.resume)  # without optimizer state, as saved here
     tuned = fine_tune(pruned, opt, device, run_dir)
     extra = make_masks_permanent(pruned, layers, opt.pruning_scope) if opt.pruning_type == 'unstructured' else {}
-    after = dict(measure_model(pruned, dataset, opt, device), **extra)
+    after, result = measure_model(pruned, dataset, opt, device)
+    after.update(extra)
     save_pruned(pruned, opt, run_dir, layers, tuned)
     after['file_bytes'] = directory_size(run_dir)
     before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
     report = compare(before, after, os.path.join(run_dir, 'prune_report.json'),
                      f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
                      f'{opt.latency_size[0]}x{opt.latency_size[1]})')
+    append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'])
     log_summary(report, run_dir)
     return report
 
