@@ -19,8 +19,8 @@ from results import latest_per_variant, read_results, results_path
 DEMO_SIZES = {
     'default': dict(synth_db=300, synth_queries=150, synth_imsize='120x160', nEpochs=3, finetune_epochs=1,
                     qat_epochs=1, calib_images=128, latency_size='480x640'),
-    'tiny': dict(synth_db=40, synth_queries=20, synth_imsize='96x128', nEpochs=1, finetune_epochs=1,
-                 qat_epochs=1, calib_images=16, latency_size='96x128'),
+    'tiny': dict(synth_db=30, synth_queries=16, synth_imsize='64x80', nEpochs=1, finetune_epochs=1,
+                 qat_epochs=1, calib_images=8, latency_size='64x80'),
 }
 # Training from random weights (no ImageNet weights offline): Adam at 1e-5 is stable; 1e-4 destroys the
 # k-means initialisation in the first epoch.
@@ -30,9 +30,10 @@ STRIP_QUERIES = 4
 
 def stage_commands(opt, size):
     """The command lines of every stage, as a user would type them."""
+    arch = opt.arch if 'arch' in opt.explicit else 'alexnet'  # the demo's default encoder, unlike the other modes
     data_path = opt.dataPath if 'dataPath' in opt.explicit else f'synthetic_data_{opt.demo_size}'
-    run = os.path.join(opt.runsPath, f'{opt.arch}_netvlad_checkpoint', f'{opt.arch}_netvlad_checkpoint')
-    common = ['--dataset', 'synthetic', '--dataPath', data_path, '--runsPath', opt.runsPath, '--arch', opt.arch,
+    run = os.path.join(opt.runsPath, f'{arch}_netvlad_checkpoint', f'{arch}_netvlad_checkpoint')
+    common = ['--dataset', 'synthetic', '--dataPath', data_path, '--runsPath', opt.runsPath, '--arch', arch,
               '--fromscratch', '--seed', str(opt.seed), '--threads', str(opt.threads), '--nGPU', str(opt.nGPU),
               '--latency_size', size['latency_size'], '--cacheBatchSize', str(opt.cacheBatchSize)]
     common += ['--nocuda'] if opt.nocuda else []
@@ -68,7 +69,7 @@ def demo(opt):
             trained_test = result
     stage_opt = parse_options(commands[0])
     records = [r for r in latest_per_variant(read_results(results_path(opt)))
-               if r['arch'] == opt.arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
+               if r['arch'] == stage_opt.arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
     plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
     test_set = WholeDataset(stage_opt.dataPath, 'test')
     queries = np.linspace(0, test_set.db_struct.numQ - 1, STRIP_QUERIES).round().astype(int)  # spread over streets

@@ -1,0 +1,40 @@
+"""The demo end to end at its tiny size, and --mode=report on bad results files."""
+import json
+import re
+
+from PIL import Image
+
+VARIANTS = ['off-the-shelf (k-means init)', 'trained', 'pruned structured 20%', 'pruned unstructured 20%',
+            'int8 static', 'int8 qat']
+
+
+def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    assert run_cli(['--mode=demo', '--demo_size=tiny', '--runsPath', runs, '--dataPath', tmp_path / 'data',
+                    '--nocuda', '--threads=0']) == 0
+    records = [json.loads(line) for line in (runs / 'results.jsonl').read_text().splitlines()]
+    assert [r['variant'] for r in records] == VARIANTS  # one record per evaluating stage, in order
+    table = (runs / 'results.md').read_text()
+    assert table in capsys.readouterr().out
+    for variant in VARIANTS:
+        row = next(line for line in table.splitlines() if f'alexnet {variant} |' in line)
+        recalls = [float(v) for v in row.split('|')[3:7]]
+        assert len(recalls) == 4 and all(0.0 <= r <= 1.0 for r in recalls)
+    assert 'TBD' not in table
+    run = runs / 'alexnet_netvlad_checkpoint' / 'alexnet_netvlad_checkpoint'
+    for picture in ('recall_curves.png', 'retrievals.png'):
+        with Image.open(run / picture) as image:
+            image.load()
+            assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_report_on_missing_empty_or_corrupt_results(run_cli, tmp_path, capsys):
+    assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    (tmp_path / 'results.jsonl').write_text('')
+    assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
+    assert 'is empty' in capsys.readouterr().err
+    (tmp_path / 'results.jsonl').write_text('{"variant": "trained", "recalls": {"1": 0.5}}\n{not json\n')
+    assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r'corrupt at line 2', error) and 'Traceback' not in error
