@@ -55,14 +55,18 @@ def fit_whitening(descriptors, dim, eps=WHITENING_EPS):
         eigenvalues, directions = eigenvalues.flip(0)[:dim], eigenvectors.flip(1)[:, :dim]  # [dim], [D, dim]
         check_rank(eigenvalues, dim, n, total_dim)
     else:
-        gram = sum(centred(block) @ centred(block).T for block in blocks) / (n - 1)  # [n, n]
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        eigenvalues, coefficients = eigenvalues.flip(0)[:dim], eigenvectors.flip(1)[:, :dim]  # [dim], [n, dim]
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for block in blocks:
+            gram.addmm_(centred(block), centred(block).T)
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram.div_(n - 1))  # [n, n]
+        del gram
+        eigenvalues, coefficients = eigenvalues.flip(0)[:dim], eigenvectors.flip(1)[:, :dim].contiguous()
+        del eigenvectors  # [dim], [n, dim] kept
         check_rank(eigenvalues, dim, n, total_dim)
-        scale = ((n - 1) * eigenvalues).sqrt()
-        directions = torch.cat([centred(block).T @ coefficients for block in blocks]) / scale  # [D, dim]
-    directions = directions * directions[directions.abs().argmax(dim=0), torch.arange(dim)].sign()  # fixed signs
-    weight = directions.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]  # [dim, D]
+        directions = torch.cat([centred(block).T @ coefficients for block in blocks])  # [D, dim]
+        directions /= ((n - 1) * eigenvalues).sqrt()
+    directions *= directions[directions.abs().argmax(dim=0), torch.arange(dim)].sign()  # fixed signs
+    weight = directions.T.div_((eigenvalues.clamp_min(0) + eps).sqrt()[:, None])  # [dim, D], in place
     return weight.float(), (-weight @ mean).float(), eigenvalues
 
 

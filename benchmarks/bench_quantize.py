@@ -12,9 +12,9 @@ Inductor with freezing. Calibration for the speed table uses random images (late
 Sizes: the fp32 state dict against the saved int8 program plus the float head.
 
 Recall: AlexNet trained from scratch on the default synthetic dataset (cluster, --train_epochs of Adam at 1e-5;
-reused when already in --recall_dir), then `--mode=quantize --ckpt=best` static and qat (QAT: --qat_epochs of Adam
-at 1e-6, a tenth of the training rate), evaluated on the test split, calibrated on the train split, read from their
-quantize_report.json.
+reused when already in --recall_dir), then `--mode=quantize --ckpt=best` static and qat (QAT: --qat_epochs of Adam,
+given the training --lr 1e-5, which QAT divides by 10), evaluated on the test split, calibrated on the train split,
+read from their quantize_report.json.
 """
 import argparse
 import copy
@@ -149,7 +149,7 @@ def recall_runs(work_dir, train_epochs, qat_epochs, calib_images):
              (f'{run}_quantized_static/quantize_report.json', quantize_flags + ['--quantization_type=static']),
              (f'{run}_quantized_qat/quantize_report.json',
               quantize_flags + ['--quantization_type=qat', f'--qat_epochs={qat_epochs}', '--optim', 'ADAM',
-                                '--lr', '0.000001'])]
+                                '--lr', '0.00001'])]
     for done, flags in steps:
         if not os.path.exists(done):
             started = time.time()

@@ -224,7 +224,7 @@ def qat_program(float_run, data, out_dir):
     """QAT of float_run through quantize.quantize_qat (calibration, train.fit, conversion), without the report."""
     opt = main.parse_options(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}',
                               f'--dataPath={data}', '--calib_images=8', '--qat_epochs=1', '--optim=ADAM',
-                              '--lr=0.001', '--weightDecay=0', '--nNeg=2', '--nNegSample=20', *FAST])
+                              '--lr=0.01', '--weightDecay=0', '--nNeg=2', '--nNegSample=20', *FAST])
     model, _ = load_model_from_checkpoint(opt)
     loader = quantize.image_loader(quantize.calibration_set(opt), opt, opt.cacheBatchSize)
     return quantize.quantize_qat(model, loader, opt, torch.device('cpu'), str(out_dir))
