@@ -73,12 +73,16 @@ def plain_numbers(value):
 
 
 def check_config_against_flags(config, opt, path):
-    """A checkpoint whose architecture contradicts a flag the user gave explicitly is an error naming the flag."""
+    """A checkpoint whose architecture contradicts a flag the user gave explicitly is an error naming the flag;
+    flags the user did not give take the checkpoint's values (so results are recorded under the right arch)."""
     for flag in ('arch', 'num_clusters', 'pooling', 'vladv2'):
         given = getattr(opt, flag)
-        if flag in opt.explicit and config[flag] is not None and given != config[flag]:
+        if config[flag] is None or given == config[flag]:
+            continue
+        if flag in opt.explicit:
             raise UserError(f'Checkpoint {path} holds a model with {flag}={config[flag]}, but the command line '
                             f'asks for --{flag}={given}. Drop the flag or pass the matching checkpoint.')
+        setattr(opt, flag, config[flag])
 
 
 def load_model_from_checkpoint(opt, which=None):

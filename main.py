@@ -1,6 +1,5 @@
 """NetVLAD toolkit entry point: reads the flags and runs one mode. Everything else lives in the module of its concern."""
 import argparse
-import logging
 import os
 import sys
 

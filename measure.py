@@ -7,6 +7,7 @@ import time
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from commons import atomic_write_json
 
@@ -59,6 +60,16 @@ def latency_ms(model, image_size, repeats=20, warmup=3, batch=1):
             if i >= warmup:
                 times.append((time.perf_counter() - started) * 1000 / batch)
     return statistics.median(times)
+
+
+def interleaved_latency(models, image_size, rounds=5, repeats=4):
+    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
+    processes falls on all models alike."""
+    times = [[] for _ in models]
+    for _ in tqdm(range(rounds), desc='latency', unit='round'):
+        for model, samples in zip(models, times):
+            samples.append(latency_ms(model.cpu().eval(), image_size, repeats=repeats, warmup=1))
+    return [statistics.median(samples) for samples in times]
 
 
 def directory_size(path):

@@ -34,18 +34,16 @@ state), CPU latency per image (both models timed in alternating rounds, median) 
 import copy
 import logging
 import os
-import statistics
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
-from tqdm import tqdm
 
 from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from evaluate import evaluate, log_recalls
-from measure import compare, count_macs, count_parameters, directory_size, latency_ms, model_bytes
+from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
 from pittsburgh import WholeDataset
 from results import append_result
@@ -227,16 +225,6 @@ def measure_model(model, dataset, opt, device):
                   encoder_channels=[model.encoder[i].out_channels for i in conv_indices(model.encoder)])
     record.update({f'recall@{n}': recall for n, recall in result['recalls'].items()})
     return record, result
-
-
-def interleaved_latency(models, image_size, rounds=5, repeats=4):
-    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
-    processes falls on all models alike."""
-    times = [[] for _ in models]
-    for _ in tqdm(range(rounds), desc='latency', unit='round'):
-        for model, samples in zip(models, times):
-            samples.append(latency_ms(model.cpu().eval(), image_size, repeats=repeats, warmup=1))
-    return [statistics.median(samples) for samples in times]
 
 
 def apply_pruning(model, opt, layers):

@@ -21,7 +21,6 @@ quantize_report.json: file size, median CPU latency per image at --latency_size 
 and int8 after, with ratios (also printed, and appended to the results file).
 """
 import copy
-import io
 import logging
 import os
 import platform
@@ -34,10 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
+from checkpoint import load_model_from_checkpoint, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from evaluate import evaluate, log_recalls
-from measure import compare, directory_size, latency_ms
+from measure import compare, directory_size, interleaved_latency, model_bytes
 from models import ARCHS, config_from_state_dict
 from netvlad import GlobalPool, NetVLAD
 from pittsburgh import WholeDataset, image_loader
@@ -350,12 +349,6 @@ def output_dir(opt):
     return f'{opt.resume.rstrip("/" + os.sep)}_quantized_{opt.quantization_type}'
 
 
-def serialized_bytes(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getbuffer().nbytes
-
-
 def measure_model(model, dataset, opt, device):
     """Recall@N on --split; returns the report record and the evaluation (for the results file)."""
     result = evaluate(model, dataset, opt, device)
@@ -363,16 +356,6 @@ def measure_model(model, dataset, opt, device):
     record = dict(descriptor_dim=result['descriptor_dim'])
     record.update({f'recall@{n}': recall for n, recall in result['recalls'].items()})
     return record, result
-
-
-def interleaved_latency(models, image_size, rounds=5, repeats=4):
-    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
-    processes falls on all models alike (the int8 program compiles for the new shape in the first round)."""
-    times = [[] for _ in models]
-    for _ in range(rounds):
-        for model, samples in zip(models, times):
-            samples.append(latency_ms(model.cpu().eval(), image_size, repeats=repeats, warmup=1))
-    return [float(np.median(samples)) for samples in times]
 
 
 def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
@@ -417,7 +400,7 @@ def quantize(opt):
 
     before, _ = measure_model(model.to(device).to(memory_format=torch.channels_last), eval_set, opt, device)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    before['file_bytes'] = serialized_bytes(model_state(model))  # the weights alone, without optimizer state
+    before['file_bytes'] = model_bytes(model, None, opt.resume)  # the weights alone, without optimizer state
     original = copy.deepcopy(model)  # QAT fine-tunes the float head in place
     started = time.time()
     calib_loader = image_loader(calib_set, opt, opt.cacheBatchSize)
