@@ -20,6 +20,16 @@ def user_error_text(error):
     return text[text.rindex(marker) + len(marker):].strip() if marker in text else text
 
 
+def parse_size(text):
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise UserError(f'Image size "{text}" is not of the form HEIGHTxWIDTH, e.g. 120x160.') from None
+    if height < 32 or width < 32:
+        raise UserError(f'Image size {text} is too small: both sides must be at least 32 pixels.')
+    return height, width
+
+
 def make_deterministic(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -55,9 +65,13 @@ def atomic_torch_save(obj, path):
     os.replace(tmp_path, path)
 
 
-def atomic_write_json(obj, path):
+def atomic_write_text(text, path):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp_path = path + '.tmp'
     with open(tmp_path, 'w') as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp_path, path)
+
+
+def atomic_write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2), path)

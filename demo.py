@@ -10,10 +10,13 @@ import shlex
 import time
 
 import numpy as np
+import torch
 
+from evaluate import load_model
 from figures import plot_recall_curves, retrieval_strips
+from measure import interleaved_latency
 from pittsburgh import WholeDataset
-from results import latest_per_variant, read_results, results_path
+from results import latest_per_variant, read_results, record_key, results_path, set_latencies
 
 # Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
 DEMO_SIZES = {
@@ -28,11 +31,26 @@ TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.00001']
 STRIP_QUERIES = 4
 
 
-def stage_commands(opt, size):
-    """The command lines of every stage, as a user would type them."""
+def time_together(records, untrained_argv, parse_options, path):
+    """The CPU latency of every variant of the table, timed in one interleaved run in this process, each model in
+    channels-last memory format: rows timed by separate processes (at separate loads) would not compare."""
+    options = [parse_options(untrained_argv + (['--resume', r['run']] if r.get('run') else [])) for r in records]
+    models = [load_model(o)[0].cpu().eval().to(memory_format=torch.channels_last) for o in options]
+    size = options[0].latency_size
+    latencies = interleaved_latency(models, size)
+    set_latencies(path, {record_key(r): (ms, 'x'.join(map(str, size))) for r, ms in zip(records, latencies)})
+
+
+def demo_setting(opt):
+    """The demo's encoder, data folder and training run folder."""
     arch = opt.arch if 'arch' in opt.explicit else 'alexnet'  # the demo's default encoder, unlike the other modes
     data_path = opt.dataPath if 'dataPath' in opt.explicit else f'synthetic_data_{opt.demo_size}'
-    run = os.path.join(opt.runsPath, f'{arch}_netvlad_checkpoint', f'{arch}_netvlad_checkpoint')
+    return arch, data_path, os.path.join(opt.runsPath, f'{arch}_netvlad_checkpoint', f'{arch}_netvlad_checkpoint')
+
+
+def stage_commands(opt, size):
+    """The command lines of every stage, as a user would type them."""
+    arch, data_path, run = demo_setting(opt)
     common = ['--dataset', 'synthetic', '--dataPath', data_path, '--runsPath', opt.runsPath, '--arch', arch,
               '--fromscratch', '--seed', str(opt.seed), '--threads', str(opt.threads), '--nGPU', str(opt.nGPU),
               '--latency_size', size['latency_size'], '--cacheBatchSize', str(opt.cacheBatchSize)]
@@ -56,8 +74,9 @@ def stage_commands(opt, size):
     ], run
 
 
-def demo(opt):
-    from main import parse_options, run as run_mode
+def demo(opt, parse_options, run_mode):
+    """parse_options and run_mode are main.py's (passed in: demo never imports main), so every stage runs exactly
+    as the typed command would."""
     size = DEMO_SIZES[opt.demo_size]
     commands, run_dir = stage_commands(opt, size)
     started = time.time()
@@ -67,14 +86,15 @@ def demo(opt):
         result = run_mode(parse_options(argv))
         if argv[0] == '--mode=test' and '--resume' in argv:
             trained_test = result
-    stage_opt = parse_options(commands[0])
+    arch, data_path, _ = demo_setting(opt)
     records = [r for r in latest_per_variant(read_results(results_path(opt)))
-               if r['arch'] == stage_opt.arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
+               if r['arch'] == arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
     plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
-    test_set = WholeDataset(stage_opt.dataPath, 'test')
+    test_set = WholeDataset(data_path, 'test')
     queries = np.linspace(0, test_set.db_struct.numQ - 1, STRIP_QUERIES).round().astype(int)  # spread over streets
     retrieval_strips(test_set, trained_test['predictions'], queries,
                      os.path.join(run_dir, 'retrievals.png'))
+    time_together(records, commands[1], parse_options, results_path(opt))
     table = run_mode(parse_options(['--mode=report', '--runsPath', opt.runsPath]))
     logging.info('====> Demo finished in %.1f min; pictures in %s', (time.time() - started) / 60, run_dir)
     return table

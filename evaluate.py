@@ -1,243 +1,22 @@
-"""--mode=test: descriptors of a split, exact nearest neighbours, Recall@N (SPEC section 5).
+"""--mode=test: Recall@N of a run (or of the untrained, cluster-initialised network) on a split (SPEC section 5).
 
-Memory does not grow with the split: descriptors go to a file as they are computed (descriptors.py), the exact
-search reads it in chunks and keeps only each query's top 25, and recall needs only those. --index ivfpq|hnsw
-searches an approximate faiss index instead (on the GPU when faiss-gpu and CUDA are there, as is the exact
-search). Under torchrun each process writes its share of the descriptors (extract_part), and
-`--descriptors PART...` merges the parts and searches them in one process.
+The extraction, search and recall are retrieval.py's. Under torchrun each process writes its share of the
+descriptors (extract_part), and `--descriptors PART...` merges the parts and searches them in one process.
 """
-import contextlib
-import copy
 import logging
 import os
 import time
 
-import faiss
-import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device
 from descriptors import DescriptorFile, cache_folder, load_descriptor_file, merge_parts, part_name, part_rows
-from measure import latency_ms, model_bytes
-from pittsburgh import WholeDataset, image_loader
-from results import append_result
-
-RECALL_NS = [1, 5, 10, 20]
-CURVE_MAX_N = 25
-SEARCH_CHUNK_BYTES = 512 * 2 ** 20   # float32 bytes of one database or query chunk of the exact search
-APPROX_TRAIN_BYTES = 2 ** 30         # float32 bytes of the database sample an IVF-PQ index is trained on
-IVF_NPROBE = 32                      # inverted lists visited per query
-PQ_MAX_BYTES = 64                    # product-quantizer code bytes per database image (8-bit sub-quantizers)
-HNSW_M, HNSW_EF_SEARCH = 32, 128     # graph degree; candidate list length at search
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def autocast(precision, device):
-    """Mixed precision for the convolutions; a no-op in fp32."""
-    if PRECISIONS[precision] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-def extract_descriptors(model, dataset, opt, device, description='descriptors', path=None):
-    """Descriptors of every image of `dataset`, in dataset order: [N, D] float32 in memory or, given `path`, a
-    DescriptorFile there (dtype --desc_dtype) written batch by batch as they are computed."""
-    loader = image_loader(dataset, opt, opt.cacheBatchSize)
-    if path is None:
-        descriptors = np.empty((len(dataset), model.output_dim), dtype=np.float32)
-    else:
-        descriptors = DescriptorFile.create(path, len(dataset), model.output_dim,
-                                            getattr(opt, 'desc_dtype', 'float32'))
-    model.eval()
-    start = 0
-    with torch.inference_mode(), autocast(opt.precision, device):
-        for images, _ in tqdm(loader, desc=description, unit='batch'):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            descriptors[start:start + len(images)] = model(images).float().cpu().numpy()
-            start += len(images)
-    return descriptors
-
-
-# ---------------------------------------------------------------------------------------------- search
-
-def chunk_rows(dim, chunk_bytes=None):
-    """Rows of a [rows, dim] float32 chunk of at most chunk_bytes (default SEARCH_CHUNK_BYTES)."""
-    return max(1, (chunk_bytes or SEARCH_CHUNK_BYTES) // (4 * dim))
-
-
-def as_float32(rows):
-    return np.ascontiguousarray(rows, dtype=np.float32)
-
-
-def rows_of(descriptors, start, stop):
-    """Rows start..stop of an array (a view) or of a DescriptorFile (a view, nothing read)."""
-    return descriptors.view(start, stop) if isinstance(descriptors, DescriptorFile) else descriptors[start:stop]
-
-
-def faiss_gpu_available():
-    """faiss built with GPU support (faiss-gpu) and a CUDA device it can see."""
-    return hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
-
-
-def on_gpu(index, gpu):
-    """The index moved to the GPU when `gpu` (faiss GPU resources) is given, else the index itself."""
-    return index if gpu is None else faiss.index_cpu_to_gpu(gpu, 0, index)
-
-
-def merge_top_k(best_dist, best_index, dist, found, k):
-    """The k smallest of two [Q, *] candidate lists (ties keep the earlier list, i.e. the lower database rows)."""
-    dist = np.where(found < 0, np.inf, dist)
-    merged_dist = np.concatenate([best_dist, dist], axis=1)
-    merged_index = np.concatenate([best_index, found], axis=1)
-    order = np.argsort(merged_dist, axis=1, kind='stable')[:, :k]
-    return np.take_along_axis(merged_dist, order, axis=1), np.take_along_axis(merged_index, order, axis=1)
-
-
-def exact_search(db_desc, query_desc, k, db_chunk=None, query_chunk=None, use_gpu=False):
-    """Exact L2 top-k (faiss flat): [numQ, k] squared distances and database indices, nearest first.
-
-    db_desc, query_desc: [N, D] arrays or DescriptorFiles. Each database chunk is read once and searched by every
-    query chunk; a chunk holds at most SEARCH_CHUNK_BYTES of float32 (by default), and only [numQ, k] results are
-    kept, so memory does not grow with the database and no numQ x numDb matrix is ever formed.
-    """
-    dim = db_desc.shape[1]
-    k = min(k, len(db_desc))
-    db_chunk = db_chunk or chunk_rows(dim)
-    query_chunk = query_chunk or chunk_rows(dim)
-    best_dist = np.full((len(query_desc), k), np.inf, dtype=np.float32)
-    best_index = np.full((len(query_desc), k), -1, dtype=np.int64)
-    gpu = faiss.StandardGpuResources() if use_gpu else None
-    for db_start in range(0, len(db_desc), db_chunk):
-        index = on_gpu(faiss.IndexFlatL2(dim), gpu)
-        index.add(as_float32(db_desc[db_start:db_start + db_chunk]))
-        for q_start in range(0, len(query_desc), query_chunk):
-            rows = slice(q_start, q_start + query_chunk)
-            dist, found = index.search(as_float32(query_desc[rows]), k)
-            best_dist[rows], best_index[rows] = merge_top_k(best_dist[rows], best_index[rows], dist,
-                                                            np.where(found < 0, -1, found + db_start), k)
-    return best_dist, best_index
-
-
-def approximate_index(kind, db_desc, gpu=None):
-    """A faiss IVF-PQ or HNSW index over the database, trained on (a strided sample of) the database itself."""
-    num_db, dim = db_desc.shape
-    if kind == 'hnsw':
-        index = faiss.index_factory(dim, f'HNSW{HNSW_M}')
-        index.hnsw.efSearch = HNSW_EF_SEARCH
-        logging.info('HNSW index: M=%d, efSearch=%d; it holds the database as float32 in memory (%.1f GB)',
-                     HNSW_M, HNSW_EF_SEARCH, num_db * dim * 4 / 1e9)
-    else:
-        train = training_sample(db_desc)
-        nlist = 2 ** int(np.log2(max(1, min(4 * np.sqrt(num_db), len(train) / 39))))
-        nbits = min(8, int(np.log2(len(train))))
-        subquantizers = max(m for m in range(1, PQ_MAX_BYTES + 1) if dim % m == 0)
-        index = faiss.index_factory(dim, f'IVF{nlist},PQ{subquantizers}x{nbits}')
-        ivf = faiss.downcast_index(index)
-        ivf.do_polysemous_training = False  # Hamming filtering is not used; its training is slow and noisy
-        ivf.nprobe = min(IVF_NPROBE, nlist)
-        index.train(train)
-        logging.info('IVF-PQ index: %d lists (nprobe %d), %d sub-quantizers x %d bits (%d bytes per image), '
-                     'trained on %d database descriptors', nlist, min(IVF_NPROBE, nlist), subquantizers, nbits,
-                     subquantizers * nbits // 8, len(train))
-        if gpu is not None:
-            try:
-                index = on_gpu(index, gpu)
-            except RuntimeError as error:  # code sizes the GPU kernels do not support
-                logging.info('IVF-PQ stays on the CPU: faiss GPU refused it (%s)', str(error).splitlines()[0])
-    step = chunk_rows(dim)
-    for start in range(0, num_db, step):
-        index.add(as_float32(db_desc[start:start + step]))
-    return index
-
-
-def training_sample(db_desc):
-    """Every s-th database descriptor, at most APPROX_TRAIN_BYTES of float32 of them, as one array."""
-    num_db, dim = db_desc.shape
-    stride = -(-num_db // max(1, min(num_db, APPROX_TRAIN_BYTES // (4 * dim))))
-    step = chunk_rows(dim) // stride * stride or stride
-    return np.concatenate([as_float32(db_desc[start:start + step])[::stride] for start in range(0, num_db, step)])
-
-
-def approximate_search(kind, db_desc, query_desc, k, use_gpu=False):
-    """Top-k database indices [numQ, k] from an approximate index (see approximate_index)."""
-    index = approximate_index(kind, db_desc, faiss.StandardGpuResources() if use_gpu else None)
-    return search_index(index, query_desc, min(k, len(db_desc)))
-
-
-def search_index(index, query_desc, k):
-    step = chunk_rows(query_desc.shape[1])
-    found = [index.search(as_float32(query_desc[start:start + step]), k)[1]
-             for start in range(0, len(query_desc), step)]
-    return np.concatenate(found).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------- recall
-
-def recall_curve(predictions, positives):
-    """Share of queries with a correct database image among the top N, for N = 1 .. predictions.shape[1]."""
-    hits = np.zeros(predictions.shape, dtype=bool)
-    for query, (predicted, correct) in enumerate(zip(predictions, positives)):
-        hits[query] = np.isin(predicted, correct)
-    return np.logical_or.accumulate(hits, axis=1).mean(axis=0)
-
-
-def recalls_of(curve):
-    return {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
-
-
-def search_and_recall(whole, num_db, positives, opt):
-    """Search the queries (rows num_db..) of a whole-set descriptor array or file among its database rows.
-
-    Returns recalls, curve, descriptor_dim, search_s and predictions; with --index ivfpq|hnsw also `index`, and
-    with --compare_exact the exact search's `exact` recalls and time beside them.
-    """
-    db_desc, query_desc = rows_of(whole, 0, num_db), rows_of(whole, num_db, len(whole))
-    use_gpu = opt.cuda and faiss_gpu_available()
-    index = getattr(opt, 'index', 'flat')
-    started = time.time()
-    if index == 'flat':
-        _, predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
-    else:
-        built = approximate_index(index, db_desc, faiss.StandardGpuResources() if use_gpu else None)
-        build_s = time.time() - started
-        predictions = search_index(built, query_desc, min(CURVE_MAX_N, len(db_desc)))
-        del built
-    curve = recall_curve(predictions, positives)
-    result = dict(recalls=recalls_of(curve), curve=curve.tolist(), descriptor_dim=int(whole.shape[1]),
-                  search_s=time.time() - started, predictions=predictions)
-    if index != 'flat':
-        result.update(index=index, index_build_s=build_s)  # search_s includes the build
-        logging.info('%s index built in %.1f s, queries searched in %.1f s', index, build_s,
-                     result['search_s'] - build_s)
-    if index != 'flat' and getattr(opt, 'compare_exact', False):
-        started = time.time()
-        _, exact_predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
-        exact = dict(recalls=recalls_of(recall_curve(exact_predictions, positives)), search_s=time.time() - started)
-        result['exact'] = exact
-        logging.info('%-10s %10s %10s %10s', 'Recall@N', 'exact', index, 'change')
-        for n, recall in result['recalls'].items():
-            logging.info('%-10d %10.4f %10.4f %+10.4f', n, exact['recalls'][n], recall, recall - exact['recalls'][n])
-        logging.info('%-10s %10.1f %10.1f', 'search s', exact['search_s'], result['search_s'])
-    return result
-
-
-def evaluate(model, dataset, opt, device):
-    """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate.
-
-    The descriptors are streamed to a file in --cachePath (default: a new temporary folder), searched there in
-    chunks, and deleted afterwards.
-    """
-    with cache_folder(getattr(opt, 'cachePath', None)) as folder:
-        started = time.time()
-        whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
-                                    path=os.path.join(folder, f'{dataset.split}.npy'))
-        extraction_s = time.time() - started
-        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
-    return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s)
+from pittsburgh import WholeDataset
+from results import record_result
+from retrieval import evaluate, extract_descriptors, log_recalls, search_and_recall
 
 
 def evaluate_parts(paths, dataset, dim, opt):
@@ -280,28 +59,12 @@ def extract_part(model, dataset, opt, device, rank, world):
     return dict(part=path, rows=[start, stop], world=world)
 
 
-def log_recalls(recalls):
-    for n, recall in recalls.items():
-        logging.info('====> Recall@%d: %.4f', n, recall)
-
 
 def load_model(opt):
     """Model, checkpoint and run folder of --resume or, without it, of the cluster-initialised untrained network."""
     if opt.resume:
         return (*load_model_from_checkpoint(opt), opt.resume)
     return initialised_model(opt), None, os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
-
-
-def record_result(opt, model, checkpoint, run_dir, result):
-    """Append the evaluated model, its size and its CPU latency to the results file (see results.py)."""
-    cpu_model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()
-    with autocast(opt.precision, torch.device('cpu')):
-        latency = latency_ms(cpu_model, opt.latency_size, repeats=5, warmup=1)
-    default_variant = 'trained' if checkpoint is not None else 'off-the-shelf (k-means init)'
-    variant = checkpoint.get('variant', default_variant) if checkpoint is not None else default_variant
-    if opt.precision != 'fp32':
-        variant += f' {opt.precision}'
-    return append_result(opt, variant, result, model_bytes(model, checkpoint, run_dir), latency)
 
 
 def test(opt):

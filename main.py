@@ -3,12 +3,13 @@ import argparse
 import os
 import sys
 
-from commons import UserError, setup_logging, user_error_text
+from commons import UserError, parse_size, setup_logging, user_error_text
 
 MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report']
 SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k']
 # Model-shape flags: when a checkpoint is loaded its own values are used, unless the user gave the flag.
 MODEL_DEFAULTS = dict(arch='vgg16', pooling='netvlad', num_clusters=64)
+NOT_GIVEN = object()
 
 
 def build_parser():
@@ -26,7 +27,7 @@ def build_parser():
                       help='Run folder of a new training run (default: <arch>_netvlad_checkpoint/'
                            '<arch>_netvlad_checkpoint under --runsPath).')
     data.add_argument('--split', default='val', choices=SPLITS, help='Split to evaluate in test mode.')
-    data.add_argument('--resize', default=None, type=_size,
+    data.add_argument('--resize', default=None, type=parse_size,
                       help='Resize every image to HEIGHTxWIDTH (default: full size).')
     data.add_argument('--synth_db', type=int, default=300,
                       help='Synthetic: database images of the val and test splits (train gets twice as many).')
@@ -95,7 +96,10 @@ def build_parser():
     compress.add_argument('--calib_images', type=int, default=256,
                           help='Training-database images used to calibrate int8 activations.')
     compress.add_argument('--qat_epochs', type=int, default=1, help='Epochs of quantization-aware training.')
-    compress.add_argument('--latency_size', default='480x640', type=_size,
+    compress.add_argument('--latency', action='store_true',
+                          help='Test and pca modes: also time the CPU latency per image at --latency_size and record '
+                               'it in the results file (prune, quantize and demo always time their models).')
+    compress.add_argument('--latency_size', default='480x640', type=parse_size,
                           help='Image size HEIGHTxWIDTH at which compression reports time CPU latency.')
 
     scale = p.add_argument_group('large-scale evaluation')
@@ -127,11 +131,6 @@ def build_parser():
     return p
 
 
-def _size(text):
-    from synthetic import parse_size
-    return parse_size(text)
-
-
 def parse_options(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
@@ -148,15 +147,11 @@ def parse_options(argv=None):
 
 
 def explicit_flags(parser, argv):
-    """Names of the flags given on the command line (so that they can win over stored or checkpoint values)."""
-    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in parser._actions:
-        if action.option_strings and action.dest != 'help':
-            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
-            if isinstance(action, argparse._StoreTrueAction):
-                kwargs['action'] = 'store_true'
-            quiet.add_argument(*action.option_strings, **kwargs)
-    return set(vars(quiet.parse_known_args(argv)[0]))
+    """Names of the flags given on the command line (so that they can win over stored or checkpoint values):
+    parsed again with every default replaced by a marker, the flags still holding the marker were not given."""
+    parsed = vars(parser.parse_args(argv))
+    parser.set_defaults(**{dest: NOT_GIVEN for dest in parsed})
+    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not NOT_GIVEN}
 
 
 def run(opt):
@@ -185,7 +180,7 @@ def run(opt):
         return pca(opt)
     if opt.mode == 'demo':
         from demo import demo
-        return demo(opt)
+        return demo(opt, parse_options, run)
     from results import report
     return report(opt)
 

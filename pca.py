@@ -22,8 +22,9 @@ from torch.utils.data import Subset
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from descriptors import DescriptorFile, cache_folder
-from evaluate import (as_float32, chunk_rows, extract_descriptors, load_model, log_recalls, record_result,
-                      search_and_recall)
+from evaluate import load_model
+from results import record_result
+from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from pittsburgh import WholeDataset
 
 WHITENING_EPS = 1e-9       # added to each eigenvalue before 1/sqrt, as in the MATLAB release
@@ -141,7 +142,7 @@ def check_source(model, checkpoint, run_dir):
 
 
 def source_variant(checkpoint):
-    """The name the results file gives the model (see evaluate.record_result)."""
+    """The name the results file gives the model (see results.record_result)."""
     if checkpoint is None:
         return 'off-the-shelf (k-means init)'
     return checkpoint.get('variant', 'trained')

@@ -42,7 +42,7 @@ import torch.nn.utils.prune as torch_prune
 
 from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
-from evaluate import evaluate, log_recalls
+from retrieval import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
 from pittsburgh import WholeDataset
@@ -286,7 +286,7 @@ def prune(opt):
     report = compare(before, after, os.path.join(run_dir, 'prune_report.json'),
                      f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
                      f'{opt.latency_size[0]}x{opt.latency_size[1]})')
-    append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'])
+    append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'], run_dir)
     log_summary(report, run_dir)
     return report
 

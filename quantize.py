@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model_from_checkpoint, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
-from evaluate import evaluate, log_recalls
+from retrieval import evaluate, log_recalls
 from measure import compare, directory_size, interleaved_latency, model_bytes
 from models import ARCHS, config_from_state_dict
 from netvlad import GlobalPool, NetVLAD
@@ -421,7 +421,7 @@ def quantize(opt):
                      f'int8 quantization ({opt.quantization_type}) of {opt.resume} ({opt.split} split, CPU latency '
                      f'at {opt.latency_size[0]}x{opt.latency_size[1]})')
     append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
-                  after['latency_ms'])
+                  after['latency_ms'], out_dir)
     logging.info('====> int8 model (%s) in %s: file %.2fx smaller, %.2fx faster on the CPU, Recall@1 %.4f -> %.4f',
                  opt.quantization_type, out_dir, before['file_bytes'] / after['file_bytes'],
                  before['latency_ms'] / after['latency_ms'], before.get('recall@1', float('nan')),

@@ -16,7 +16,7 @@ import scipy.io
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from commons import UserError
+from commons import UserError, parse_size
 
 PIXELS_PER_METRE = 8
 FACADE_HEIGHT = 120          # pixels: 15 m of facade
@@ -44,16 +44,6 @@ def ensure_synthetic(opt):
         raise UserError(f'--dataPath {opt.dataPath} is not empty and holds no synthetic dataset; '
                         f'give an empty or new folder for --dataset synthetic.')
     generate(opt.dataPath, opt.synth_db, opt.synth_queries, parse_size(opt.synth_imsize), opt.seed)
-
-
-def parse_size(text):
-    try:
-        height, width = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise UserError(f'Image size "{text}" is not of the form HEIGHTxWIDTH, e.g. 120x160.') from None
-    if height < 32 or width < 32:
-        raise UserError(f'Image size {text} is too small: both sides must be at least 32 pixels.')
-    return height, width
 
 
 def generate(path, num_db, num_queries, image_size, seed):

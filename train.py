@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
 from cluster import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
-from evaluate import autocast, evaluate, extract_descriptors, log_recalls
+from retrieval import autocast, evaluate, extract_descriptors, log_recalls
 from pittsburgh import WholeDataset
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.

@@ -1,6 +1,6 @@
 """Descriptor extraction, fp32 against bf16 autocast: speed at 480x640 and Recall@N on the synthetic test split.
 
-Speed: images/s of evaluate.extract_descriptors on generated 480x640 JPEGs, random --fromscratch weights, NetVLAD
+Speed: images/s of retrieval.extract_descriptors on generated 480x640 JPEGs, random --fromscratch weights, NetVLAD
 initialised from the images' own local features. Recall: the CLI's cluster mode, then test mode in both precisions.
 
 Usage: python benchmarks/bench_extract.py [--archs alexnet vgg16] [--images 8] [--batch 4]
@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import main  # noqa: E402
 from cluster import new_model  # noqa: E402
-from evaluate import extract_descriptors  # noqa: E402
+from retrieval import extract_descriptors  # noqa: E402
 from pittsburgh import ImageList  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16']

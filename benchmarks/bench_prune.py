@@ -22,7 +22,7 @@ import main  # noqa: E402
 from measure import count_macs, count_parameters  # noqa: E402
 from models import build_model, conv_indices  # noqa: E402
 from prune import interleaved_latency, prune_structured  # noqa: E402
-from synthetic import parse_size  # noqa: E402
+from commons import parse_size  # noqa: E402
 
 
 def speed_table(archs, amounts, image_size, rounds, repeats):

@@ -35,7 +35,7 @@ import quantize  # noqa: E402
 from checkpoint import model_state  # noqa: E402
 from measure import latency_ms  # noqa: E402
 from models import build_model  # noqa: E402
-from synthetic import parse_size  # noqa: E402
+from commons import parse_size  # noqa: E402
 
 
 class Compiled(torch.nn.Module):

@@ -1,5 +1,5 @@
 """Pitts250k-sized evaluation with generated descriptors (no images): peak RSS and time of the search that test mode
-runs (evaluate.search_and_recall) for 32k-D exact, 4096-D PCA-whitened exact, and approximate indexes.
+runs (retrieval.search_and_recall) for 32k-D exact, 4096-D PCA-whitened exact, and approximate indexes.
 
     python benchmarks/bench_scale.py --workdir /tmp/bench_scale            # everything, full size
     python benchmarks/bench_scale.py --workdir /tmp/bench_scale --queries 2000   # fewer queries (extrapolated)
@@ -146,8 +146,8 @@ def whole_path(args, dim):
 # ---------------------------------------------------------------------------------------------- searches
 
 def step_search(args, variant):
-    """evaluate.search_and_recall, exactly as --mode=test --index X runs it, on the first --queries queries."""
-    from evaluate import search_and_recall
+    """retrieval.search_and_recall, exactly as --mode=test --index X runs it, on the first --queries queries."""
+    from retrieval import search_and_recall
     dim = FULL_DIM if variant.endswith('32k') else PCA_DIM
     index = variant[:-len('32k')] if variant.endswith('32k') else variant[:-len('4096')]
     index = 'flat' if index == 'exact' else index

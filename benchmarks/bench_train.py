@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main as cli  # noqa: E402
 import train  # noqa: E402
 from cluster import initialised_model  # noqa: E402
-from evaluate import evaluate, extract_descriptors  # noqa: E402
+from retrieval import evaluate, extract_descriptors  # noqa: E402
 from pittsburgh import WholeDataset  # noqa: E402
 
 ARMS = ['ours_fp32', 'reference_mining_fp32', 'ours_bf16', 'reference_full_fp32']

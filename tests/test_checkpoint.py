@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoint import load_model_from_checkpoint, read_checkpoint
-from evaluate import extract_descriptors
+from retrieval import extract_descriptors
 from helpers import (alexnet_trunk, brute_force_positives, brute_force_recalls, error_paragraph, netvlad_reference,
                      read_geometry, read_image)
 from pittsburgh import WholeDataset

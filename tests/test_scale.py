@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+import retrieval
 import main
 from checkpoint import load_model_from_checkpoint
+from cluster import initialised_model
 from commons import UserError
 from descriptors import DescriptorFile, load_descriptor_file
-from evaluate import approximate_search, exact_search, recall_curve
+from retrieval import approximate_search, exact_search, recall_curve
 from helpers import error_paragraph
 from pca import fit_whitening
 from pittsburgh import WholeDataset
@@ -73,7 +74,7 @@ def test_search_reads_one_chunk_at_a_time(random_set, monkeypatch):
     db_reads, query_reads = RowReads(db), RowReads(queries)
     exact_search(db_reads, query_reads, 25, db_chunk=40, query_chunk=16)
     assert (db_reads.largest, query_reads.largest) == (40, 16)
-    monkeypatch.setattr(evaluate, 'SEARCH_CHUNK_BYTES', 4 * 64 * 30)  # 30 rows of 64-D float32
+    monkeypatch.setattr(retrieval, 'SEARCH_CHUNK_BYTES', 4 * 64 * 30)  # 30 rows of 64-D float32
     db_reads, query_reads = RowReads(db), RowReads(queries)
     _, index = exact_search(db_reads, query_reads, 25)
     assert (db_reads.largest, query_reads.largest) == (30, 30)
@@ -110,12 +111,12 @@ def test_evaluate_streams_to_a_file_and_removes_it(clustered_data, tmp_path, mon
     nothing in --cachePath."""
     opt = main.parse_options(['--mode=test', *MODEL, f'--dataPath={clustered_data}', *FAST,
                               f'--cachePath={tmp_path / "cache"}'])
-    model = evaluate.initialised_model(opt).eval()
+    model = initialised_model(opt).eval()
     dataset = WholeDataset(opt.dataPath, 'test')
-    descriptors = evaluate.extract_descriptors(model, dataset, opt, torch.device('cpu'))
+    descriptors = retrieval.extract_descriptors(model, dataset, opt, torch.device('cpu'))
     _, expected = exact_search(descriptors[:60], descriptors[60:], 25, db_chunk=60, query_chunk=30)
-    monkeypatch.setattr(evaluate, 'SEARCH_CHUNK_BYTES', 4 * 2048 * 7)  # 7 rows of 2048-D per chunk
-    result = evaluate.evaluate(model, dataset, opt, torch.device('cpu'))
+    monkeypatch.setattr(retrieval, 'SEARCH_CHUNK_BYTES', 4 * 2048 * 7)  # 7 rows of 2048-D per chunk
+    result = retrieval.evaluate(model, dataset, opt, torch.device('cpu'))
     np.testing.assert_array_equal(result['predictions'], expected)
     assert result['descriptor_dim'] == 2048 and set(result['recalls']) == {1, 5, 10, 20}
     assert list((tmp_path / 'cache').iterdir()) == []
@@ -307,10 +308,10 @@ def test_faiss_gpu_is_used_when_present_and_allowed(random_set, monkeypatch):
     monkeypatch.setattr(faiss, 'index_cpu_to_gpu', raising=False,
                         value=lambda res, device, index: moved.append(type(faiss.downcast_index(index))) or index)
     whole = np.concatenate([db, queries])
-    expected = evaluate.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', '--nocuda']))
+    expected = retrieval.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', '--nocuda']))
     assert moved == []
     for flags, index_type in ((['--index=flat'], faiss.IndexFlatL2), (['--index=ivfpq'], faiss.IndexIVFPQ)):
-        result = evaluate.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', *flags]))
+        result = retrieval.search_and_recall(whole, 500, positives, main.parse_options(['--mode=test', *flags]))
         assert moved.pop() == index_type
         if flags == ['--index=flat']:
             np.testing.assert_array_equal(result['predictions'], expected['predictions'])
