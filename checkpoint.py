@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from commons import UserError, atomic_torch_save
+from int8 import load_quantized_model
 from models import build_model, config_from_state_dict
 
 CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
@@ -91,7 +92,6 @@ def load_model_from_checkpoint(opt, which=None):
     checkpoint = read_checkpoint(path, opt.unsafe_load)
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
-        from quantize import load_quantized_model
         return load_quantized_model(checkpoint, opt.resume), checkpoint
     if 'encoder.0.weight' not in state_dict:
         raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')

@@ -57,8 +57,9 @@ class EmbedNet(nn.Module):
         self.frozen_layers = frozen_layers
         if whiten is not None:
             self.whiten = whiten
-        for layer in list(encoder)[:frozen_layers]:
-            layer.requires_grad_(False)
+        if frozen_layers:
+            for layer in list(encoder)[:frozen_layers]:
+                layer.requires_grad_(False)
 
     @property
     def output_dim(self):
@@ -87,14 +88,20 @@ class EmbedNet(nn.Module):
 def build_model(config, pretrained=False):
     """The network described by a config dict (see `model_config`)."""
     encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
-    dim = encoder[conv_indices(encoder)[-1]].out_channels
+    pool, whiten = build_head(config)
+    frozen = ARCHS[config['arch']]['first_trainable'] if pretrained else 0
+    return EmbedNet(encoder, pool, frozen, whiten)
+
+
+def build_head(config):
+    """The pooling layer and the optional PCA-whitening layer that a config describes (untrained)."""
+    dim = (config.get('encoder_channels') or ARCHS[config['arch']]['channels'])[-1]
     if config['pooling'] == 'netvlad':
         pool = NetVLAD(config['num_clusters'], dim, vladv2=config['vladv2'])
     else:
         pool = GlobalPool(dim, config['pooling'])
-    frozen = ARCHS[config['arch']]['first_trainable'] if pretrained else 0
     whiten = nn.Linear(pool.output_dim, config['pca_dim']) if config.get('pca_dim') else None
-    return EmbedNet(encoder, pool, frozen, whiten)
+    return pool, whiten
 
 
 def model_config(opt):

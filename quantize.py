@@ -23,13 +23,10 @@ and int8 after, with ratios (also printed, and appended to the results file).
 import copy
 import logging
 import os
-import platform
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
@@ -37,79 +34,17 @@ from checkpoint import load_model_from_checkpoint, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, directory_size, interleaved_latency, model_bytes
-from models import ARCHS, config_from_state_dict
-from netvlad import GlobalPool, NetVLAD
+from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
+from models import config_from_state_dict
 from pittsburgh import WholeDataset, image_loader
 from results import append_result
 
 QUANTIZATION_TYPES = ('static', 'qat')
-PROGRAM_NAME = 'encoder_int8.pt2'
-COMPILE_ENV = 'NETVLAD_INT8_COMPILE'
 TRAIN_SPLITS = ('train', 'train250k')
-X86_MACHINES = ('x86_64', 'amd64', 'x86', 'i386', 'i686')
 # QAT fine-tunes at a tenth of --lr, as prune.FINETUNE_LR_FACTOR: a fresh optimizer at the training rate first undoes
 # the trained model (AlexNet, synthetic test, Adam, 1 epoch: Recall@1 0.647 at 1e-5, the training rate, 0.773 at
 # 1e-6; static int8 0.747, fp32 0.753).
 QAT_LR_FACTOR = 0.1
-
-
-# ---------------------------------------------------------------------------------------------- int8 program
-
-def x86_quantizer(is_qat):
-    """X86InductorQuantizer with its default config: uint8 per-tensor activations, int8 per-channel weights.
-
-    Importing this module also registers torchao's Inductor passes that lower the int8 pattern to oneDNN."""
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=is_qat))
-
-
-def register_x86_int8_lowering():
-    """The quantized_decomposed ops and the Inductor int8 fusion passes, needed to load and compile a program."""
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer  # noqa: F401  (registers on import)
-
-
-def export_encoder(encoder, example):
-    """torch.export of the encoder for any batch size and image size: [B, 3, H, W] -> [B, D, h, w]."""
-    dynamic = ({0: torch.export.Dim('batch', min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC},)
-    return torch.export.export(encoder, (example,), dynamic_shapes=dynamic)
-
-
-def drop_unused_weights(graph_module):
-    """Remove the float weights convert_pt2e leaves behind (the graph reads their int8 copies instead)."""
-    used = {node.target for node in graph_module.graph.nodes if node.op == 'get_attr'}
-    for name in [name for name, _ in graph_module.named_parameters()] + [n for n, _ in graph_module.named_buffers()]:
-        if name not in used:
-            owner, _, attr = name.rpartition('.')
-            delattr(graph_module.get_submodule(owner) if owner else graph_module, attr)
-    return graph_module
-
-
-def converted_program(prepared, example):
-    """The int8 ExportedProgram of a calibrated (or QAT-trained) prepared encoder, int8 weights only."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-    converted = convert_pt2e(prepared, fold_quantize=True)
-    converted.delete_all_unused_submodules()
-    converted = drop_unused_weights(converted)
-    program = export_encoder(converted, example)
-    program.example_inputs = None  # otherwise torch.export.save stores the example batch in the file
-    return program
-
-
-def int8_weights(program_or_module):
-    """(int8 weight, scale) of each quantised conv, in graph order, read from a program or its module."""
-    module = program_or_module.module() if hasattr(program_or_module, 'graph_signature') else program_or_module
-    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
-    weights = []
-    for node in module.graph.nodes:
-        if node.op == 'call_function' and node.target == dequantize and node.args[0].op == 'get_attr':
-            weight, scale = (_attribute(module, arg.target) for arg in node.args[:2])
-            weights.append((weight, scale))
-    return weights
-
-
-def _attribute(module, target):
-    owner, _, name = target.rpartition('.')
-    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -143,156 +78,6 @@ def calibrate(prepared, loader):
 def example_batch(loader):
     """Two copies of the first calibration image: with batch 2, export keeps the batch size dynamic."""
     return loader.dataset[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-class FakeQuantEmbedNet(nn.Module):
-    """The QAT-prepared encoder program with the float head, shaped as train.fit expects a model.
-
-    train()/eval() reach the program through torchao's move_exported_model_to_train/eval, and switch its observers
-    on and off: activation ranges follow the training batches only, not descriptor caching or validation."""
-
-    def __init__(self, encoder, pool, whiten=None):
-        super().__init__()
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-        self.encoder = allow_exported_model_train_eval(encoder)
-        self.pool = pool
-        if whiten is not None:
-            self.whiten = whiten
-
-    @property
-    def output_dim(self):
-        return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
-
-    def train(self, mode=True):
-        from torchao.quantization.pt2e import disable_observer, enable_observer
-        super().train(mode)
-        self.encoder.apply(enable_observer if mode else disable_observer)
-        return self
-
-    def forward(self, images):
-        features = self.encoder(images)
-        with torch.autocast(features.device.type, enabled=False):
-            return aggregate(self, features.float())
-
-
-class QuantizedEmbedNet(nn.Module):
-    """Image [B, 3, H, W] -> int8 encoder program (x86 CPU) -> float32 pooling (and whitening) -> descriptor.
-
-    Inference only, and CPU only: device and dtype moves are ignored (`cpu_only`), inputs are brought to the CPU.
-    The program is compiled (Inductor, freezing) at the first batch of each new shape, unless compile=False."""
-
-    cpu_only = True
-
-    def __init__(self, encoder, pool, whiten=None, compile=True):
-        super().__init__()
-        self.encoder = encoder
-        self.pool = pool
-        if whiten is not None:
-            self.whiten = whiten
-        # Kept out of the module tree: the compiled wrapper would duplicate the program's state and train() calls.
-        object.__setattr__(self, 'compiled_encoder', torch.compile(encoder, dynamic=False) if compile else None)
-        self.compiled_shapes = set()
-
-    @property
-    def output_dim(self):
-        return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
-
-    def train(self, mode=True):
-        """The int8 program has no training mode; only the flag and the float head follow."""
-        self.training = mode
-        self.pool.train(mode)
-        if hasattr(self, 'whiten'):
-            self.whiten.train(mode)
-        return self
-
-    def _apply(self, fn, recurse=True):
-        return self  # int8 oneDNN kernels run on x86 CPUs: .to(device), .cuda(), .half() leave the model as it is
-
-    def run_encoder(self, images):
-        if self.compiled_encoder is None:
-            return self.encoder(images)
-        shape = tuple(images.shape)
-        started = time.time()
-        try:
-            with torch._inductor.config.patch(freezing=True):  # options={'freezing': True} fails to lower qconv
-                features = self.compiled_encoder(images)
-        except Exception as error:  # no C++ compiler, or a lowering the installed versions lack
-            logging.warning('Compiling the int8 encoder failed (%s: %s); running the program uncompiled (slow).',
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else '')
-            object.__setattr__(self, 'compiled_encoder', None)
-            return self.encoder(images)
-        if shape not in self.compiled_shapes:
-            self.compiled_shapes.add(shape)
-            logging.info('int8 encoder compiled for input %s in %.1f s', 'x'.join(map(str, shape)),
-                         time.time() - started)
-        return features
-
-    def forward(self, images):
-        images = images.to('cpu', torch.float32)
-        with torch.no_grad(), torch.autocast('cpu', enabled=False):  # int8 stays int8 under --precision
-            return aggregate(self, self.run_encoder(images).float())
-
-
-def aggregate(model, features):
-    """Pooling, then optional whitening and L2 normalisation: EmbedNet.aggregate, in float32."""
-    descriptor = model.pool(features)
-    if hasattr(model, 'whiten'):
-        descriptor = F.normalize(model.whiten(descriptor), p=2, dim=1)
-    return descriptor
-
-
-def float_head(config, state_dict, path):
-    """The float pooling (and whitening) of a quantised checkpoint, from its config and 'pool.*'/'whiten.*' keys."""
-    dim = (config.get('encoder_channels') or ARCHS[config['arch']]['channels'])[-1]
-    head = nn.Module()
-    if config['pooling'] == 'netvlad':
-        head.pool = NetVLAD(config['num_clusters'], dim, vladv2=config['vladv2'])
-    else:
-        head.pool = GlobalPool(dim, config['pooling'])
-    if config.get('pca_dim'):
-        head.whiten = nn.Linear(head.pool.output_dim, config['pca_dim'])
-    try:
-        head.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise UserError(f'Quantized checkpoint {path} does not match the pooling it describes: '
-                        f'{" ".join(str(error).split())}') from None
-    return head.pool, getattr(head, 'whiten', None)
-
-
-def head_state(model):
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(('pool.', 'whiten.'))}
-
-
-def compile_enabled():
-    if os.environ.get(COMPILE_ENV, '1') == '0':
-        return False
-    if platform.machine().lower() not in X86_MACHINES:
-        logging.warning('The int8 program targets x86 CPUs (oneDNN); on %s it runs uncompiled (slow).',
-                        platform.machine())
-        return False
-    return True
-
-
-def load_quantized_model(checkpoint, run_dir):
-    """The QuantizedEmbedNet of a quantised run folder: its int8 program and float head, nothing recalibrated."""
-    folder = os.path.join(run_dir, 'checkpoints')
-    path = os.path.join(folder, checkpoint.get('encoder_program', PROGRAM_NAME))
-    if not os.path.isfile(path):
-        raise UserError(f'The quantized checkpoint in {folder} names its int8 encoder program {path}, which does not '
-                        f'exist. Copy the whole checkpoints/ folder, or run --mode=quantize again.')
-    if 'config' not in checkpoint:
-        raise UserError(f'The quantized checkpoint in {folder} has no "config" entry: it was not written by '
-                        f'--mode=quantize.')
-    register_x86_int8_lowering()
-    try:
-        program = torch.export.load(path)
-    except Exception as error:
-        raise UserError(f'int8 encoder program {path} cannot be read ({type(error).__name__}: '
-                        f'{str(error).splitlines()[0] if str(error) else ""}).') from None
-    pool, whiten = float_head(checkpoint['config'], checkpoint['state_dict'], path)
-    return QuantizedEmbedNet(program.module(), pool, whiten, compile=compile_enabled()).eval()
 
 
 # ---------------------------------------------------------------------------------------------- the two flows

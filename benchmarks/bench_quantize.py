@@ -7,7 +7,7 @@ Speed: each encoder (random weights) with its NetVLAD head (K=64) is timed in on
 alternating rounds (as the prune and quantize modes do), so that load from other processes falls on all alike; the
 ratios are to fp32 eager of the same round set. Variants: fp32 eager; bf16 autocast (eager); int8 = the
 quantize mode's artifact (torchao PT2E, X86InductorQuantizer, convert_pt2e, torch.export.save/load, Inductor with
-freezing) run through quantize.QuantizedEmbedNet; and, to show what compilation alone gives, fp32 and bf16 under
+freezing) run through int8.QuantizedEmbedNet; and, to show what compilation alone gives, fp32 and bf16 under
 Inductor with freezing. Calibration for the speed table uses random images (latency does not depend on the scales).
 Sizes: the fp32 state dict against the saved int8 program plus the float head.
 
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
+import int8  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import model_state  # noqa: E402
 from measure import latency_ms  # noqa: E402
@@ -68,14 +69,14 @@ def int8_model(model, image_size, folder, calib_batches=2):
     images = torch.randn(2 * calib_batches, 3, *image_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(len(images))), 2)
     program, head_model = quantize.quantize_static(model, loader)
-    torch.export.save(program, os.path.join(folder, quantize.PROGRAM_NAME))
-    checkpoint = dict(quantized='static', state_dict=quantize.head_state(head_model),
+    torch.export.save(program, os.path.join(folder, int8.PROGRAM_NAME))
+    checkpoint = dict(quantized='static', state_dict=int8.head_state(head_model),
                       config=dict(arch=arch_of(model), pooling='netvlad', num_clusters=model.pool.num_clusters,
                                   vladv2=False, encoder_channels=None, pca_dim=None),
-                      encoder_program=quantize.PROGRAM_NAME)
+                      encoder_program=int8.PROGRAM_NAME)
     torch.save(checkpoint, os.path.join(folder, 'checkpoint.pth.tar'))
     size = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
-    return quantize.load_quantized_model(checkpoint, os.path.dirname(folder)), size
+    return int8.load_quantized_model(checkpoint, os.path.dirname(folder)), size
 
 
 def arch_of(model):

@@ -18,6 +18,7 @@ import train
 from checkpoint import checkpoint_path, load_model_from_checkpoint, model_state, save_checkpoint
 from cluster import initialised_model
 from helpers import error_paragraph
+from int8 import COMPILE_ENV, PROGRAM_NAME, QuantizedEmbedNet, head_state, int8_weights, load_quantized_model
 from models import build_model
 from pittsburgh import WholeDataset
 
@@ -50,7 +51,7 @@ def float_run(clustered_data, tmp_path_factory):
 def static_run(float_run, clustered_data):
     """The static int8 quantization of float_run, made through the CLI (programs run uncompiled: fast)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(quantize.COMPILE_ENV, '0')
+        patch.setenv(COMPILE_ENV, '0')
         assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={float_run}',
                           f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=16',
                           *FAST]) == 0
@@ -59,7 +60,7 @@ def static_run(float_run, clustered_data):
 
 @pytest.fixture
 def uncompiled(monkeypatch):
-    monkeypatch.setenv(quantize.COMPILE_ENV, '0')
+    monkeypatch.setenv(COMPILE_ENV, '0')
 
 
 def options(run_dir, data, *flags):
@@ -72,8 +73,8 @@ def fp32_weights(run_dir):
 
 
 def program_weights(run_dir):
-    program = torch.export.load(os.path.join(run_dir, 'checkpoints', quantize.PROGRAM_NAME))
-    return program, quantize.int8_weights(program)
+    program = torch.export.load(os.path.join(run_dir, 'checkpoints', PROGRAM_NAME))
+    return program, int8_weights(program)
 
 
 def reference_quantization(weight):
@@ -131,7 +132,7 @@ def test_static_report_sizes_and_recalls(static_run, float_run):
 def test_static_descriptors_close_to_fp32(static_run, float_run, clustered_data, uncompiled):
     fp32_model, _ = load_model_from_checkpoint(options(float_run, clustered_data))
     int8_model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
-    assert isinstance(int8_model, quantize.QuantizedEmbedNet) and int8_model.output_dim == 8 * 256
+    assert isinstance(int8_model, QuantizedEmbedNet) and int8_model.output_dim == 8 * 256
     images = sample_images(clustered_data, 30)
     with torch.inference_mode():
         cosine = (fp32_model.eval()(images) * int8_model(images)).sum(dim=1)  # both L2-normalised
@@ -148,10 +149,10 @@ def test_whitened_model_keeps_its_float_whitening(tmp_path, uncompiled):
     program, head_model = quantize.quantize_static(copy.deepcopy(model), loader)
     folder = tmp_path / 'checkpoints'
     folder.mkdir()
-    torch.export.save(program, folder / quantize.PROGRAM_NAME)
-    state = quantize.head_state(head_model)
+    torch.export.save(program, folder / PROGRAM_NAME)
+    state = head_state(head_model)
     assert sorted(state) == ['pool.centroids', 'pool.conv.weight', 'whiten.bias', 'whiten.weight']
-    int8_model = quantize.load_quantized_model(dict(quantized='static', state_dict=state, config=config), tmp_path)
+    int8_model = load_quantized_model(dict(quantized='static', state_dict=state, config=config), tmp_path)
     assert int8_model.output_dim == 16
     with torch.inference_mode():
         int8_desc, fp32_desc = int8_model(images), model(images)
@@ -165,7 +166,7 @@ def test_compiled_program_runs_onednn_int8_convs(static_run, clustered_data):
     from torch._dynamo.utils import counters
     counters.clear()
     model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
-    reference = quantize.QuantizedEmbedNet(model.encoder, model.pool, compile=False)
+    reference = QuantizedEmbedNet(model.encoder.program, model.pool, compile=False)
     images = sample_images(clustered_data)
     with torch.inference_mode():
         compiled, plain = model(images), reference(images)
@@ -254,9 +255,9 @@ def test_qat_learns_through_the_triplet_loss(float_run, clustered_data, tmp_path
         losses.clear()
         program, head_model = qat_program(float_run, clustered_data, tmp_path / f'qat_{factor[0]}')
         assert losses and sum(losses) > 0  # the triplet loss was computed on mined triplets
-        weights = quantize.int8_weights(program)
+        weights = int8_weights(program)
         assert len(weights) == 5 and all(int8.dtype == torch.int8 for int8, _ in weights)
-        head = quantize.head_state(head_model)
+        head = head_state(head_model)
         changes[factor[0]] = (max_weight_change(weights, fp32),
                               max((head[key] - source_head[key]).abs().max().item() for key in head))
     # zero gradient: int8 weights are the original ones up to rounding (half a step), the head is untouched
