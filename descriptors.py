@@ -20,7 +20,7 @@ from commons import UserError
 DTYPES = {'float16': np.float16, 'float32': np.float32}
 NORM_TOLERANCE = {np.dtype(np.float16): 2e-2, np.dtype(np.float32): 1e-3}
 CHECK_CHUNK_BYTES = 256 * 2 ** 20
-PART_PATTERN = re.compile(r'_part(\d+)of(\d+)\.npy$')
+PART_PATTERN = re.compile(r'^(.+)_(\d+)d_part(\d+)of(\d+)\.npy$')
 
 
 class DescriptorFile:
@@ -150,14 +150,6 @@ def check_unit_rows(descriptors):
                             f'vector (norm {norms[bad[0]]:.4g}). Write it again.')
 
 
-def copy_rows(source, target, target_start=0, chunk_bytes=CHECK_CHUNK_BYTES):
-    """Copy all rows of `source` into `target` from row target_start on, chunk by chunk."""
-    step = max(1, chunk_bytes // (source.dim * source.dtype.itemsize))
-    for start in range(0, len(source), step):
-        rows = source[start:start + step]
-        target[target_start + start:target_start + start + len(rows)] = rows
-
-
 @contextlib.contextmanager
 def cache_folder(cache_path=None, prefix='netvlad_descriptors_'):
     """A fresh folder (inside cache_path, or the system's temporary folder) removed with its files on exit."""
@@ -179,15 +171,56 @@ def part_rows(total, rank, world):
     return total * rank // world, total * (rank + 1) // world
 
 
-def merge_parts(paths, total_rows, dim, target):
-    """Validate the part files of one split (one part per rank, all of the same run) and copy them in order."""
+class DescriptorParts:
+    """Several DescriptorFiles read as one [N, D] array of their rows in order, indexed like a DescriptorFile
+    (`parts[a:b]` reads rows a..b across files, `parts.view(a, b)` reads nothing): the parts of a sharded
+    extraction are searched where they lie, without a merged copy."""
+
+    def __init__(self, files):
+        self.files = files
+        self.dim = files[0].dim
+        self.dtype = files[0].dtype
+        self.starts = np.cumsum([0] + [len(f) for f in files])
+
+    @property
+    def shape(self):
+        return int(self.starts[-1]), self.dim
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _pieces(self, start, stop):
+        """(file, start, stop) of each file's share of rows start..stop."""
+        for file, first, end in zip(self.files, self.starts[:-1], self.starts[1:]):
+            if first < stop and start < end:
+                yield file, max(start, first) - first, min(stop, end) - first
+
+    def view(self, start, stop):
+        start, stop, _ = slice(start, stop).indices(len(self))
+        pieces = [file.view(a, b) for file, a, b in self._pieces(start, stop)]
+        return DescriptorParts(pieces or [self.files[0].view(0, 0)])
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError('DescriptorParts is indexed by contiguous row slices only, e.g. desc[a:b]')
+        start, stop, _ = key.indices(len(self))
+        rows = [file[a:b] for file, a, b in self._pieces(start, stop)]
+        return np.concatenate(rows) if rows else np.empty((0, self.dim), self.dtype)
+
+
+def open_parts(paths, split, total_rows, dim):
+    """The part files of one sharded extraction of `split` (one part per rank, all of the same run, one dtype),
+    checked, as one DescriptorParts in rank order."""
     parts = {}
     for path in paths:
         match = PART_PATTERN.search(os.path.basename(path))
         if match is None:
             raise UserError(f'Descriptor file {path} is not named like a part of a sharded extraction '
                             f'(<split>_<dim>d_partRRRofWWW.npy, as --mode=test under torchrun writes them).')
-        rank, world = int(match.group(1)), int(match.group(2))
+        if match.group(1) != split:
+            raise UserError(f'Descriptor file {path} holds descriptors of split {match.group(1)} (its name says so), '
+                            f'but --split={split}: give the parts of the split you evaluate, or change --split.')
+        rank, world = int(match.group(3)), int(match.group(4))
         if (rank, world) in parts:
             raise UserError(f'Descriptor parts {parts[rank, world]} and {path} are both part {rank} of {world}.')
         parts[rank, world] = path
@@ -200,8 +233,12 @@ def merge_parts(paths, total_rows, dim, target):
     if missing:
         raise UserError(f'Descriptor parts {", ".join(map(str, missing))} of {world} are missing: give all '
                         f'{world} files of the sharded extraction.')
+    files = []
     for rank in range(world):
         start, stop = part_rows(total_rows, rank, world)
-        part = load_descriptor_file(parts[rank, world], stop - start, dim)
-        copy_rows(part, target, start)
-    return world
+        files.append(load_descriptor_file(parts[rank, world], stop - start, dim))
+    dtypes = {f.dtype.name for f in files}
+    if len(dtypes) != 1:
+        raise UserError(f'The descriptor parts {", ".join(parts[r, world] for r in range(world))} mix dtypes '
+                        f'({", ".join(sorted(dtypes))}): write all parts with one --desc_dtype.')
+    return DescriptorParts(files)

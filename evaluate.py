@@ -13,22 +13,20 @@ from torch.utils.data import Subset
 from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device
-from descriptors import DescriptorFile, cache_folder, load_descriptor_file, merge_parts, part_name, part_rows
+from descriptors import open_parts, part_name, part_rows
 from pittsburgh import WholeDataset
 from results import record_result
 from retrieval import evaluate, extract_descriptors, log_recalls, search_and_recall
 
 
 def evaluate_parts(paths, dataset, dim, opt):
-    """Recall@N from the descriptor files that a sharded extraction (torchrun, see extract_part) wrote."""
-    with cache_folder(opt.cachePath) as folder:
-        started = time.time()
-        dtype = load_descriptor_file(paths[0], check_values=False).dtype
-        whole = DescriptorFile.create(os.path.join(folder, f'{dataset.split}.npy'), len(dataset), dim, dtype)
-        world = merge_parts(paths, len(dataset), dim, whole)
-        logging.info('Merged and checked %d descriptor parts (%d x %d %s) in %.1f s', world, len(dataset), dim,
-                     dtype.name, time.time() - started)
-        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
+    """Recall@N from the descriptor files that a sharded extraction (torchrun, see extract_part) wrote, searched
+    where they lie."""
+    started = time.time()
+    whole = open_parts(paths, opt.split, len(dataset), dim)
+    logging.info('Checked %d descriptor parts (%d x %d %s) in %.1f s', len(whole.files), len(dataset), dim,
+                 whole.dtype.name, time.time() - started)
+    result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
     return dict(result, extraction_s=None, images_per_s=None)
 
 

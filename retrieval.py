@@ -66,8 +66,8 @@ def as_float32(rows):
 
 
 def rows_of(descriptors, start, stop):
-    """Rows start..stop of an array (a view) or of a DescriptorFile (a view, nothing read)."""
-    return descriptors.view(start, stop) if isinstance(descriptors, DescriptorFile) else descriptors[start:stop]
+    """Rows start..stop of an array (a view) or of a DescriptorFile or DescriptorParts (a view, nothing read)."""
+    return descriptors[start:stop] if isinstance(descriptors, np.ndarray) else descriptors.view(start, stop)
 
 
 def faiss_gpu_available():

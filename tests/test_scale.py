@@ -13,7 +13,7 @@ import main
 from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
 from commons import UserError
-from descriptors import DescriptorFile, load_descriptor_file
+from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
 from retrieval import approximate_search, exact_search, recall_curve
 from helpers import error_paragraph
 from pca import fit_whitening
@@ -315,3 +315,29 @@ def test_faiss_gpu_is_used_when_present_and_allowed(random_set, monkeypatch):
         assert moved.pop() == index_type
         if flags == ['--index=flat']:
             np.testing.assert_array_equal(result['predictions'], expected['predictions'])
+
+
+def test_parts_are_searched_in_place_as_one_array(tmp_path):
+    """Slices and views of DescriptorParts equal those of the rows concatenated in memory, across part borders."""
+    rng = np.random.default_rng(0)
+    whole = unit_rows(rng, 10, 8).astype(np.float32)
+    for rank in range(3):
+        start, stop = part_rows(10, rank, 3)
+        np.save(tmp_path / part_name('test', 8, rank, 3), whole[start:stop])
+    parts = open_parts(sorted(map(str, tmp_path.iterdir())), 'test', 10, 8)
+    assert parts.shape == (10, 8) and not any(p.suffix != '.npy' for p in tmp_path.iterdir())
+    np.testing.assert_array_equal(parts[2:9], whole[2:9])
+    np.testing.assert_array_equal(parts.view(1, 8)[2:6], whole[3:7])
+    _, found = exact_search(parts, parts.view(7, 10), 3, db_chunk=4, query_chunk=2)
+    np.testing.assert_array_equal(found[:, 0], [7, 8, 9])
+
+
+def test_parts_of_another_split_or_mixed_dtypes_are_clear_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    for rank, dtype in enumerate([np.float32, np.float16]):
+        np.save(tmp_path / part_name('val', 8, rank, 2), unit_rows(rng, 5, 8).astype(dtype))
+    paths = sorted(map(str, tmp_path.iterdir()))
+    with pytest.raises(UserError, match=r'holds descriptors of split val .* but --split=test'):
+        open_parts(paths, 'test', 10, 8)
+    with pytest.raises(UserError, match=r'mix dtypes \(float16, float32\)'):
+        open_parts(paths, 'val', 10, 8)
