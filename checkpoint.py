@@ -1,4 +1,5 @@
-"""Checkpoints in the reference port's layout (SPEC section 4): reading, writing, and building the model they hold."""
+"""Checkpoint files in the reference port's layout (SPEC section 4): reading and writing them (runs.py builds the
+model a run folder holds)."""
 import os
 import pickle
 
@@ -6,13 +7,15 @@ import numpy as np
 import torch
 
 from commons import UserError, atomic_torch_save
-from int8 import load_quantized_model
-from models import build_model, config_from_state_dict
+from models import layer_name
 
 CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
-# Older reference checkpoints pickle numpy scalars (best_score, recalls); these globals rebuild them safely.
-# Files written under numpy 1.x name the scalar builder numpy.core.multiarray.scalar (numpy 2 moved it to _core).
-NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, (np._core.multiarray.scalar, 'numpy.core.multiarray.scalar'),
+# Older reference checkpoints pickle numpy scalars (best_score, recalls); these globals rebuild them safely. The scalar
+# builder is taken from a scalar's own pickling recipe (public API); files written under numpy 1.x name it
+# numpy.core.multiarray.scalar, numpy 2 names it numpy._core.multiarray.scalar.
+_SCALAR_BUILDER = np.float64(0).__reduce__()[0]
+NUMPY_SCALAR_GLOBALS = [(_SCALAR_BUILDER, 'numpy._core.multiarray.scalar'),
+                        (_SCALAR_BUILDER, 'numpy.core.multiarray.scalar'),
                         np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
 
 
@@ -23,8 +26,11 @@ def checkpoint_path(run_dir, which='latest'):
 def read_checkpoint(path, unsafe=False):
     """Load a checkpoint dict with weights_only=True (numpy scalars allowed); --unsafe_load for anything else."""
     if not os.path.isfile(path):
+        interrupted = os.path.isdir(os.path.dirname(path) + '.previous')
         raise UserError(f'Checkpoint file {path} does not exist. --resume=DIR expects DIR/checkpoints/'
-                        f'checkpoint.pth.tar (or model_best.pth.tar with --ckpt=best).')
+                        f'checkpoint.pth.tar (or model_best.pth.tar with --ckpt=best).'
+                        + (' A --mode=quantize that wrote this folder was interrupted while it replaced checkpoints/ '
+                           '(the previous one is checkpoints.previous/): run it again.' if interrupted else ''))
     try:
         if unsafe:
             checkpoint = torch.load(path, map_location='cpu', weights_only=False)
@@ -73,47 +79,24 @@ def plain_numbers(value):
     return value
 
 
-def check_config_against_flags(config, opt, path):
-    """A checkpoint whose architecture contradicts a flag the user gave explicitly is an error naming the flag;
-    flags the user did not give take the checkpoint's values (so results are recorded under the right arch)."""
-    for flag in ('arch', 'num_clusters', 'pooling', 'vladv2'):
-        given = getattr(opt, flag)
-        if config[flag] is None or given == config[flag]:
-            continue
-        if flag in opt.explicit:
-            raise UserError(f'Checkpoint {path} holds a model with {flag}={config[flag]}, but the command line '
-                            f'asks for --{flag}={given}. Drop the flag or pass the matching checkpoint.')
-        setattr(opt, flag, config[flag])
-
-
-def load_model_from_checkpoint(opt, which=None):
-    """The model and checkpoint dict stored in run folder opt.resume."""
-    path = checkpoint_path(opt.resume, which or opt.ckpt)
-    checkpoint = read_checkpoint(path, opt.unsafe_load)
-    state_dict = checkpoint['state_dict']
-    if 'quantized' in checkpoint:
-        return load_quantized_model(checkpoint, opt.resume), checkpoint
-    if 'encoder.0.weight' not in state_dict:
-        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
-    config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
-    check_config_against_flags(config, opt, path)
-    model = build_model(config)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise UserError(f'Checkpoint {path} does not match the model it describes: '
-                        f'{" ".join(str(error).split())}') from None
-    return model, checkpoint
-
-
 def save_checkpoint(state, run_dir, is_best):
-    """checkpoint.pth.tar always, model_best.pth.tar when best; each written atomically."""
-    atomic_torch_save(state, checkpoint_path(run_dir, 'latest'))
+    """checkpoint.pth.tar always, model_best.pth.tar when best, in run_dir/checkpoints; each written atomically."""
+    write_checkpoint_files(state, os.path.dirname(checkpoint_path(run_dir)), is_best)
+
+
+def write_checkpoint_files(state, folder, is_best):
+    atomic_torch_save(state, os.path.join(folder, CHECKPOINT_NAMES['latest']))
     if is_best:
-        atomic_torch_save(state, checkpoint_path(run_dir, 'best'))
+        atomic_torch_save(state, os.path.join(folder, CHECKPOINT_NAMES['best']))
 
 
 def model_state(model):
-    """The parts of a checkpoint that describe the model: its weights, plus the pooling the weights cannot show."""
+    """The parts of a checkpoint that describe the model: its weights, plus what the weights cannot show: the
+    pooling, and the first encoder layer that trains (its index and name; the layers before it stay frozen)."""
     return {'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            'pooling': 'netvlad' if hasattr(model.pool, 'centroids') else model.pool.mode}
+            'pooling': 'netvlad' if hasattr(model.pool, 'centroids') else model.pool.mode,
+            **trainable_state(model)}
+
+
+def trainable_state(model):
+    return dict(first_trainable=model.frozen_layers, first_trainable_layer=layer_name(model.arch, model.frozen_layers))

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -31,9 +32,12 @@ def parse_size(text):
 
 
 def make_deterministic(seed):
+    """Seed every generator; on CUDA also pick deterministic cuDNN algorithms (no autotuning)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def select_device(opt):
@@ -47,31 +51,78 @@ def select_device(opt):
 
 
 def setup_logging(log_dir=None, rank=0):
-    """Log to the console and, when log_dir is given, to log_dir/log.txt as well."""
-    handlers = [logging.StreamHandler(sys.stdout)]
+    """Log to the console (plain lines, which users' scripts parse) and, when log_dir is given, to log_dir/log.txt
+    as well, each line there with its date and time."""
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter('%(message)s'))
+    handlers = [console]
     if log_dir is not None and rank == 0:
         os.makedirs(log_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(log_dir, 'log.txt')))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format='%(message)s', handlers=handlers, force=True)
+        log_file = logging.FileHandler(os.path.join(log_dir, 'log.txt'))
+        log_file.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+        handlers.append(log_file)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True)
     logging.getLogger('faiss.loader').setLevel(logging.WARNING)
 
 
-def atomic_torch_save(obj, path):
-    """torch.save through a temporary file and a rename, so a killed run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+def log_exception_to_file(error):
+    """Write an unexpected exception's traceback to the log files (log.txt); the terminal gets it when it is
+    re-raised."""
+    record = logging.LogRecord('netvlad', logging.ERROR, __file__, 0, 'Unexpected error:', None,
+                               (type(error), error, error.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def atomic_write(path, write, mode='wb'):
+    """write(f) into a temporary file, flushed to disk (fsync), then renamed over `path`: a killed run or a power
+    cut leaves either the old file or the new one, never a half-written one."""
+    folder = os.path.dirname(path) or '.'
+    os.makedirs(folder, exist_ok=True)
     tmp_path = path + '.tmp'
-    torch.save(obj, tmp_path)
+    with open(tmp_path, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp_path, path)
+    fsync_folder(folder)
+
+
+def fsync_folder(folder):
+    """Make a rename inside `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text, path):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        f.write(text)
-    os.replace(tmp_path, path)
+    atomic_write(path, lambda f: f.write(text), mode='w')
 
 
 def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2), path)
+
+
+def replace_folder(new, target):
+    """Rename the complete folder `new` to `target`, replacing a previous `target` as a unit: the old one is first
+    renamed to <target>.previous and removed once the new one is in place, so a kill at any moment leaves whole
+    folders only (never files of the old one beside files of the new one)."""
+    previous = target + '.previous'
+    shutil.rmtree(previous, ignore_errors=True)
+    if os.path.exists(target):
+        os.replace(target, previous)
+    os.replace(new, target)
+    fsync_folder(os.path.dirname(target) or '.')
+    shutil.rmtree(previous, ignore_errors=True)

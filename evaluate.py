@@ -10,13 +10,12 @@ import time
 import torch
 from torch.utils.data import Subset
 
-from checkpoint import load_model_from_checkpoint
-from cluster import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device
 from descriptors import open_parts, part_name, part_rows
 from pittsburgh import WholeDataset
 from results import record_result
 from retrieval import evaluate, extract_descriptors, log_recalls, search_and_recall
+from runs import load_model
 
 
 def evaluate_parts(paths, dataset, dim, opt):
@@ -55,14 +54,6 @@ def extract_part(model, dataset, opt, device, rank, world):
                  os.path.join(opt.cachePath, part_name(opt.split, model.output_dim, 0, world).replace(
                      'part000', 'part*')))
     return dict(part=path, rows=[start, stop], world=world)
-
-
-
-def load_model(opt):
-    """Model, checkpoint and run folder of --resume or, without it, of the cluster-initialised untrained network."""
-    if opt.resume:
-        return (*load_model_from_checkpoint(opt), opt.resume)
-    return initialised_model(opt), None, os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
 
 
 def test(opt):

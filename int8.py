@@ -88,11 +88,15 @@ class FakeQuantEmbedNet(EmbedNet):
     """EmbedNet around the QAT-prepared encoder program, shaped as training.fit expects a model.
 
     train()/eval() reach the program through torchao's move_exported_model_to_train/eval, and switch its observers
-    on and off: activation ranges follow the training batches only, not descriptor caching or validation."""
+    on and off: activation ranges follow the training batches only, not descriptor caching or validation.
+    The encoder layers before `frozen_layers` (the float run's) do not train."""
 
-    def __init__(self, encoder, pool, whiten=None):
+    def __init__(self, encoder, pool, frozen_layers=0, whiten=None, arch=None):
         from torchao.quantization.pt2e import allow_exported_model_train_eval
-        super().__init__(allow_exported_model_train_eval(encoder), pool, whiten=whiten)
+        super().__init__(allow_exported_model_train_eval(encoder), pool, frozen_layers, whiten, arch)
+
+    def features(self, images):
+        return self.encoder(images)  # one program: its frozen parameters get no gradient (requires_grad off)
 
     def train(self, mode=True):
         from torchao.quantization.pt2e import disable_observer, enable_observer

@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from commons import UserError, parse_size, setup_logging, user_error_text
+from commons import UserError, log_exception_to_file, parse_size, setup_logging, user_error_text
 
 MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report']
 SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k']
@@ -43,6 +43,12 @@ def build_parser():
     model.add_argument('--vladv2', action='store_true', help='NetVLAD v2: assignment with bias, v2 init.')
     model.add_argument('--fromscratch', action='store_true',
                        help='Random encoder weights, all layers train (no ImageNet weights needed).')
+    model.add_argument('--backPropToLayer', default=None, metavar='LAYER',
+                       help='First encoder layer that trains, by name as the authors\' trainWeakly.m: conv1..conv5 '
+                            '(AlexNet) or conv1_1..conv5_3 (VGG16); the layers before it stay frozen. Default: conv5 '
+                            '(AlexNet) / conv5_1 (VGG16) with ImageNet weights, every layer with --fromscratch. Stored '
+                            'in the run: resume, prune fine-tuning and QAT keep the run\'s layer unless this flag is '
+                            'given (on --resume it cannot change).')
     model.add_argument('--resume', default='', help='Run folder to load: DIR/checkpoints/checkpoint.pth.tar.')
     model.add_argument('--ckpt', default='latest', choices=['latest', 'best'],
                        help='Which checkpoint of --resume to load.')
@@ -70,7 +76,13 @@ def build_parser():
     train.add_argument('--weightDecay', type=float, default=0.001, help='Weight decay.')
     train.add_argument('--momentum', type=float, default=0.9, help='SGD momentum.')
     train.add_argument('--margin', type=float, default=0.1,
-                       help='Triplet margin m; the loss uses sqrt(m) on plain L2 distances, as the reference.')
+                       help='Triplet margin m: sqrt(m) on plain L2 distances with --loss reference, m on squared '
+                            'distances with --loss paper.')
+    train.add_argument('--loss', default='reference', choices=['reference', 'paper'],
+                       help='reference: the PyTorch port\'s triplet loss (margin sqrt(m) on L2 distances, summed over '
+                            'the batch\'s triplets, divided by the number of negatives); paper: the authors\' '
+                            'trainWeakly.m (margin m on squared L2 distances, summed over the violating negatives, '
+                            'divided by their number). Mining uses the same distances and margin.')
     train.add_argument('--nNeg', type=int, default=10, help='Hard negatives per query.')
     train.add_argument('--nNegSample', type=int, default=1000, help='Random negatives to mine from per query.')
     train.add_argument('--evalEvery', type=int, default=1, help='Validate every this many epochs.')
@@ -193,6 +205,9 @@ def main(argv=None):
     except UserError as error:
         print(f'Error: {user_error_text(error)}', file=sys.stderr)
         return 2
+    except Exception as error:
+        log_exception_to_file(error)  # the run's log.txt keeps it; the terminal gets it from the raise
+        raise
     return 0
 
 

@@ -7,14 +7,50 @@ import torchvision
 from commons import UserError
 from netvlad import GlobalPool, NetVLAD
 
-# Per architecture: the torchvision builder, its ImageNet weights, the feature dimension D of the cut trunk,
-# the output widths of its convs, and the index in `features` of the first layer that trains with ImageNet weights.
+# Per architecture: the torchvision builder, its ImageNet weights, the output widths of its convs, the names of its
+# convs by their index in `features` (as the authors name them), and the first one that trains with ImageNet weights
+# (the reference's rule: layers before conv5 stay frozen).
 ARCHS = {
-    'vgg16': dict(builder=torchvision.models.vgg16, weights='VGG16_Weights', first_trainable=24,
-                  channels=[64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]),
-    'alexnet': dict(builder=torchvision.models.alexnet, weights='AlexNet_Weights', first_trainable=10,
-                    channels=[64, 192, 384, 256, 256]),
+    'vgg16': dict(builder=torchvision.models.vgg16, weights='VGG16_Weights', imagenet_first_trainable='conv5_1',
+                  channels=[64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+                  conv_names={'conv1_1': 0, 'conv1_2': 2, 'conv2_1': 5, 'conv2_2': 7, 'conv3_1': 10, 'conv3_2': 12,
+                              'conv3_3': 14, 'conv4_1': 17, 'conv4_2': 19, 'conv4_3': 21, 'conv5_1': 24,
+                              'conv5_2': 26, 'conv5_3': 28}),
+    'alexnet': dict(builder=torchvision.models.alexnet, weights='AlexNet_Weights', imagenet_first_trainable='conv5',
+                    channels=[64, 192, 384, 256, 256],
+                    conv_names={'conv1': 0, 'conv2': 3, 'conv3': 6, 'conv4': 8, 'conv5': 10}),
 }
+
+
+def layer_index(arch, name, flag='--backPropToLayer'):
+    """Encoder index of the conv called `name` (conv5, conv5_1, ...); a UserError naming the flag otherwise."""
+    names = ARCHS[arch]['conv_names']
+    if name not in names:
+        raise UserError(f'{flag}={name} is not a conv layer of {arch}: use one of {", ".join(names)} (training '
+                        f'starts at that layer; the layers before it stay frozen).')
+    return names[name]
+
+
+def layer_name(arch, index):
+    """The name of the encoder layer at `index` (conv5, conv5_1, ...; encoder.<index> for a layer that is no conv)."""
+    names = {i: name for name, i in ARCHS[arch]['conv_names'].items()}
+    return names.get(index, f'encoder.{index}')
+
+
+def first_trainable_index(opt):
+    """Encoder index of the first layer a new run trains: --backPropToLayer, else the reference's rule (from conv5
+    with ImageNet weights, every layer with --fromscratch)."""
+    if getattr(opt, 'backPropToLayer', None):
+        return layer_index(opt.arch, opt.backPropToLayer)
+    return 0 if opt.fromscratch else layer_index(opt.arch, ARCHS[opt.arch]['imagenet_first_trainable'])
+
+
+def trainable_layers_text(model):
+    """One line naming the first layer of `model` that trains (a model with `arch` and `frozen_layers`)."""
+    if model.frozen_layers == 0:
+        return f'Every encoder layer trains (from {layer_name(model.arch, 0)})'
+    return (f'First trainable layer: {layer_name(model.arch, model.frozen_layers)} (encoder index '
+            f'{model.frozen_layers}); the layers before it are frozen')
 
 
 def build_encoder(arch, pretrained, channels=None):
@@ -48,18 +84,28 @@ def set_conv_widths(encoder, channels):
 
 
 class EmbedNet(nn.Module):
-    """Image [B, 3, H, W] -> encoder -> pooling -> optional PCA whitening -> L2-normalised descriptor."""
+    """Image [B, 3, H, W] -> encoder -> pooling -> optional PCA whitening -> L2-normalised descriptor.
 
-    def __init__(self, encoder, pool, frozen_layers=0, whiten=None):
+    `frozen_layers`: the encoder index of the first layer that trains; the layers before it do not."""
+
+    def __init__(self, encoder, pool, frozen_layers=0, whiten=None, arch=None):
         super().__init__()
         self.encoder = encoder
         self.pool = pool
-        self.frozen_layers = frozen_layers
+        self.arch = arch
         if whiten is not None:
             self.whiten = whiten
-        if frozen_layers:
-            for layer in list(encoder)[:frozen_layers]:
-                layer.requires_grad_(False)
+        self.set_first_trainable(frozen_layers)
+
+    def set_first_trainable(self, index):
+        """Freeze the encoder layers before `index`, let every other layer train (parameters are named by their
+        layer's index, '<index>.weight', in the encoder and in its exported programs)."""
+        self.frozen_layers = index
+        for name, parameter in self.encoder.named_parameters():
+            position = name.split('.')[0]
+            if position.isdigit():
+                parameter.requires_grad_(int(position) >= index)
+        return self
 
     @property
     def output_dim(self):
@@ -86,11 +132,11 @@ class EmbedNet(nn.Module):
 
 
 def build_model(config, pretrained=False):
-    """The network described by a config dict (see `model_config`)."""
+    """The network described by a config dict (see `model_config`); the encoder layers before
+    config['first_trainable'] (default 0) are frozen."""
     encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
     pool, whiten = build_head(config)
-    frozen = ARCHS[config['arch']]['first_trainable'] if pretrained else 0
-    return EmbedNet(encoder, pool, frozen, whiten)
+    return EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'])
 
 
 def build_head(config):
@@ -107,7 +153,7 @@ def build_head(config):
 def model_config(opt):
     """The architecture the flags ask for."""
     return dict(arch=opt.arch, pooling=opt.pooling, num_clusters=opt.num_clusters, vladv2=opt.vladv2,
-                encoder_channels=None, pca_dim=None)
+                encoder_channels=None, pca_dim=None, first_trainable=first_trainable_index(opt))
 
 
 def config_from_state_dict(state_dict, pooling):

@@ -22,10 +22,10 @@ from torch.utils.data import Subset
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from descriptors import DescriptorFile, cache_folder
-from evaluate import load_model
+from pittsburgh import WholeDataset
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
-from pittsburgh import WholeDataset
+from runs import derived_run_folder, load_model
 
 WHITENING_EPS = 1e-9       # added to each eigenvalue before 1/sqrt, as in the MATLAB release
 COLUMN_BLOCK = 2048        # descriptor dimensions per block of the float64 products
@@ -156,7 +156,7 @@ def pca(opt):
     sample_set = training_sample(opt)
     raw_dim = model.output_dim
     dim = whitening_dim(opt, raw_dim, len(sample_set))
-    out_dir = f'{run_dir.rstrip("/")}_pca{dim}'
+    out_dir = derived_run_folder(run_dir, f'pca{dim}')
     eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
     setup_logging(out_dir)
     model = model.to(device).to(memory_format=torch.channels_last)

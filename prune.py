@@ -23,7 +23,8 @@ fine-tuning, so sparsity is kept, and are then made permanent. Dense kernels sti
 the checkpoint stores each pruned weight packed (a bit mask of its nonzero entries and their values), so the file
 shrinks. `checkpoint.read_checkpoint` unpacks it.
 
-Fine-tuning is the real triplet training (`train.fit`, --finetune_epochs) on the train split, validating on val,
+Fine-tuning is the real triplet training (`training.fit`, --finetune_epochs), from the run's first trainable layer
+(or --backPropToLayer), on the train split, validating on val,
 at a tenth of --lr (the usual fine-tuning rate; the training rate undid the recovery in our runs); the final
 weights are kept (no choice of the best epoch), and the model before and after is evaluated on --split, which
 nothing is calibrated or tuned on. The pruned run folder `<resume>_pruned_<type>_<percent>/` holds
@@ -40,14 +41,15 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
-from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
+from checkpoint import model_state, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
 from pittsburgh import WholeDataset
 from results import append_result
-from train import fit
+from runs import apply_backprop_flag, derived_run_folder, open_run
+from training import fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
 CHANNELWISE = (nn.ReLU, nn.MaxPool2d)
@@ -88,7 +90,7 @@ def selected_layers(encoder, text):
 
 
 def output_folder(opt):
-    return f'{opt.resume.rstrip("/")}_pruned_{opt.pruning_type}_{round(100 * opt.pruning_amount)}'
+    return derived_run_folder(opt.resume, f'pruned_{opt.pruning_type}_{round(100 * opt.pruning_amount)}')
 
 
 # ---------------------------------------------------------------------------------------------- structured
@@ -131,14 +133,20 @@ def shrink_pool_input(model, keep):
     pool.dim = len(keep)
 
 
+def check_prunable(model, layers, pruning_type):
+    """Structured pruning of the last conv would shrink the descriptor a PCA-whitening layer was fitted to."""
+    last_conv = conv_indices(model.encoder)[-1]
+    if pruning_type == 'structured' and last_conv in layers and hasattr(model, 'whiten'):
+        raise UserError('This model has a PCA-whitening layer fitted to the full descriptor, which pruning the last '
+                        f'conv ({last_conv}) would shrink. Leave it out of --pruning_layers, or prune the model '
+                        'before PCA and fit the whitening afterwards.')
+
+
 def prune_structured(model, amount, layers):
     """Remove about the fraction `amount` of output channels of the encoder convs `layers`, in place, consistently."""
+    check_prunable(model, layers, 'structured')
     encoder = model.encoder
     convs = conv_indices(encoder)
-    if convs[-1] in layers and hasattr(model, 'whiten'):
-        raise UserError('This model has a PCA-whitening layer fitted to the full descriptor, which pruning the last '
-                        f'conv ({convs[-1]}) would shrink. Leave it out of --pruning_layers, or prune the model '
-                        'before PCA and fit the whitening afterwards.')
     original_dim = model.output_dim
     for position, index in enumerate(convs):
         if index not in layers:
@@ -152,6 +160,7 @@ def prune_structured(model, amount, layers):
         if not all(isinstance(layer, CHANNELWISE) for layer in encoder[index + 1:following]):
             raise ValueError(f'Encoder layers between convs {index} and {following} mix channels.')
         encoder[following] = select_channels(encoder[following], keep, dim=1)
+    model.set_first_trainable(model.frozen_layers)  # the new convs of frozen layers stay frozen
     logging.info('Structured pruning of %.0f%% of the channels (lowest filter L2 norm) of convs %s: widths %s; '
                  'descriptor size %d -> %d (local descriptor D = %d)', 100 * amount, layers,
                  [encoder[i].out_channels for i in convs], original_dim, model.output_dim, model.pool.dim)
@@ -201,16 +210,16 @@ def packed_state(state, keys):
 
 # ---------------------------------------------------------------------------------------------- the mode
 
-def fine_tune(model, opt, device, run_dir):
+def fine_tune(model, splits, opt, device, run_dir):
     """Triplet fine-tuning on the train split (validated on val) at a tenth of --lr; returns the final state."""
-    if opt.finetune_epochs <= 0:
+    if splits is None:
         logging.info('No fine-tuning (--finetune_epochs=%d).', opt.finetune_epochs)
         return {}
     finetune_opt = copy.copy(opt)
     finetune_opt.lr = opt.lr * FINETUNE_LR_FACTOR
     logging.info('Fine-tuning for %d epochs with the triplet loss on the train split, %s at lr %g (%g x --lr)',
                  opt.finetune_epochs, opt.optim, finetune_opt.lr, FINETUNE_LR_FACTOR)
-    return fit(model, finetune_opt, device, run_dir=run_dir, num_epochs=opt.finetune_epochs, save=False)
+    return fit(model, splits, finetune_opt, device, run_dir=run_dir, num_epochs=opt.finetune_epochs, save=False)
 
 
 def measure_model(model, dataset, opt, device):
@@ -265,18 +274,21 @@ def prune(opt):
     check_request(opt)
     make_deterministic(opt.seed)
     device = select_device(opt)
-    model, checkpoint = load_model_from_checkpoint(opt)
-    run_dir = output_folder(opt)
-    setup_logging(run_dir)
+    model, checkpoint = open_run(opt)
+    apply_backprop_flag(model, opt)
     layers = selected_layers(model.encoder, opt.pruning_layers)
+    check_prunable(model, layers, opt.pruning_type)
     dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    splits = training_splits(opt) if opt.finetune_epochs > 0 else None
+    run_dir = output_folder(opt)
+    setup_logging(run_dir)  # only now: bad flags or data write nothing
     logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
                  100 * opt.pruning_amount, run_dir, opt.split)
     pruned = copy.deepcopy(model)
-    apply_pruning(pruned, opt, layers)  # before the long work: it may refuse the model
+    apply_pruning(pruned, opt, layers)
     before, _ = measure_model(model, dataset, opt, device)
     before['file_bytes'] = model_bytes(model, checkpoint, opt.resume)  # without optimizer state, as saved here
-    tuned = fine_tune(pruned, opt, device, run_dir)
+    tuned = fine_tune(pruned, splits, opt, device, run_dir)
     extra = make_masks_permanent(pruned, layers, opt.pruning_scope) if opt.pruning_type == 'unstructured' else {}
     after, result = measure_model(pruned, dataset, opt, device)
     after.update(extra)

@@ -6,7 +6,8 @@ The flow is the one PyTorch supports today for int8 convnets on x86 (torchao PT2
        symmetric weights)
     -> calibration on --calib_images random training-database images (never the evaluated split, which may not be
        train); QAT then fine-tunes the fake-quantised network for --qat_epochs with the triplet loss and mining of
-       train.fit and its optimiser flags (--optim, ...), at a tenth of --lr
+       training.fit and its optimiser flags (--optim, ...), at a tenth of --lr, training the layers the source run
+       trained (from its first trainable layer, or --backPropToLayer)
     -> convert_pt2e (weights folded into int8 constants) -> torch.export.save.
 Only the encoder is quantised: NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay
 float32, stored as a state dict beside the program. At load time the program is compiled by Inductor with freezing,
@@ -15,7 +16,9 @@ NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: a slow float simulat
 On a CUDA machine int8 inference runs on the CPU (QAT fine-tuning itself uses the GPU).
 
 Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pt2 (the program) and
-checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), which
+checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), written
+together as one folder (checkpoints.partial/, then renamed: a killed quantize never leaves the program of one
+quantization beside the head of another), which
 --mode=test --resume=<that folder> runs without recalibration and without the training code; and
 quantize_report.json: file size, median CPU latency per image at --latency_size and Recall@N on --split, fp32 before
 and int8 after, with ratios (also printed, and appended to the results file).
@@ -23,6 +26,7 @@ and int8 after, with ratios (also printed, and appended to the results file).
 import copy
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -30,14 +34,16 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from checkpoint import load_model_from_checkpoint, save_checkpoint
-from commons import UserError, make_deterministic, select_device, setup_logging
-from retrieval import evaluate, log_recalls
-from measure import compare, directory_size, interleaved_latency, model_bytes
+from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
+from commons import UserError, make_deterministic, replace_folder, select_device, setup_logging
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
+from measure import compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict
 from pittsburgh import WholeDataset, image_loader
 from results import append_result
+from retrieval import evaluate, log_recalls
+from runs import apply_backprop_flag, derived_run_folder, open_run
+from training import fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -91,19 +97,20 @@ def quantize_static(model, loader):
     return converted_program(prepared, example), model
 
 
-def quantize_qat(model, loader, opt, device, run_dir):
-    """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss, convert."""
+def quantize_qat(model, loader, splits, opt, device, run_dir):
+    """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss (the layers the
+    float model trains), convert."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-    from train import fit
     example = example_batch(loader)
     prepared = prepare_qat_pt2e(export_encoder(model.encoder.train(), example).module(), x86_quantizer(is_qat=True))
     calibrate(prepared, loader)
-    qat_model = FakeQuantEmbedNet(prepared, model.pool, getattr(model, 'whiten', None))
+    qat_model = FakeQuantEmbedNet(prepared, model.pool, model.frozen_layers, getattr(model, 'whiten', None),
+                                  model.arch)
     qat_opt = copy.copy(opt)
     qat_opt.lr = opt.lr * QAT_LR_FACTOR
     logging.info('QAT: %d epoch(s) of fake-quantised triplet fine-tuning on %s, %s at lr %g (%g x --lr)',
                  opt.qat_epochs, device, opt.optim, qat_opt.lr, QAT_LR_FACTOR)
-    state = fit(qat_model, qat_opt, device, run_dir, opt.qat_epochs, state=None, save=False)
+    state = fit(qat_model, splits, qat_opt, device, run_dir, opt.qat_epochs, state=None, save=False)
     logging.info('QAT done: epoch %d, val Recall@5 of the fake-quantised model %.4f', state.get('epoch', 0),
                  state.get('best_score', 0.0))
     qat_model = qat_model.eval().to('cpu').to(memory_format=torch.contiguous_format)
@@ -131,7 +138,7 @@ def check_options(opt):
 
 
 def output_dir(opt):
-    return f'{opt.resume.rstrip("/" + os.sep)}_quantized_{opt.quantization_type}'
+    return derived_run_folder(opt.resume, f'quantized_{opt.quantization_type}')
 
 
 def measure_model(model, dataset, opt, device):
@@ -144,22 +151,25 @@ def measure_model(model, dataset, opt, device):
 
 
 def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
-    """encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config, provenance)."""
+    """checkpoints/ with encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config,
+    provenance), replaced as one unit: written into checkpoints.partial/, then renamed (commons.replace_folder)."""
     folder = os.path.join(out_dir, 'checkpoints')
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, 'partial')  # the archive is named after its file: save under the final name
-    os.makedirs(partial, exist_ok=True)
-    torch.export.save(program, os.path.join(partial, PROGRAM_NAME))
-    os.replace(os.path.join(partial, PROGRAM_NAME), os.path.join(folder, PROGRAM_NAME))
-    os.rmdir(partial)
+    partial = folder + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed quantize
+    os.makedirs(partial)
+    torch.export.save(program, os.path.join(partial, PROGRAM_NAME))  # the archive is named after its file
+    with open(os.path.join(partial, PROGRAM_NAME), 'rb') as f:
+        os.fsync(f.fileno())
     checkpoint = dict(quantized=opt.quantization_type, variant=f'int8 {opt.quantization_type}',
                       state_dict=head_state(head_model), config=config, pooling=config['pooling'],
                       encoder_program=PROGRAM_NAME, source_run=opt.resume, epoch=int(source.get('epoch', 0)),
                       recalls={}, best_score=0.0, calib_images=calib_count,
                       qat_epochs=opt.qat_epochs if opt.quantization_type == 'qat' else 0,
                       weights='int8 per-channel symmetric', activations='uint8 per-tensor affine',
-                      versions=dict(torch=str(torch.__version__), torchao=_torchao_version()))
-    save_checkpoint(checkpoint, out_dir, is_best=True)  # model_best too: --ckpt=best finds the same model
+                      versions=dict(torch=str(torch.__version__), torchao=_torchao_version()),
+                      **trainable_state(head_model))
+    write_checkpoint_files(checkpoint, partial, is_best=True)  # model_best too: --ckpt=best finds the same model
+    replace_folder(partial, folder)
     return checkpoint
 
 
@@ -167,14 +177,16 @@ def quantize(opt):
     check_options(opt)
     make_deterministic(opt.seed)
     device = select_device(opt)
-    model, source = load_model_from_checkpoint(opt)
+    model, source = open_run(opt)
     if 'quantized' in source:
         raise UserError(f'--resume={opt.resume} holds an already quantized model; quantize its float run instead.')
+    apply_backprop_flag(model, opt)
     config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
     calib_set = calibration_set(opt)
     eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    splits = training_splits(opt) if opt.quantization_type == 'qat' else None
     out_dir = output_dir(opt)
-    setup_logging(out_dir)
+    setup_logging(out_dir)  # only now: bad flags or data write nothing
     if device.type != 'cpu':
         logging.info('int8 models run on the CPU (x86 oneDNN int8 kernels): calibration, conversion and int8 '
                      'evaluation run on the CPU%s.',
@@ -192,11 +204,11 @@ def quantize(opt):
     if opt.quantization_type == 'static':
         program, head_model = quantize_static(model, calib_loader)
     else:
-        program, head_model = quantize_qat(model, calib_loader, opt, device, out_dir)
+        program, head_model = quantize_qat(model, calib_loader, splits, opt, device, out_dir)
     checkpoint = save_quantized(program, head_model, config, source, opt, out_dir, len(calib_set))
     logging.info('int8 model written to %s in %.1f s', os.path.join(out_dir, 'checkpoints'), time.time() - started)
 
-    quantized = load_model_from_checkpoint(_options(opt, resume=out_dir, ckpt='latest'))[0]  # what --mode=test runs
+    quantized = open_run(_options(opt, resume=out_dir, ckpt='latest'))[0]  # what --mode=test runs
     after, result = measure_model(quantized, eval_set, opt, torch.device('cpu'))
     checkpoint.update(recalls=result['recalls'], best_score=result['recalls'].get(5, 0.0))
     save_checkpoint(checkpoint, out_dir, is_best=True)

@@ -27,7 +27,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main as cli  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
 from cluster import initialised_model  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
 from pittsburgh import WholeDataset  # noqa: E402
@@ -42,9 +42,9 @@ def options(workdir, precision='fp32'):
 
 
 def reference_epoch(model, opt, data, device):
-    """One epoch the reference way (mining and cache only; the step is train.train_chunk's)."""
+    """One epoch the reference way (mining and cache only; the step is training.train_chunk's)."""
     from sklearn.neighbors import NearestNeighbors
-    optimizer, _ = train.make_optimizer(model, opt)
+    optimizer, _ = training.make_optimizer(model, opt)
     cache_path = os.path.join(opt.savePath, 'train_feat_cache.hdf5')
     os.makedirs(opt.savePath, exist_ok=True)
     rng = np.random.default_rng(opt.seed)
@@ -69,7 +69,7 @@ def reference_epoch(model, opt, data, device):
                     triplets.append((int(data.num_db + q), int(positives[best[0, 0]]),
                                      [int(n) for n in sample[found[0][violating][:opt.nNeg]]]))
         with tqdm(total=len(chunk), desc='reference epoch') as bar:
-            train.train_chunk(model, data, triplets, optimizer, opt, device, bar, None, 0)
+            training.train_chunk(model, data, triplets, optimizer, opt, device, bar, None, 0)
 
 
 def run_arm(arm, workdir):
@@ -83,12 +83,12 @@ def run_arm(arm, workdir):
         layer.forward = lambda x: loop_netvlad(layer, x)
     started = time.time()
     if arm.startswith('ours'):
-        data = train.TrainingData(opt)
-        optimizer, _ = train.make_optimizer(model, opt)
+        data = training.TrainingData(opt)
+        optimizer, _ = training.make_optimizer(model, opt)
         hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1)
-        train.train_epoch(model, data, optimizer, hard_negatives, opt, device, 1, 1, (0, 1), None, 0)
+        training.train_epoch(model, data, optimizer, hard_negatives, opt, device, 1, 1, (0, 1), None, 0)
     else:
-        reference_epoch(model, opt, train.TrainingData(opt), device)
+        reference_epoch(model, opt, training.TrainingData(opt), device)
     epoch_s = time.time() - started
     recalls = evaluate(model, WholeDataset(opt.dataPath, 'val'), opt, device)['recalls']
     print(json.dumps(dict(arm=arm, epoch_s=epoch_s, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

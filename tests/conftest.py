@@ -41,3 +41,52 @@ def run_cli():
 def make_opt():
     """make_opt([...flags...]) is the options object the CLI builds from these flags (main.parse_options)."""
     return lambda argv: main.parse_options([str(arg) for arg in argv])
+
+
+# Flags of the fast CPU runs of the shared fixtures below.
+FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
+
+
+@pytest.fixture(scope='session')
+def clustered_data(tiny_data, tmp_path_factory):
+    """A private copy of the tiny dataset with AlexNet (--fromscratch, K=8) centroids in it."""
+    path = tmp_path_factory.mktemp('clustered') / 'data'
+    shutil.copytree(tiny_data, path)
+    assert main.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+                      f'--dataPath={path}', *FAST]) == 0
+    return path
+
+
+@pytest.fixture(scope='session')
+def float_run(clustered_data, tmp_path_factory):
+    """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet (--fromscratch, K=8)."""
+    from checkpoint import model_state, save_checkpoint
+    from cluster import initialised_model
+    opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+                              f'--dataPath={clustered_data}'])
+    path = tmp_path_factory.mktemp('float_runs') / 'run'
+    save_checkpoint(dict(model_state(initialised_model(opt)), epoch=0, recalls={}, best_score=0.0), str(path), True)
+    return path
+
+
+@pytest.fixture(scope='session')
+def imagenet_stand_in(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds a stand-in for torchvision's ImageNet AlexNet weights (a random state dict
+    under the exact file name torchvision looks for, so it loads it without downloading). Returns (torch_home,
+    the stand-in's `features` weights keyed as the encoder's: encoder.<i>.weight/bias)."""
+    import torchvision
+    home = tmp_path_factory.mktemp('torch_home')
+    (home / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.manual_seed(2016)
+    state = torchvision.models.alexnet().state_dict()
+    torch.save(state, home / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth')
+    encoder = {key.replace('features.', 'encoder.', 1): value for key, value in state.items()
+               if key.startswith('features.')}
+    return home, encoder
+
+
+@pytest.fixture
+def imagenet_home(imagenet_stand_in, monkeypatch):
+    """TORCH_HOME set to the stand-in for this test; returns the stand-in's encoder weights."""
+    monkeypatch.setenv('TORCH_HOME', str(imagenet_stand_in[0]))
+    return imagenet_stand_in[1]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_model_from_checkpoint, read_checkpoint
+from checkpoint import read_checkpoint
 from retrieval import extract_descriptors
 from helpers import (alexnet_trunk, brute_force_positives, brute_force_recalls, error_paragraph, netvlad_reference,
                      read_geometry, read_image)
 from pittsburgh import WholeDataset
+from runs import open_run
 
 ALEXNET_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
 K = 64
@@ -109,7 +110,7 @@ def test_loaded_checkpoint_gives_the_reference_descriptors(tiny_data, tmp_path, 
     run_dir = tmp_path / 'run'
     write_reference_checkpoint(run_dir, with_prefix(reference_state_dict(), 'module'))
     opt = make_opt(cli_argv(tiny_data, run_dir))
-    model, checkpoint = load_model_from_checkpoint(opt)
+    model, checkpoint = open_run(opt)
     assert checkpoint['epoch'] == 7 and checkpoint['best_score'] == 0.62
     desc = extract_descriptors(model, WholeDataset(str(tiny_data), 'test'), opt, torch.device('cpu'))
     assert desc.dtype == np.float32 and desc.shape == reference.shape

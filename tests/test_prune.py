@@ -2,15 +2,16 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import main
 import prune
-from checkpoint import checkpoint_path, load_model_from_checkpoint, model_state, read_checkpoint, save_checkpoint
-from cluster import initialised_model
+from checkpoint import checkpoint_path, model_state, read_checkpoint, save_checkpoint
 from models import build_model, conv_indices
+from runs import open_run
 
 ALEXNET_CONVS = [0, 3, 6, 8, 10]
 # 80% of 64, 192, 384, 256, 256 channels, to the nearest multiple of 8
@@ -24,25 +25,10 @@ def tiny_alexnet(seed=0):
     return build_model(config).eval()
 
 
-@pytest.fixture(scope='module')
-def clustered_data(tiny_data, tmp_path_factory):
-    """A private copy of the tiny dataset with AlexNet (--fromscratch) centroids in it."""
-    path = tmp_path_factory.mktemp('prune') / 'data'
-    shutil.copytree(tiny_data, path)
-    assert main.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
-                      f'--dataPath={path}', *FAST]) == 0
-    return path
-
-
 @pytest.fixture
-def run_dir(clustered_data, tmp_path):
+def run_dir(float_run, tmp_path):
     """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet."""
-    opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
-                              f'--dataPath={clustered_data}'])
-    model = initialised_model(opt)
-    path = tmp_path / 'run'
-    save_checkpoint(dict(model_state(model), epoch=0, recalls={}, best_score=0.0), str(path), True)
-    return path
+    return Path(shutil.copytree(float_run, tmp_path / 'run'))
 
 
 def prune_cli(run_dir, data, *flags):
@@ -121,7 +107,7 @@ def test_reloaded_pruned_checkpoint_gives_the_same_descriptors(tmp_path):
     model = prune.prune_structured(tiny_alexnet(), 0.3, ALEXNET_CONVS)
     save_checkpoint(dict(model_state(model), epoch=0, recalls={}, best_score=0.0), str(tmp_path), False)
     opt = main.parse_options(['--mode=test', f'--resume={tmp_path}'])
-    reloaded, _ = load_model_from_checkpoint(opt)
+    reloaded, _ = open_run(opt)
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(images), model(images), rtol=0, atol=0)
@@ -147,7 +133,7 @@ def test_unstructured_pruning_reaches_the_sparsity_and_shrinks_the_file(run_dir,
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-6)
     opt = main.parse_options(['--mode=test', f'--resume={out_dir}'])
-    reloaded, _ = load_model_from_checkpoint(opt)  # packed weights come back dense, in the original order
+    reloaded, _ = open_run(opt)  # packed weights come back dense, in the original order
     assert [reloaded.encoder[i].out_channels for i in ALEXNET_CONVS] == [64, 192, 384, 256, 256]
 
 

@@ -14,37 +14,17 @@ import torch
 
 import main
 import quantize
-import train
-from checkpoint import checkpoint_path, load_model_from_checkpoint, model_state, save_checkpoint
-from cluster import initialised_model
+import training
+from checkpoint import checkpoint_path
 from helpers import error_paragraph
 from int8 import COMPILE_ENV, PROGRAM_NAME, QuantizedEmbedNet, head_state, int8_weights, load_quantized_model
 from models import build_model
 from pittsburgh import WholeDataset
+from runs import open_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
 ALEXNET_CONV_KEYS = [f'encoder.{i}.weight' for i in (0, 3, 6, 8, 10)]
-
-
-@pytest.fixture(scope='module')
-def clustered_data(tiny_data, tmp_path_factory):
-    """A private copy of the tiny dataset with AlexNet (--fromscratch, K=8) centroids in it."""
-    path = tmp_path_factory.mktemp('quantize') / 'data'
-    shutil.copytree(tiny_data, path)
-    assert main.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
-                      f'--dataPath={path}', *FAST]) == 0
-    return path
-
-
-@pytest.fixture(scope='module')
-def float_run(clustered_data, tmp_path_factory):
-    """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet."""
-    opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
-                              f'--dataPath={clustered_data}'])
-    path = tmp_path_factory.mktemp('quantize_runs') / 'run'
-    save_checkpoint(dict(model_state(initialised_model(opt)), epoch=0, recalls={}, best_score=0.0), str(path), True)
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -130,8 +110,8 @@ def test_static_report_sizes_and_recalls(static_run, float_run):
 
 
 def test_static_descriptors_close_to_fp32(static_run, float_run, clustered_data, uncompiled):
-    fp32_model, _ = load_model_from_checkpoint(options(float_run, clustered_data))
-    int8_model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    fp32_model, _ = open_run(options(float_run, clustered_data))
+    int8_model, _ = open_run(options(static_run, clustered_data))
     assert isinstance(int8_model, QuantizedEmbedNet) and int8_model.output_dim == 8 * 256
     images = sample_images(clustered_data, 30)
     with torch.inference_mode():
@@ -165,7 +145,7 @@ def test_compiled_program_runs_onednn_int8_convs(static_run, clustered_data):
     """The default path: Inductor lowers every conv to a oneDNN int8 conv; same numbers as the plain program."""
     from torch._dynamo.utils import counters
     counters.clear()
-    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    model, _ = open_run(options(static_run, clustered_data))
     reference = QuantizedEmbedNet(model.encoder.program, model.pool, compile=False)
     images = sample_images(clustered_data)
     with torch.inference_mode():
@@ -186,21 +166,21 @@ def test_reload_in_fresh_process_without_training_split(static_run, clustered_da
         import numpy as np, torch
         torch.set_num_threads(1)  # as in this process (conftest): float reductions then add up in the same order
         import main
-        from checkpoint import load_model_from_checkpoint
+        from runs import open_run
         from pittsburgh import WholeDataset
         argv = ['--mode=test', '--resume={static_run}', '--dataPath={data}', '--runsPath={tmp_path}', *{FAST!r}]
-        model = load_model_from_checkpoint(main.parse_options(argv))[0]
+        model = open_run(main.parse_options(argv))[0]
         dataset = WholeDataset('{data}', 'test')
         with torch.inference_mode():
             descriptors = model(torch.stack([dataset[i][0] for i in range(8)]))
         np.save('{tmp_path / "descriptors.npy"}', descriptors.numpy())
         assert main.main(argv) == 0
-        assert 'train' not in sys.modules and 'prune' not in sys.modules, 'training code imported'
+        assert not {{'train', 'training', 'prune'}} & set(sys.modules), 'training code imported'
     ''')
     done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'Recall@1:' in done.stdout and 'int8 encoder compiled' in done.stdout
-    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    model, _ = open_run(options(static_run, clustered_data))
     with torch.inference_mode():
         descriptors = model(sample_images(clustered_data)).numpy()
     np.testing.assert_array_equal(np.load(tmp_path / 'descriptors.npy'), descriptors)
@@ -215,20 +195,20 @@ def test_test_mode_on_a_cuda_machine_evaluates_on_the_cpu(static_run, clustered_
                       f'--runsPath={static_run.parent}', *FAST[2:]]) == 0
     out = capsys.readouterr().out
     assert 'evaluating on the CPU instead of cuda' in out and 'Recall@1:' in out
-    model, _ = load_model_from_checkpoint(options(static_run, clustered_data))
+    model, _ = open_run(options(static_run, clustered_data))
     assert model.cuda() is model and model.to('cuda').pool.centroids.device.type == 'cpu'
 
 
 # ---------------------------------------------------------------------------------------------- QAT
 
 def qat_program(float_run, data, out_dir):
-    """QAT of float_run through quantize.quantize_qat (calibration, train.fit, conversion), without the report."""
+    """QAT of float_run through quantize.quantize_qat (calibration, training.fit, conversion), without the report."""
     opt = main.parse_options(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}',
                               f'--dataPath={data}', '--calib_images=8', '--qat_epochs=1', '--optim=ADAM',
                               '--lr=0.01', '--weightDecay=0', '--nNeg=2', '--nNegSample=20', *FAST])
-    model, _ = load_model_from_checkpoint(opt)
+    model, _ = open_run(opt)
     loader = quantize.image_loader(quantize.calibration_set(opt), opt, opt.cacheBatchSize)
-    return quantize.quantize_qat(model, loader, opt, torch.device('cpu'), str(out_dir))
+    return quantize.quantize_qat(model, loader, training.training_splits(opt), opt, torch.device('cpu'), str(out_dir))
 
 
 def max_weight_change(weights, fp32):
@@ -242,12 +222,12 @@ def test_qat_learns_through_the_triplet_loss(float_run, clustered_data, tmp_path
     multiplied by zero nothing does. A QAT that trained on anything else (output.sum()) fails the second half."""
     losses, factor = [], [1.0]
 
-    def scaled_triplet_loss(descriptors, neg_counts, margin, real=train.triplet_loss):
-        loss = real(descriptors, neg_counts, margin)
+    def scaled_triplet_loss(descriptors, neg_counts, margin, loss_kind, real=training.triplet_loss):
+        loss = real(descriptors, neg_counts, margin, loss_kind)
         losses.append(loss.detach())
         return loss * factor[0]
 
-    monkeypatch.setattr(train, 'triplet_loss', scaled_triplet_loss)
+    monkeypatch.setattr(training, 'triplet_loss', scaled_triplet_loss)
     fp32 = fp32_weights(float_run)
     source_head = torch.load(checkpoint_path(str(float_run)), weights_only=True)['state_dict']
     changes = {}

@@ -1,7 +1,6 @@
 """Large-scale evaluation: chunked search against one-shot search, descriptor files (streamed, validated, sharded
 and merged), PCA whitening (the maths, the stored layer, the recall it keeps) and the approximate indexes."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch.nn.functional as F
 
 import retrieval
 import main
-from checkpoint import load_model_from_checkpoint
 from cluster import initialised_model
 from commons import UserError
 from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
@@ -18,6 +16,7 @@ from retrieval import approximate_search, exact_search, recall_curve
 from helpers import error_paragraph
 from pca import fit_whitening
 from pittsburgh import WholeDataset
+from runs import open_run
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '16', '--latency_size', '64x80', '--split', 'test']
 MODEL = ['--arch=alexnet', '--fromscratch', '--num_clusters=8']
@@ -91,15 +90,6 @@ def test_search_of_descriptor_files_equals_in_memory(random_set, tmp_path, dtype
     _, from_file = exact_search(whole.view(0, 500), whole.view(500, 620), 25, db_chunk=33, query_chunk=17)
     _, in_memory = exact_search(stored[:500], stored[500:], 25, db_chunk=500, query_chunk=120)
     np.testing.assert_array_equal(from_file, in_memory)
-
-
-@pytest.fixture(scope='module')
-def clustered_data(tiny_data, tmp_path_factory):
-    """A private copy of the tiny dataset with AlexNet (--fromscratch, K=8) centroids in it."""
-    path = tmp_path_factory.mktemp('scale') / 'data'
-    shutil.copytree(tiny_data, path)
-    assert main.main(['--mode=cluster', *MODEL, f'--dataPath={path}', *FAST]) == 0
-    return path
 
 
 def cli(data, runs, *flags):
@@ -231,7 +221,7 @@ def test_whitening_is_stored_and_reloaded(whitened_run, clustered_data):
     """The new run folder holds the layer; loading it gives pooling -> whitening -> L2 normalisation."""
     _, run = whitened_run
     opt = main.parse_options(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST])
-    model, checkpoint = load_model_from_checkpoint(opt)
+    model, checkpoint = open_run(opt)
     model.eval()
     assert model.output_dim == 64 and model.whiten.weight.shape == (64, 2048)
     assert checkpoint['pca']['dim'] == 64 and checkpoint['pca']['images'] == 120

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+import training
 from checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,9 +33,9 @@ def test_mining_picks_the_hardest_violating_negatives():
     positives = [rng.choice(num_db, size=rng.integers(1, 4), replace=False) for _ in range(num_queries)]
     candidates = [rng.choice(num_db, size=15, replace=False) for _ in range(num_queries)]
     query_rows = num_db + np.arange(num_queries)
-    best, negatives, usable = train.mine_triplets(
-        torch.from_numpy(cache), torch.from_numpy(query_rows), num_db, torch.from_numpy(train.pad_rows(positives)),
-        torch.from_numpy(train.pad_rows(candidates)), margin=0.1, num_neg=4)
+    best, negatives, usable = training.mine_triplets(
+        torch.from_numpy(cache), torch.from_numpy(query_rows), num_db, torch.from_numpy(training.pad_rows(positives)),
+        torch.from_numpy(training.pad_rows(candidates)), margin=0.1, num_neg=4)
     for q in range(num_queries):
         expected_best, expected_negs = brute_force_mining(cache, query_rows[q], num_db, positives[q], candidates[q],
                                                           0.1, 4)
@@ -47,13 +47,13 @@ def test_mining_picks_the_hardest_violating_negatives():
 def test_negative_candidates_exclude_positives_and_never_repeat():
     rng = np.random.default_rng(1)
     positives = [np.arange(0, 30), np.array([5, 6]), np.array([], dtype=np.int64)]
-    candidates = train.draw_negative_candidates(rng, 100, positives, 50)
+    candidates = training.draw_negative_candidates(rng, 100, positives, 50)
     for row, query_positives in zip(candidates, positives):
         drawn = row[row >= 0]
         assert len(drawn) == len(set(drawn.tolist()))
         assert not set(drawn.tolist()) & set(query_positives.tolist())
         assert len(drawn) == min(50, 100 - len(query_positives))
-    deduplicated = train.unique_per_row(np.array([[3, 7, 3, -1, 7, 9]]))
+    deduplicated = training.unique_per_row(np.array([[3, 7, 3, -1, 7, 9]]))
     assert sorted(deduplicated[deduplicated >= 0].tolist()) == [3, 7, 9]
 
 
@@ -92,17 +92,17 @@ def test_loss_falls_on_a_fixed_batch(clustered, make_opt):
     from cluster import initialised_model
     opt = make_opt(train_argv(clustered, 'unused', 1))
     model = initialised_model(opt)
-    data = train.TrainingData(opt)
+    data = training.TrainingData(opt)
     hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1)
-    triplets = train.chunk_triplets(data, model, data.queries[:4], hard_negatives, opt, torch.device('cpu'),
+    triplets = training.chunk_triplets(data, model, data.queries[:4], hard_negatives, opt, torch.device('cpu'),
                                     np.random.default_rng(0), 0, 1)
     assert triplets, 'no violating negatives on an untrained model'
-    images, counts = train.collate_triplets([train.TripletImages(data.whole, triplets)[i]
+    images, counts = training.collate_triplets([training.TripletImages(data.whole, triplets)[i]
                                              for i in range(len(triplets))])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     losses = []
     for _ in range(8):
-        loss = train.triplet_loss(model.train()(images), counts, opt.margin)
+        loss = training.triplet_loss(model.train()(images), counts, opt.margin)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

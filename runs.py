@@ -1,0 +1,103 @@
+"""Run folders: the one place that opens a run folder (float, pruned, whitened, int8) into a model, and that names
+the run folders other modes derive from one (`<run>_pruned_structured_20`, `<run>_quantized_static`,
+`<run>_pca4096`).
+
+A run's frozen layers belong to it: its checkpoint stores the first encoder layer that trains, and the model opened
+here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
+layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
+"""
+import json
+import os
+
+from checkpoint import checkpoint_path, read_checkpoint
+from cluster import initialised_model
+from commons import UserError
+from int8 import load_quantized_model
+from models import ARCHS, build_model, config_from_state_dict, layer_index
+
+
+def derived_run_folder(run_dir, suffix):
+    """The folder, beside run_dir, of a model derived from it: <run_dir>_<suffix>."""
+    return f'{run_dir.rstrip("/" + os.sep)}_{suffix}'
+
+
+def check_new_run_folder(path):
+    """A new training run never writes into a folder that already holds something."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f'The run folder {path} already exists and holds {", ".join(sorted(os.listdir(path)))}; '
+                        f'a new training run would replace its checkpoints. To continue that run, add '
+                        f'--resume={path}; to start a new run, give another folder with --savePath. Nothing was '
+                        f'written.')
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'--savePath={path} is a file, not a folder: give another folder with --savePath.')
+
+
+def stored_flags(run_dir):
+    """The flags.json a training run stored (an empty dict when there is none, as in reference-port runs)."""
+    path = os.path.join(run_dir, 'checkpoints', 'flags.json')
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f'{path} cannot be read as JSON ({error}); it holds the flags of run {run_dir}. Restore it '
+                        f'from a copy or delete it (stored flags are then not restored).') from None
+
+
+def first_trainable(checkpoint, arch, opt, run_dir):
+    """Encoder index of the first layer the run trains: stored in its checkpoint by this project; for a reference
+    checkpoint, the reference's rule (from conv5 / conv5_1 with ImageNet weights, every layer --fromscratch)."""
+    if 'first_trainable' in checkpoint:
+        return int(checkpoint['first_trainable'])
+    fromscratch = stored_flags(run_dir).get('fromscratch', opt.fromscratch)
+    return 0 if fromscratch else layer_index(arch, ARCHS[arch]['imagenet_first_trainable'])
+
+
+def check_config_against_flags(config, opt, path):
+    """A checkpoint whose architecture contradicts a flag the user gave explicitly is an error naming the flag;
+    flags the user did not give take the checkpoint's values (so results are recorded under the right arch)."""
+    for flag in ('arch', 'num_clusters', 'pooling', 'vladv2'):
+        given = getattr(opt, flag)
+        if config[flag] is None or given == config[flag]:
+            continue
+        if flag in opt.explicit:
+            raise UserError(f'Checkpoint {path} holds a model with {flag}={config[flag]}, but the command line '
+                            f'asks for --{flag}={given}. Drop the flag or pass the matching checkpoint.')
+        setattr(opt, flag, config[flag])
+
+
+def open_run(opt, which=None):
+    """The model and checkpoint dict stored in run folder opt.resume (--ckpt, or `which`: latest / best)."""
+    path = checkpoint_path(opt.resume, which or opt.ckpt)
+    checkpoint = read_checkpoint(path, opt.unsafe_load)
+    state_dict = checkpoint['state_dict']
+    if 'quantized' in checkpoint:
+        return load_quantized_model(checkpoint, opt.resume), checkpoint
+    if 'encoder.0.weight' not in state_dict:
+        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
+    config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
+    check_config_against_flags(config, opt, path)
+    config['first_trainable'] = first_trainable(checkpoint, config['arch'], opt, opt.resume)
+    model = build_model(config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise UserError(f'Checkpoint {path} does not match the model it describes: '
+                        f'{" ".join(str(error).split())}') from None
+    return model, checkpoint
+
+
+def load_model(opt):
+    """Model, checkpoint and run folder of --resume or, without it, of the cluster-initialised untrained network."""
+    if opt.resume:
+        return (*open_run(opt), opt.resume)
+    return initialised_model(opt), None, os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
+
+
+def apply_backprop_flag(model, opt):
+    """Fine-tuning (prune, QAT) trains from the run's own first trainable layer, or from --backPropToLayer when
+    given on the command line."""
+    if 'backPropToLayer' in opt.explicit:
+        model.set_first_trainable(layer_index(model.arch, opt.backPropToLayer))
+    return model

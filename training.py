@@ -1,0 +1,371 @@
+"""Triplet training machinery shared by --mode=train, prune fine-tuning and QAT (SPEC section 6).
+
+The descriptor cache of the training images lives in memory (float16) in the main process; a refresh computes
+only the images the next chunk of queries can use. Mining is one batched similarity product per chunk: for each
+query the best positive (nearest non-trivial positive) and up to nNeg violating negatives, from nNegSample random
+negatives drawn without replacement plus the query's previous hard negatives, which persist across refreshes
+and checkpoints. DataLoader workers only decode images. Randomness of an epoch derives from (seed, epoch), so a
+resumed run repeats exactly what an uninterrupted one would have done.
+
+Two losses (--loss): `reference`, the PyTorch port's TripletMarginLoss with margin sqrt(m) on plain L2 distances,
+summed over every (query, positive, negative) of the batch and divided by the number of negatives; and `paper`,
+the authors' trainWeakly.m: max(0, d(q,p)^2 + m - d(q,n)^2) on squared distances, summed and divided by the number
+of violating triplets of the batch (their update divides the summed gradient by that count). Mining uses the same
+rule as the loss: a negative violates when it is closer than the best positive plus the margin, in the loss's
+distances.
+"""
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DataLoader, Subset
+from tqdm import tqdm
+
+from checkpoint import model_state, save_checkpoint
+from commons import UserError
+from models import trainable_layers_text
+from pittsburgh import WholeDataset
+from retrieval import autocast, evaluate, extract_descriptors, log_recalls
+
+LOSSES = ('reference', 'paper')
+
+
+# ---------------------------------------------------------------------------------------------- mining
+
+def draw_negative_candidates(rng, num_db, positives, num_samples):
+    """For each query, up to num_samples database indices outside its positives, without replacement: [Q, S]."""
+    keys = rng.random((len(positives), num_db))
+    for row, query_positives in enumerate(positives):
+        keys[row, query_positives] = 2.0  # never drawn: above every random key
+    num_samples = min(num_samples, num_db)
+    candidates = np.argpartition(keys, num_samples - 1, axis=1)[:, :num_samples]
+    chosen_keys = np.take_along_axis(keys, candidates, axis=1)
+    return np.where(chosen_keys < 2.0, candidates, -1)
+
+
+def unique_per_row(candidates):
+    """Each row's duplicate entries replaced by -1 (a previous hard negative may be drawn again)."""
+    candidates = np.sort(candidates, axis=1)
+    repeated = np.zeros(candidates.shape, dtype=bool)
+    repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
+    return np.where(repeated, -1, candidates)
+
+
+def pad_rows(rows, fill=-1):
+    """A list of 1-D integer arrays as one [len(rows), max_len] array padded with `fill`."""
+    width = max(1, max(len(r) for r in rows))
+    padded = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    return padded
+
+
+def query_db_distances(cache, query_rows, num_db, block=4096):
+    """L2 distances [Q, num_db] from the cached queries to every cached database row, in database blocks."""
+    query_desc = cache[query_rows].float()
+    query_sq = query_desc.pow(2).sum(1, keepdim=True)
+    sq_dist = torch.empty(len(query_rows), num_db)
+    for start in range(0, num_db, block):
+        db_block = cache[start:min(start + block, num_db)].float()
+        sq_dist[:, start:start + len(db_block)] = query_sq - 2 * query_desc @ db_block.T + db_block.pow(2).sum(1)
+    return sq_dist.clamp_min_(0).sqrt_()
+
+
+def mine_triplets(cache, query_rows, num_db, nontrivial_positives, negative_candidates, margin, num_neg,
+                  loss='reference'):
+    """Best positive and hardest violating negatives of each query, from cached descriptors.
+
+    cache: [N, D] descriptors (database rows first); query_rows: [Q] cache rows of the queries;
+    nontrivial_positives, negative_candidates: [Q, P] / [Q, C] database indices padded with -1.
+    A negative violates when d(q,n) < d(q,p) + sqrt(margin) (reference loss) or d(q,n)^2 < d(q,p)^2 + margin (paper).
+    Returns positives [Q], negatives [Q, num_neg] (-1 padded, hardest first), and a mask of usable queries.
+    """
+    dist = query_db_distances(cache, query_rows, num_db)
+    pos_dist = dist.gather(1, nontrivial_positives.clamp_min(0)).masked_fill(nontrivial_positives < 0, math.inf)
+    best_pos_dist, best = pos_dist.min(dim=1, keepdim=True)
+    positives = nontrivial_positives.gather(1, best).squeeze(1)
+    neg_dist = dist.gather(1, negative_candidates.clamp_min(0)).masked_fill(negative_candidates < 0, math.inf)
+    if loss == 'paper':
+        violating = neg_dist.square() < best_pos_dist.square() + margin
+    else:
+        violating = neg_dist < best_pos_dist + margin ** 0.5
+    neg_dist = neg_dist.masked_fill(~violating, math.inf)
+    hardest_dist, order = neg_dist.topk(min(num_neg, neg_dist.shape[1]), dim=1, largest=False)
+    negatives = negative_candidates.gather(1, order).masked_fill(hardest_dist.isinf(), -1)
+    return positives, negatives, violating.any(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+class TripletImages(Dataset):
+    """Images of one (query, positive, negatives...) tuple per item: [2 + n, 3, H, W] and n."""
+
+    def __init__(self, whole_set, triplets):
+        self.whole_set = whole_set
+        self.triplets = triplets  # list of (query row, positive row, [negative rows])
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, index):
+        query, positive, negatives = self.triplets[index]
+        images = [self.whole_set[i][0] for i in (query, positive, *negatives)]
+        return torch.stack(images), len(negatives)
+
+
+def collate_triplets(items):
+    return torch.cat([images for images, _ in items]), [count for _, count in items]
+
+
+def triplet_indices(neg_counts):
+    """Rows of the anchor, positive and negative of every triplet of a batch laid out as collate_triplets does."""
+    anchor, positive, negative = [], [], []
+    start = 0
+    for count in neg_counts:
+        anchor += [start] * count
+        positive += [start + 1] * count
+        negative += range(start + 2, start + 2 + count)
+        start += 2 + count
+    return anchor, positive, negative
+
+
+def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
+    """The batch's triplet loss (--loss, see the module docstring) from its descriptors [sum(2 + n), D]."""
+    anchor, positive, negative = triplet_indices(neg_counts)
+    query, pos, neg = descriptors[anchor], descriptors[positive], descriptors[negative]
+    if loss == 'paper':
+        hinge = F.relu((query - pos).square().sum(1) + margin - (query - neg).square().sum(1))
+        return hinge.sum() / (hinge > 0).sum().clamp_min(1)
+    return F.triplet_margin_loss(query, pos, neg, margin=margin ** 0.5, p=2, reduction='sum') / len(negative)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def init_distributed(opt):
+    """Rank and world size; under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return 0, 1
+    use_cuda = opt.cuda and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+    return dist.get_rank(), world
+
+
+def gather_rows(rows, world):
+    """Concatenate, in rank order, the [n_r, D] arrays of every rank (n_r may differ by one)."""
+    if world == 1:
+        return rows
+    size = torch.tensor([len(rows)])
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    padded = torch.zeros(int(max(sizes)), rows.shape[1], dtype=rows.dtype)
+    padded[:len(rows)] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+class TrainingData:
+    """The training split with what mining needs: positives, negatives pool, and the descriptor cache."""
+
+    def __init__(self, opt):
+        self.whole = WholeDataset(opt.dataPath, 'train', opt.resize)
+        struct = self.whole.db_struct
+        self.num_db = struct.numDb
+        nontrivial = self.whole.nontrivial_positives()
+        self.potential = self.whole.positives()
+        self.queries = np.array([q for q, p in enumerate(nontrivial) if len(p) > 0])
+        self.nontrivial = nontrivial
+        if len(self.queries) == 0:
+            raise UserError(f'No training query of {opt.dataPath} has a database image within '
+                            f'{math.sqrt(struct.nonTrivPosDistSqThr):.0f} m: nothing to train on.')
+
+    def refresh_cache(self, model, rows, opt, device, rank, world, cache=None):
+        """Descriptors of the given whole-set rows into the float16 cache (computed sharded across ranks)."""
+        shard = rows[rank::world]
+        descriptors = extract_descriptors(unwrap(model), Subset(self.whole, shard.tolist()), opt, device,
+                                          'cache')
+        gathered = gather_rows(torch.from_numpy(descriptors).half(), world)
+        order = np.concatenate([rows[r::world] for r in range(world)])
+        if cache is None:
+            cache = torch.zeros(len(self.whole), gathered.shape[1], dtype=torch.float16)
+        cache[torch.from_numpy(order)] = gathered
+        return cache
+
+
+def unwrap(model):
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model
+
+
+def chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world):
+    """Refresh the cache for a chunk of queries and mine its triplets (rows into the whole set)."""
+    positives = pad_rows([data.nontrivial[q] for q in chunk])
+    candidates = draw_negative_candidates(rng, data.num_db, [data.potential[q] for q in chunk], opt.nNegSample)
+    candidates = unique_per_row(np.concatenate([candidates, hard_negatives[chunk]], axis=1))
+    query_rows = data.num_db + chunk
+    needed = np.unique(np.concatenate([query_rows, positives[positives >= 0], candidates[candidates >= 0]]))
+    cache = data.refresh_cache(model, needed, opt, device, rank, world)
+    best_pos, negatives, usable = mine_triplets(cache, torch.from_numpy(query_rows), data.num_db,
+                                                torch.from_numpy(positives), torch.from_numpy(candidates),
+                                                opt.margin, opt.nNeg, opt.loss)
+    hard_negatives[chunk] = -1
+    hard_negatives[chunk, :negatives.shape[1]] = negatives.numpy()
+    return [(int(data.num_db + q), int(p), [int(n) for n in negs if n >= 0])
+            for q, p, negs, ok in zip(chunk, best_pos, negatives, usable) if ok]
+
+
+def make_optimizer(model, opt):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt.optim == 'ADAM':
+        optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weightDecay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weightDecay)
+    # the paper's schedule halves SGD's rate every lrStep epochs; Adam keeps its rate, as in the reference
+    gamma = opt.lrGamma if opt.optim == 'SGD' else 1.0
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep, gamma=gamma)
+    return optimizer, scheduler
+
+
+def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer, step):
+    """One pass over the mined triplets of a chunk (this rank's share of them)."""
+    loader = DataLoader(TripletImages(data.whole, triplets), batch_size=opt.batchSize, shuffle=False,
+                        num_workers=min(opt.threads, os.cpu_count() or 1), collate_fn=collate_triplets,
+                        pin_memory=device.type == 'cuda')
+    model.train()
+    losses = []
+    for images, neg_counts in loader:
+        started = time.time()
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(opt.precision, device):
+            descriptors = model(images)
+        loss = triplet_loss(descriptors.float(), neg_counts, opt.margin, opt.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        progress.update(len(neg_counts))
+        progress.set_postfix(loss=f'{loss.item():.4f}')
+        if writer is not None:
+            writer.add_scalar('Train/Loss', loss.item(), step)
+            writer.add_scalar('Train/nNeg', sum(neg_counts) / len(neg_counts), step)
+            writer.add_scalar('Train/images_per_s', len(images) / (time.time() - started), step)
+    return step, losses
+
+
+def train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer, step):
+    """One epoch: queries in an order drawn from (seed, epoch), the cache refreshed and mined chunk by chunk."""
+    rank, world = rank_world
+    rng = np.random.default_rng([opt.seed, epoch])
+    torch.manual_seed(opt.seed * 1000 + epoch)
+    order = rng.permutation(data.queries)
+    losses = []
+    chunk_size = opt.cacheRefreshRate or len(order)
+    with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
+        for start in range(0, len(order), chunk_size):
+            chunk = order[start:start + chunk_size]
+            triplets = chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world)
+            share = len(triplets) // world  # equal shares: every rank runs the same number of steps
+            mine = triplets[rank * share:(rank + 1) * share]
+            step, chunk_losses = train_chunk(model, data, mine, optimizer, opt, device, bar, writer, step)
+            losses += chunk_losses
+            bar.update(len(chunk) - len(mine))
+    return step, losses
+
+
+def training_splits(opt, rank=0):
+    """The train split (with what mining needs) and, on rank 0, the val split; read before anything is written."""
+    data = TrainingData(opt)
+    val_set = WholeDataset(opt.dataPath, 'val', opt.resize) if rank == 0 else None
+    return data, val_set
+
+
+def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
+    """Train `model` for epochs state['epoch']+1 .. num_epochs on `splits` (see training_splits), validating every
+    --evalEvery epochs and at the last one, and checkpointing into run_dir at the end of every epoch.
+
+    Also used to fine-tune pruned (prune.py) and fake-quantised (quantize.py) models, with save=False.
+    Returns the final training state (epoch, best score, recalls, ...).
+    """
+    rank, world = init_distributed(opt)
+    data, val_set = splits
+    logging.info('%s; loss: %s', trainable_layers_text(model), opt.loss)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif opt.nGPU > 1 and device.type == 'cuda' and torch.cuda.device_count() > 1:
+        model = torch.nn.DataParallel(model, device_ids=list(range(opt.nGPU)))
+    optimizer, scheduler = make_optimizer(model, opt)
+    state = dict(state or {})
+    hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1, dtype=np.int64)
+    if 'optimizer' in state:
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if 'lr' in opt.explicit:  # a learning rate given when resuming replaces the stored one
+            for group in optimizer.param_groups:
+                group['lr'] = group['initial_lr'] = opt.lr
+        stored = state['hard_negatives'].numpy()
+        hard_negatives[:, :min(opt.nNeg, stored.shape[1])] = stored[:, :opt.nNeg]
+    epoch = state.get('epoch', 0)
+    best_score, not_improved = state.get('best_score', 0.0), state.get('not_improved', 0)
+    writer = tensorboard_writer(run_dir) if rank == 0 and save else None
+    step = state.get('step', 0)
+    recalls = state.get('recalls', {})
+    epoch_losses = list(state.get('epoch_losses', []))
+    while epoch < num_epochs:
+        epoch += 1
+        step, losses = train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs,
+                                   (rank, world), writer, step)
+        scheduler.step()
+        epoch_losses.append(float(np.mean(losses)) if losses else float('nan'))
+        if writer is not None:
+            writer.add_scalar('Train/lr', optimizer.param_groups[0]['lr'], epoch)
+        validated = epoch % opt.evalEvery == 0 or epoch == num_epochs
+        is_best = False
+        if validated:
+            recalls = validate(model, val_set, opt, device, rank, world)
+            score = recalls.get(5, recalls[max(recalls)])
+            is_best = score > best_score
+            best_score, not_improved = (score, 0) if is_best else (best_score, not_improved + opt.evalEvery)
+            if writer is not None:
+                for n, recall in recalls.items():
+                    writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
+            logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score, ' *' if is_best else '')
+        state = dict(epoch=epoch, recalls=recalls, best_score=best_score, not_improved=not_improved, step=step,
+                     epoch_losses=epoch_losses, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                     hard_negatives=torch.from_numpy(hard_negatives), parallel=world > 1)
+        if save and rank == 0:  # every epoch: a killed run loses at most the epoch it was in
+            save_checkpoint(dict(model_state(unwrap(model)), **state), run_dir, is_best)
+        if validated and opt.patience and not_improved >= opt.patience:
+            logging.info('No better Recall@5 for %d epochs: stopping early.', not_improved)
+            break
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def validate(model, val_set, opt, device, rank, world):
+    """Recall@N on the val split, computed by rank 0 and shared with the other ranks."""
+    recalls = [None]
+    if rank == 0:
+        recalls[0] = evaluate(unwrap(model), val_set, opt, device)['recalls']
+        log_recalls(recalls[0])
+    if world > 1:
+        dist.broadcast_object_list(recalls, src=0)
+    return recalls[0]
+
+
+def tensorboard_writer(run_dir):
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(log_dir=os.path.join(run_dir, 'tensorboard'))
