@@ -43,7 +43,6 @@ from pittsburgh import WholeDataset, image_loader
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, derived_run_folder, open_run
-from training import fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -101,6 +100,7 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
     """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss (the layers the
     float model trains), convert."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from training import fit  # here: loading an int8 run (runs.open_run) needs no training code
     example = example_batch(loader)
     prepared = prepare_qat_pt2e(export_encoder(model.encoder.train(), example).module(), x86_quantizer(is_qat=True))
     calibrate(prepared, loader)
@@ -135,6 +135,11 @@ def check_options(opt):
     if opt.split in TRAIN_SPLITS:
         raise UserError(f'--split={opt.split}: the calibration images come from the training database; evaluate '
                         f'the quantized model on val or test instead.')
+
+
+def qat_splits(opt):
+    from training import training_splits
+    return training_splits(opt)
 
 
 def output_dir(opt):
@@ -184,7 +189,7 @@ def quantize(opt):
     config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
     calib_set = calibration_set(opt)
     eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
-    splits = training_splits(opt) if opt.quantization_type == 'qat' else None
+    splits = qat_splits(opt) if opt.quantization_type == 'qat' else None
     out_dir = output_dir(opt)
     setup_logging(out_dir)  # only now: bad flags or data write nothing
     if device.type != 'cpu':
