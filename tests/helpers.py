@@ -87,3 +87,9 @@ def error_paragraph(stderr):
 
 def files_under(path):
     return sorted(str(p.relative_to(path)) for p in Path(path).rglob('*') if p.is_file())
+
+
+def reference_quantization(weight):
+    """int8 per-output-channel symmetric quantisation, from its definition: scale = max|w| / 127.5."""
+    scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.5).clamp_min(2 ** -12)
+    return torch.clamp(torch.round(weight / scale[:, None, None, None]), -128, 127).to(torch.int8), scale

@@ -16,7 +16,7 @@ import main
 import quantize
 import training
 from checkpoint import checkpoint_path
-from helpers import error_paragraph
+from helpers import error_paragraph, reference_quantization
 from int8 import COMPILE_ENV, PROGRAM_NAME, QuantizedEmbedNet, head_state, int8_weights, load_quantized_model
 from models import build_model
 from pittsburgh import WholeDataset
@@ -55,12 +55,6 @@ def fp32_weights(run_dir):
 def program_weights(run_dir):
     program = torch.export.load(os.path.join(run_dir, 'checkpoints', PROGRAM_NAME))
     return program, int8_weights(program)
-
-
-def reference_quantization(weight):
-    """int8 per-output-channel symmetric quantisation, from its definition: scale = max|w| / 127.5."""
-    scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.5).clamp_min(2 ** -12)
-    return torch.clamp(torch.round(weight / scale[:, None, None, None]), -128, 127).to(torch.int8), scale
 
 
 def sample_images(data, count=8):
