@@ -12,11 +12,12 @@ import time
 import numpy as np
 import torch
 
-from evaluate import load_model
+from commons import UserError
 from figures import plot_recall_curves, retrieval_strips
 from measure import interleaved_latency
 from pittsburgh import WholeDataset
 from results import latest_per_variant, read_results, record_key, results_path, set_latencies
+from runs import holds_something, load_model
 
 # Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
 DEMO_SIZES = {
@@ -79,6 +80,9 @@ def demo(opt, parse_options, run_mode):
     as the typed command would."""
     size = DEMO_SIZES[opt.demo_size]
     commands, run_dir = stage_commands(opt, size)
+    if holds_something(run_dir):  # checked before the first stage: its train stage never overwrites a run
+        raise UserError(f'The demo trains into {run_dir}, which already holds a run. Give the demo another folder '
+                        f'with --runsPath (or move that run away). Nothing was written.')
     started = time.time()
     trained_test = None
     for number, argv in enumerate(commands, 1):

@@ -21,9 +21,14 @@ def derived_run_folder(run_dir, suffix):
     return f'{run_dir.rstrip("/" + os.sep)}_{suffix}'
 
 
+def holds_something(path):
+    """Whether `path` is a folder that already holds files (a run a new training would overwrite)."""
+    return os.path.isdir(path) and bool(os.listdir(path))
+
+
 def check_new_run_folder(path):
     """A new training run never writes into a folder that already holds something."""
-    if os.path.isdir(path) and os.listdir(path):
+    if holds_something(path):
         raise UserError(f'The run folder {path} already exists and holds {", ".join(sorted(os.listdir(path)))}; '
                         f'a new training run would replace its checkpoints. To continue that run, add '
                         f'--resume={path}; to start a new run, give another folder with --savePath. Nothing was '

@@ -39,3 +39,14 @@ def test_report_on_missing_empty_or_corrupt_results(run_cli, tmp_path, capsys):
     assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
     error = capsys.readouterr().err
     assert re.search(r'corrupt at line 2', error) and 'Traceback' not in error
+
+
+def test_demo_refuses_a_runs_folder_that_holds_its_run(run_cli, tmp_path, capsys):
+    run = tmp_path / 'runs' / 'alexnet_netvlad_checkpoint' / 'alexnet_netvlad_checkpoint'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'checkpoints' / 'checkpoint.pth.tar').write_bytes(b'a day of training')
+    assert run_cli(['--mode=demo', '--demo_size=tiny', '--runsPath', tmp_path / 'runs', '--dataPath',
+                    tmp_path / 'data', '--nocuda', '--threads=0']) == 2
+    assert '--runsPath' in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['runs']
+    assert (run / 'checkpoints' / 'checkpoint.pth.tar').read_bytes() == b'a day of training'
