@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import commons
+import int8
 import main
-import quantize
 import training
 from checkpoint import model_state, save_checkpoint
 from helpers import error_paragraph, files_under
@@ -161,7 +161,7 @@ def test_int8_checkpoints_folder_is_replaced_as_one_unit(tmp_path):
 
 def test_a_second_quantize_replaces_program_and_head_together(float_run, clustered_data, tmp_path, monkeypatch):
     """A quantize killed while saving its program leaves the previous run's program and head, both whole."""
-    monkeypatch.setenv(quantize.COMPILE_ENV, '0')
+    monkeypatch.setenv(int8.COMPILE_ENV, '0')
     run = shutil.copytree(float_run, tmp_path / 'run')
     argv = ['--mode=quantize', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
             '--calib_images=8', *FAST]
