@@ -45,7 +45,7 @@ from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from results import append_result
 from train import fit
 
@@ -269,7 +269,7 @@ def prune(opt):
     run_dir = output_folder(opt)
     setup_logging(run_dir)
     layers = selected_layers(model.encoder, opt.pruning_layers)
-    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    dataset = load_dataset(opt, opt.split)
     logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
                  100 * opt.pruning_amount, run_dir, opt.split)
     pruned = copy.deepcopy(model)

@@ -34,9 +34,10 @@ from checkpoint import load_model_from_checkpoint, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, directory_size, interleaved_latency, model_bytes
+from datasets import load_dataset
+from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from models import config_from_state_dict
-from pittsburgh import WholeDataset, image_loader
 from results import append_result
 
 QUANTIZATION_TYPES = ('static', 'qat')
@@ -52,7 +53,7 @@ QAT_LR_FACTOR = 0.1
 def calibration_set(opt):
     """--calib_images random training-database images (seeded): the only images that set activation ranges."""
     try:
-        train_set = WholeDataset(opt.dataPath, 'train', opt.resize)
+        train_set = load_dataset(opt, 'train')
     except UserError as error:
         raise UserError(f'--mode=quantize calibrates the int8 activations on --calib_images training-database '
                         f'images, never on the evaluated split, and the training split cannot be read. '
@@ -172,7 +173,7 @@ def quantize(opt):
         raise UserError(f'--resume={opt.resume} holds an already quantized model; quantize its float run instead.')
     config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
     calib_set = calibration_set(opt)
-    eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    eval_set = load_dataset(opt, opt.split)
     out_dir = output_dir(opt)
     setup_logging(out_dir)
     if device.type != 'cpu':

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
 from cluster import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
+from datasets import load_dataset
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
-from pittsburgh import WholeDataset
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
 NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath', 'runsPath',
@@ -161,7 +161,7 @@ class TrainingData:
     """The training split with what mining needs: positives, negatives pool, and the descriptor cache."""
 
     def __init__(self, opt):
-        self.whole = WholeDataset(opt.dataPath, 'train', opt.resize)
+        self.whole = load_dataset(opt, 'train')
         struct = self.whole.db_struct
         self.num_db = struct.numDb
         nontrivial = self.whole.nontrivial_positives()
@@ -274,7 +274,7 @@ def fit(model, opt, device, run_dir, num_epochs, state=None, save=True):
     """
     rank, world = init_distributed(opt)
     data = TrainingData(opt)
-    val_set = WholeDataset(opt.dataPath, 'val', opt.resize) if rank == 0 else None
+    val_set = load_dataset(opt, 'val') if rank == 0 else None
     model = model.to(device).to(memory_format=torch.channels_last)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

@@ -20,7 +20,7 @@ from cluster import initialised_model
 from helpers import error_paragraph
 from int8 import COMPILE_ENV, PROGRAM_NAME, QuantizedEmbedNet, head_state, int8_weights, load_quantized_model
 from models import build_model
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
@@ -84,7 +84,7 @@ def reference_quantization(weight):
 
 
 def sample_images(data, count=8):
-    dataset = WholeDataset(str(data), 'test')
+    dataset = load_dataset(main.parse_options(['--mode=test', f'--dataPath={data}']), 'test')
     return torch.stack([dataset[i][0] for i in range(count)])
 
 
@@ -187,10 +187,10 @@ def test_reload_in_fresh_process_without_training_split(static_run, clustered_da
         torch.set_num_threads(1)  # as in this process (conftest): float reductions then add up in the same order
         import main
         from checkpoint import load_model_from_checkpoint
-        from pittsburgh import WholeDataset
+        from datasets import load_dataset
         argv = ['--mode=test', '--resume={static_run}', '--dataPath={data}', '--runsPath={tmp_path}', *{FAST!r}]
         model = load_model_from_checkpoint(main.parse_options(argv))[0]
-        dataset = WholeDataset('{data}', 'test')
+        dataset = load_dataset(main.parse_options(argv), 'test')
         with torch.inference_mode():
             descriptors = model(torch.stack([dataset[i][0] for i in range(8)]))
         np.save('{tmp_path / "descriptors.npy"}', descriptors.numpy())
