@@ -14,7 +14,8 @@ from commons import UserError
 FIELDS = ['utm_east', 'utm_north', 'utm_zone_number', 'utm_zone_letter', 'latitude', 'longitude', 'pano_id',
           'tile_num', 'heading', 'pitch', 'roll', 'height', 'timestamp', 'note']
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-NAME_FORMAT = '@UTM_east@UTM_north@zone_number@zone_letter@lat@lon@pano_id@tile_num@heading@pitch@roll@height@timestamp@note@.jpg'
+NAME_FORMAT = ('@UTM_east@UTM_north@zone_number@zone_letter@lat@lon@pano_id@tile_num@heading@pitch@roll@height'
+               '@timestamp@note@.jpg')
 
 
 def filename_fields(path):
@@ -70,7 +71,7 @@ def split_folders(opt, split):
         present = sorted(os.listdir(images)) if os.path.isdir(images) else []
         raise UserError(f'--dataset folder: {opt.dataPath} has no split "{split}" ({folder} does not exist). '
                         + (f'Its splits are: {", ".join(present)}.' if present else
-                           f'--dataPath must hold images/{{train,val,test}}/{{database,queries}}/.'))
+                           '--dataPath must hold images/{train,val,test}/{database,queries}/.'))
     return os.path.join(folder, 'database'), os.path.join(folder, 'queries'), f'--dataPath {opt.dataPath}'
 
 

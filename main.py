@@ -14,7 +14,8 @@ NOT_GIVEN = object()
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo Time Machine, MSLS, folder datasets).')
+    p = argparse.ArgumentParser(description='NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo '
+                                            'Time Machine, MSLS and VPR-datasets-downloader folders).')
     p.add_argument('--mode', required=True, choices=MODES, help='What to run.')
     data = p.add_argument_group('data')
     data.add_argument('--dataset', default='pittsburgh',

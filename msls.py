@@ -57,6 +57,9 @@ def frames(folder):
 
 def read_split(opt, split):
     """The GroundTruth fields (see datasets.GroundTruth) of an MSLS split (msls_val or val: cph and sf; train)."""
+    if getattr(opt, 'panorama_suppression', 'auto') == 'on':
+        raise UserError('--panorama_suppression on: MSLS ranks single images; its panoramas are left out altogether '
+                        '(raw.csv pano), as its own evaluation does.')
     if split not in SPLIT_CITIES:
         raise UserError(f'--dataset msls has no split "{split}"; its splits are: {", ".join(SPLIT_CITIES)}.')
     root = os.path.join(opt.dataPath, 'train_val')

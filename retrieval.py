@@ -4,6 +4,8 @@ extraction (to memory or to a descriptor file), exact and approximate nearest-ne
 Memory does not grow with the split: descriptors go to a file as they are computed (descriptors.py), the exact
 search reads it in chunks and keeps only each query's top 25, and recall needs only those. --index ivfpq|hnsw
 searches an approximate faiss index instead (on the GPU when faiss-gpu and CUDA are there, as is the exact search).
+A split's protocol rules (datasets.GroundTruth: one image per panorama, database images a query's ranking skips,
+queries that are not scored) apply to the ranking before Recall@N is counted.
 """
 import contextlib
 import logging

@@ -121,6 +121,31 @@ def test_two_arbitrary_folders_in_test_mode(tmp_path, make_opt):
         load_dataset(make_opt(['--mode=cluster', '--database_folder', tmp_path, '--queries_folder', tmp_path]), 'train')
 
 
+def test_folder_tokyo247_suppresses_panoramas_by_pano_id(tmp_path, make_opt):
+    rng = np.random.default_rng(4)
+    pano_ids = [f'pano{p}' for p in rng.integers(0, 6, size=36)]
+    utm_db = ORIGIN + rng.uniform(0, 50, size=(36, 2))
+    write_folder_split(tmp_path / 'tokyo247', 'test', utm_db, ORIGIN + rng.uniform(0, 50, size=(5, 2)),
+                       pano_ids=pano_ids)
+    opt = opt_for(make_opt, '--dataset=folder', '--dataPath', tmp_path / 'tokyo247')
+    dataset = load_dataset(opt, 'test')
+    struct = dataset.db_struct
+    names = [p.split('@')[7] for p in struct.db_paths]  # the pano_id field, read here from the names
+    assert [names[i] == names[j] for i in range(36) for j in range(36)] == \
+        [struct.db_panorama[i] == struct.db_panorama[j] for i in range(36) for j in range(36)]
+    assert struct.query_sizes_vary
+    descriptors = rng.normal(size=(41, 8)).astype(np.float32)
+    predictions = retrieval.search_and_recall(descriptors, 36, dataset.positives(), opt, struct)['predictions']
+    expected = brute_force_panorama_ranking(descriptors[:36], descriptors[36:], names)
+    assert [row[row >= 0].tolist() for row in predictions] == expected
+    write_folder_split(tmp_path / 'other', 'test', utm_db[:3], utm_db[:1])
+    assert load_dataset(opt_for(make_opt, '--dataset=folder', '--dataPath', tmp_path / 'other'),
+                        'test').db_struct.db_panorama is None
+    with pytest.raises(UserError, match='pano_id'):
+        load_dataset(opt_for(make_opt, '--dataset=folder', '--dataPath', tmp_path / 'other',
+                             '--panorama_suppression=on'), 'test')
+
+
 def convert_to_folder_format(pittsburgh_root, target):
     """The tiny synthetic dataset (Pittsburgh layout) rewritten in the folder layout, positions in the names."""
     for split in ('train', 'val', 'test'):
@@ -175,8 +200,8 @@ def cell(names):
 def write_tokyo_struct(path, db_names, utm_db, q_names, utm_q, db_time, q_time, drop=()):
     """The 12-field layout of the authors' tokyo247.mat / tokyoTM_*.mat, fields in their order."""
     values = ['test', cell(db_names), np.asarray(utm_db).T, cell(q_names), np.asarray(utm_q).T,
-              float(len(db_names)), float(len(q_names)), 25.0, 625.0, 100.0, np.asarray(db_time, dtype=np.float64)[None],
-              np.asarray(q_time, dtype=np.float64)[None]]
+              float(len(db_names)), float(len(q_names)), 25.0, 625.0, 100.0,
+              np.asarray(db_time, dtype=np.float64)[None], np.asarray(q_time, dtype=np.float64)[None]]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     scipy.io.savemat(path, {'dbStruct': {k: v for k, v in zip(TOKYO_FIELDS, values) if k not in drop}})
 
@@ -247,7 +272,6 @@ def test_tokyo247_split_reads_12_fields_and_suppresses_panoramas(tmp_path, make_
 
 def test_tokyo247_cli_extracts_queries_of_different_sizes(tmp_path, run_cli):
     tokyo247(tmp_path / 'tokyo')
-    run = tmp_path / 'offtheshelf'
     assert run_cli(['--mode=test', '--dataPath', tmp_path / 'tokyo', '--split=tokyo247', '--pooling=max',
                     '--runsPath', tmp_path, '--save_predictions=2', *CLI]) == 0
     with open(tmp_path / 'alexnet_offtheshelf' / 'predictions_tokyo247.csv', newline='') as f:
