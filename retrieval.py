@@ -186,22 +186,27 @@ def candidates_to_search(protocol, n):
 def first_of_each_panorama(predictions, db_panorama):
     """[Q, k] mask of the best-ranked database image of each panorama in each ranking (-1 entries: False)."""
     k = predictions.shape[1]
-    panorama = np.where(predictions >= 0, db_panorama[predictions], -1 - np.arange(k))  # padding: all distinct
-    order = np.argsort(panorama, axis=1, kind='stable')
-    grouped = np.take_along_axis(panorama, order, axis=1)
-    first_in_group = np.ones(grouped.shape, dtype=bool)
-    first_in_group[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
-    first = np.empty_like(first_in_group)
-    np.put_along_axis(first, order, first_in_group, axis=1)
-    return first & (predictions >= 0)
+    position = np.arange(k)
+    panorama = np.where(predictions >= 0, db_panorama[predictions], -1 - position)  # padding: all distinct
+    key = np.sort(panorama * k + position, axis=1)  # by panorama, then by rank within it: its best comes first
+    group = key // k
+    first_in_group = np.ones(key.shape, dtype=bool)
+    first_in_group[:, 1:] = group[:, 1:] != group[:, :-1]
+    first = np.zeros(key.size, dtype=bool)
+    first[(np.arange(0, key.size, k)[:, None] + key % k).ravel()] = first_in_group.ravel()
+    return first.reshape(key.shape) & (predictions >= 0)
 
 
 def keep_ranked(dist, predictions, keep, n):
     """The first n kept entries of each ranking, in order; rows with fewer are padded with inf / -1."""
-    order = np.argsort(~keep, axis=1, kind='stable')[:, :n]
-    kept = np.take_along_axis(keep, order, axis=1)
-    return (np.where(kept, np.take_along_axis(dist, order, axis=1), np.inf),
-            np.where(kept, np.take_along_axis(predictions, order, axis=1), -1))
+    n = min(n, predictions.shape[1])
+    slot = np.cumsum(keep, axis=1) - 1  # where each kept entry goes in its row
+    rows, columns = np.nonzero(keep & (slot < n))
+    kept_dist = np.full((len(predictions), n), np.inf, dtype=dist.dtype)
+    kept = np.full((len(predictions), n), -1, dtype=predictions.dtype)
+    kept_dist[rows, slot[rows, columns]] = dist[rows, columns]
+    kept[rows, slot[rows, columns]] = predictions[rows, columns]
+    return kept_dist, kept
 
 
 def apply_ranking_rules(dist, predictions, protocol, n):
