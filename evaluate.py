@@ -71,6 +71,9 @@ def load_model(opt):
 
 
 def test(opt):
+    if opt.save_predictions < 0:
+        raise UserError(f'--save_predictions {opt.save_predictions}: give the number of top database images to '
+                        f'write per query (0: none).')
     make_deterministic(opt.seed)
     device = select_device(opt)
     rank, world = torchrun_process()

@@ -10,6 +10,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+import evaluate
 import retrieval
 from commons import UserError
 from datasets import load_dataset
@@ -107,6 +108,8 @@ def test_folder_errors(tmp_path, make_opt):
         load_dataset(opt_for(make_opt, '--database_folder', empty, '--queries_folder', empty), 'test')
     with pytest.raises(UserError, match='go together'):
         load_dataset(opt_for(make_opt, '--database_folder', empty), 'test')
+    with pytest.raises(UserError, match='--save_predictions -2'):
+        evaluate.test(opt_for(make_opt, '--dataset=folder', '--dataPath', tmp_path, '--save_predictions=-2'))
 
 
 def test_two_arbitrary_folders_in_test_mode(tmp_path, make_opt):
