@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from commons import UserError, make_deterministic, select_device
 from models import build_model, model_config
-from pittsburgh import WholeDataset, image_loader
+from datasets import load_dataset
+from images import image_loader
 
 NUM_DESCRIPTORS = 50000
 DESCRIPTORS_PER_IMAGE = 100
@@ -75,7 +76,7 @@ def cluster(opt):
     make_deterministic(opt.seed)
     device = select_device(opt)
     started = time.time()
-    dataset = WholeDataset(opt.dataPath, 'train', opt.resize)
+    dataset = load_dataset(opt, 'train')
     model = new_model(opt).to(device).eval()
     descriptors = sample_local_descriptors(model, dataset, opt, device)
     logging.info('Clustering %d descriptors of dimension %d into %d centroids', *descriptors.shape,

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from commons import UserError
+from datasets import load_dataset
 from figures import plot_recall_curves, retrieval_strips
 from measure import interleaved_latency
-from pittsburgh import WholeDataset
 from results import latest_per_variant, read_results, record_key, results_path, set_latencies
 from runs import holds_something, load_model
 
@@ -94,7 +94,7 @@ def demo(opt, parse_options, run_mode):
     records = [r for r in latest_per_variant(read_results(results_path(opt)))
                if r['arch'] == arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
     plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
-    test_set = WholeDataset(data_path, 'test')
+    test_set = load_dataset(parse_options(['--mode=test', '--dataset=synthetic', '--dataPath', data_path]), 'test')
     queries = np.linspace(0, test_set.db_struct.numQ - 1, STRIP_QUERIES).round().astype(int)  # spread over streets
     retrieval_strips(test_set, trained_test['predictions'], queries,
                      os.path.join(run_dir, 'retrievals.png'))

@@ -3,19 +3,25 @@
 The extraction, search and recall are retrieval.py's. Under torchrun each process writes its share of the
 descriptors (extract_part), and `--descriptors PART...` merges the parts and searches them in one process.
 """
+import csv
 import logging
 import os
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import Subset
 
 from commons import UserError, atomic_write_json, make_deterministic, select_device
+from datasets import load_dataset
 from descriptors import open_parts, part_name, part_rows
-from pittsburgh import WholeDataset
+from figures import retrieval_strips
+from msls import write_predictions
 from results import record_result
-from retrieval import evaluate, extract_descriptors, log_recalls, search_and_recall
+from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
 from runs import load_model
+
+PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 
 
 def evaluate_parts(paths, dataset, dim, opt):
@@ -25,7 +31,7 @@ def evaluate_parts(paths, dataset, dim, opt):
     whole = open_parts(paths, opt.split, len(dataset), dim)
     logging.info('Checked %d descriptor parts (%d x %d %s) in %.1f s', len(whole.files), len(dataset), dim,
                  whole.dtype.name, time.time() - started)
-    result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
+    result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct)
     return dict(result, extraction_s=None, images_per_s=None)
 
 
@@ -57,12 +63,15 @@ def extract_part(model, dataset, opt, device, rank, world):
 
 
 def test(opt):
+    if opt.save_predictions < 0:
+        raise UserError(f'--save_predictions {opt.save_predictions}: give the number of top database images to '
+                        f'write per query (0: none).')
     make_deterministic(opt.seed)
     device = select_device(opt)
     rank, world = torchrun_process()
     if world > 1 and device.type == 'cuda':
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize, images=not opt.descriptors)
+    dataset = load_dataset(opt, opt.split, images=not opt.descriptors)
     model, checkpoint, run_dir = load_model(opt)
     if getattr(model, 'cpu_only', False) and device.type != 'cpu':  # the int8 model of --mode=quantize
         logging.info('This model runs on the CPU (int8 x86 kernels): evaluating on the CPU instead of %s.', device)
@@ -70,14 +79,19 @@ def test(opt):
     model = model.to(device).to(memory_format=torch.channels_last)
     if world > 1:
         return extract_part(model, dataset, opt, device, rank, world)
-    logging.info('Testing %s on %s split %s: %d database images, %d queries', run_dir, opt.dataset, opt.split,
-                 dataset.db_struct.numDb, dataset.db_struct.numQ)
+    logging.info('Testing %s on %s split %s (%s): %d database images, %d queries', run_dir, opt.dataset, opt.split,
+                 dataset.db_struct.name, dataset.db_struct.numDb, dataset.db_struct.numQ)
     if opt.descriptors:
         result = evaluate_parts(opt.descriptors, dataset, model.output_dim, opt)
     else:
         result = evaluate(model, dataset, opt, device)
-    predictions = result.pop('predictions')
+    predictions, distances = result.pop('predictions'), result.pop('distances')
     log_recalls(result['recalls'])
+    if opt.save_predictions:
+        save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, opt.split,
+                         picture=not opt.descriptors)
+    if opt.dataset == 'msls' and not opt.database_folder:
+        save_msls_predictions(dataset, predictions, run_dir, opt.split)
     result.update(split=opt.split, dataset=opt.dataset, run=run_dir, precision=opt.precision,
                   device=str(device))
     path = os.path.join(run_dir, f'test_{opt.split}.json')
@@ -86,3 +100,40 @@ def test(opt):
     logging.info('Tested %d images%s; results in %s', len(dataset),
                  f' at {result["images_per_s"]:.1f} images/s' if result['images_per_s'] else '', path)
     return dict(result, predictions=predictions)
+
+
+def save_predictions(dataset, predictions, distances, top_n, run_dir, split, picture=True):
+    """<run>/predictions_<split>.csv (each query's top_n database images, descriptor distance, metres) and, unless
+    picture=False (no images at hand: --descriptors), .png."""
+    struct = dataset.db_struct
+    path = os.path.join(run_dir, f'predictions_{split}.csv')
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path + '.tmp', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['query_index', 'query_image', 'rank', 'database_index', 'database_image',
+                         'descriptor_distance', 'metres', 'within_threshold'])
+        for query, ranked in enumerate(predictions[:, :top_n]):
+            found = ranked[ranked >= 0]
+            metres = np.linalg.norm(struct.utmDb[found] - struct.utmQ[query], axis=1)
+            for rank, (db_index, distance, m) in enumerate(zip(found, distances[query], metres), 1):
+                writer.writerow([query, struct.query_paths[query], rank, db_index, struct.db_paths[db_index],
+                                 f'{distance:.6f}', f'{m:.2f}', int(m <= struct.posDistThr)])
+    os.replace(path + '.tmp', path)
+    logging.info('Top-%d predictions of every query in %s', top_n, path)
+    if picture:
+        picture_path = os.path.join(run_dir, f'predictions_{split}.png')
+        retrieval_strips(dataset, predictions, range(min(PICTURE_QUERIES, struct.numQ)), picture_path)
+        logging.info('The first %d queries and their retrievals pictured in %s', min(PICTURE_QUERIES, struct.numQ),
+                     picture_path)
+
+
+def save_msls_predictions(dataset, predictions, run_dir, split):
+    """The predictions file mapillary_sls's evaluate.py reads, for the scored queries (those with a positive)."""
+    struct = dataset.db_struct
+    scored = [q for q, p in enumerate(dataset.positives()) if len(p) > 0]
+    path = os.path.join(run_dir, f'msls_predictions_{split}.csv')
+    os.makedirs(run_dir, exist_ok=True)
+    write_predictions(path, [struct.query_paths[q] for q in scored], struct.db_paths,
+                      predictions[scored, :max(RECALL_NS)])
+    logging.info('MSLS predictions (top %d of %d queries) in %s: python evaluate.py --prediction %s --msls-root ROOT '
+                 '--cities cph,sf in mapillary_sls scores them', max(RECALL_NS), len(scored), path, path)

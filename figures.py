@@ -39,12 +39,13 @@ def framed(path, colour, caption):
 
 
 def retrieval_strips(dataset, predictions, query_indices, path):
-    """For each chosen query: the query, then its top retrievals framed green (within 25 m) or red."""
+    """For each chosen query: the query, then its top retrievals framed green (within the positive distance) or red."""
     struct = dataset.db_struct
     rows = []
     for query in query_indices:
         tiles = [framed(dataset.paths[struct.numDb + query], 'grey', f'query {query}')]
-        for rank, db_index in enumerate(predictions[query][:STRIP_TOP], 1):
+        ranked = predictions[query][predictions[query] >= 0]  # -1: fewer candidates than places (protocol rules)
+        for rank, db_index in enumerate(ranked[:STRIP_TOP], 1):
             metres = float(np.linalg.norm(struct.utmDb[db_index] - struct.utmQ[query]))
             colour = 'green' if metres <= struct.posDistThr else 'red'
             tiles.append(framed(dataset.paths[db_index], colour, f'#{rank}: {metres:.0f} m'))

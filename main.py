@@ -6,27 +6,55 @@ import sys
 from commons import UserError, log_exception_to_file, parse_size, setup_logging, user_error_text
 
 MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report']
-SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k']
+SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k', 'tokyo247', 'tokyoTM_train', 'tokyoTM_val',
+          'msls_val']
 # Model-shape flags: when a checkpoint is loaded its own values are used, unless the user gave the flag.
 MODEL_DEFAULTS = dict(arch='vgg16', pooling='netvlad', num_clusters=64)
 NOT_GIVEN = object()
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='NetVLAD for visual place recognition (Pittsburgh 30k/250k).')
+    p = argparse.ArgumentParser(description='NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo '
+                                            'Time Machine, MSLS and VPR-datasets-downloader folders).')
     p.add_argument('--mode', required=True, choices=MODES, help='What to run.')
     data = p.add_argument_group('data')
-    data.add_argument('--dataset', default='pittsburgh', choices=['pittsburgh', 'synthetic'],
-                      help='pittsburgh: the real data in --dataPath; synthetic: the built-in generated dataset, '
-                           'written into --dataPath (default ./synthetic_data) when not there yet.')
+    data.add_argument('--dataset', default='pittsburgh',
+                      choices=['pittsburgh', 'synthetic', 'tokyoTM', 'folder', 'msls'],
+                      help='pittsburgh: dbStruct files in --dataPath/datasets (Pittsburgh 30k/250k; --split tokyo247 '
+                           'reads tokyo247.mat); tokyoTM: Tokyo Time Machine dbStructs (train and val are '
+                           'tokyoTM_train/val.mat); synthetic: the built-in generated dataset, written into --dataPath '
+                           '(default ./synthetic_data) when not there yet; folder: the VPR-datasets-downloader layout '
+                           '<dataPath>/images/<split>/{database,queries}/ with @UTM_east@UTM_north@...@.jpg names; '
+                           'msls: Mapillary SLS (<dataPath>/train_val/<city>/...).')
     data.add_argument('--dataPath', default=None,
-                      help='Folder holding datasets/pitts30k_*.mat and the images (default: the current folder; '
+                      help='Folder holding the dataset: datasets/*.mat and the images for dbStruct datasets, '
+                           'images/<split>/ for --dataset folder, train_val/ for msls (default: the current folder; '
                            './synthetic_data for --dataset synthetic).')
+    data.add_argument('--imagesPath', default=None,
+                      help='dbStruct datasets: the folder holding the images, when it is not --dataPath (e.g. the '
+                           'Tokyo 24/7 root with images/ and query/, or the Tokyo Time Machine root with images/).')
+    data.add_argument('--database_folder', default=None,
+                      help='Test mode: a folder of database images named @UTM_east@UTM_north@...@.jpg, evaluated '
+                           'against --queries_folder instead of a split of --dataPath.')
+    data.add_argument('--queries_folder', default=None, help='Test mode: the query images for --database_folder.')
+    data.add_argument('--positive_dist_threshold', type=float, default=25,
+                      help='Folder and MSLS datasets: metres within which a database image is a correct match '
+                           '(and never a training negative). dbStruct files carry their own (posDistThr).')
+    data.add_argument('--train_positives_dist_threshold', type=float, default=10,
+                      help='Folder and MSLS datasets: metres within which a database image is a training positive.')
+    data.add_argument('--panorama_suppression', default='auto', choices=['auto', 'on', 'off'],
+                      help='Rank panoramas, not images: keep the best-ranked database image of each panorama before '
+                           'counting Recall@N (Tokyo 24/7 protocol: 12 consecutive cutouts per panorama in '
+                           'tokyo247.mat, the pano_id field of folder-format names). auto: on for Tokyo 24/7 only.')
     data.add_argument('--runsPath', default='.', help='Folder for run folders and the results file.')
     data.add_argument('--savePath', default=None,
                       help='Run folder of a new training run (default: <arch>_netvlad_checkpoint/'
                            '<arch>_netvlad_checkpoint under --runsPath).')
-    data.add_argument('--split', default='val', choices=SPLITS, help='Split to evaluate in test mode.')
+    data.add_argument('--split', default='val', choices=SPLITS,
+                      help='Split to evaluate in test mode (train and val are the training splits of every mode). '
+                           'dbStruct datasets: test/val/train (pitts30k), test250k/..., tokyo247 (Tokyo 24/7 '
+                           'protocol), tokyoTM_train/tokyoTM_val; folder: train/val/test; msls: msls_val (cph and sf, '
+                           'the dataset\'s validation protocol), val (the same), train.')
     data.add_argument('--resize', default=None, type=parse_size,
                       help='Resize every image to HEIGHTxWIDTH (default: full size).')
     data.add_argument('--synth_db', type=int, default=300,
@@ -133,6 +161,10 @@ def build_parser():
                             'are deleted afterwards, except the parts written under torchrun.')
     scale.add_argument('--desc_dtype', default='float32', choices=['float32', 'float16'],
                        help='Storage of the descriptor files: float16 halves disk and I/O; the search is float32.')
+    scale.add_argument('--save_predictions', type=int, default=0, metavar='N',
+                       help='Test mode: write each query\'s top N database images with their descriptor distance and '
+                            'distance in metres (<run>/predictions_<split>.csv), and a picture of the first queries '
+                            'with their retrievals (green within the positive threshold, red beyond).')
     scale.add_argument('--descriptors', nargs='+', default=None, metavar='PART',
                        help='Test mode: search the descriptor parts that test mode under torchrun wrote '
                             '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')

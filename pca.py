@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from descriptors import DescriptorFile, cache_folder
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from runs import derived_run_folder, load_model
@@ -120,7 +120,7 @@ def whitening_dim(opt, descriptor_dim, num_images):
 def training_sample(opt):
     """--pca_images random training-database images (seeded): the only images the whitening is fitted on."""
     try:
-        train_set = WholeDataset(opt.dataPath, 'train', opt.resize)
+        train_set = load_dataset(opt, 'train')
     except UserError as error:
         raise UserError(f'--mode=pca fits the whitening on training-database images, never on the evaluated split, '
                         f'and the training split cannot be read. {error}') from None
@@ -157,7 +157,7 @@ def pca(opt):
     raw_dim = model.output_dim
     dim = whitening_dim(opt, raw_dim, len(sample_set))
     out_dir = derived_run_folder(run_dir, f'pca{dim}')
-    eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    eval_set = load_dataset(opt, opt.split)
     setup_logging(out_dir)
     model = model.to(device).to(memory_format=torch.channels_last)
     started = time.time()
@@ -173,10 +173,10 @@ def pca(opt):
                                   path=os.path.join(folder, 'raw.npy'))
         whitened = whiten_descriptors(raw, layer, os.path.join(folder, 'whitened.npy'), opt.desc_dtype)
         num_db, positives = eval_set.db_struct.numDb, eval_set.positives()
-        results = dict(raw=search_and_recall(raw, num_db, positives, opt),
-                       whitened=search_and_recall(whitened, num_db, positives, opt))
+        results = dict(raw=search_and_recall(raw, num_db, positives, opt, eval_set.db_struct),
+                       whitened=search_and_recall(whitened, num_db, positives, opt, eval_set.db_struct))
     for result in results.values():
-        result.pop('predictions')
+        del result['predictions'], result['distances']
     record_result(opt, model, checkpoint, run_dir, results['raw'])
     model.whiten = layer.to(device)
     info = dict(dim=dim, images=len(sample_set), eps=WHITENING_EPS, source=run_dir, descriptor_dim=raw_dim,

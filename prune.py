@@ -46,7 +46,7 @@ from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from results import append_result
 from runs import apply_backprop_flag, derived_run_folder, open_run
 from training import fit, training_splits
@@ -278,7 +278,7 @@ def prune(opt):
     apply_backprop_flag(model, opt)
     layers = selected_layers(model.encoder, opt.pruning_layers)
     check_prunable(model, layers, opt.pruning_type)
-    dataset = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    dataset = load_dataset(opt, opt.split)
     splits = training_splits(opt) if opt.finetune_epochs > 0 else None
     run_dir = output_folder(opt)
     setup_logging(run_dir)  # only now: bad flags or data write nothing

@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
 from commons import UserError, make_deterministic, replace_folder, select_device, setup_logging
+from datasets import load_dataset
+from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from measure import compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict
-from pittsburgh import WholeDataset, image_loader
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, derived_run_folder, open_run
@@ -57,7 +58,7 @@ QAT_LR_FACTOR = 0.1
 def calibration_set(opt):
     """--calib_images random training-database images (seeded): the only images that set activation ranges."""
     try:
-        train_set = WholeDataset(opt.dataPath, 'train', opt.resize)
+        train_set = load_dataset(opt, 'train')
     except UserError as error:
         raise UserError(f'--mode=quantize calibrates the int8 activations on --calib_images training-database '
                         f'images, never on the evaluated split, and the training split cannot be read. '
@@ -188,7 +189,7 @@ def quantize(opt):
     apply_backprop_flag(model, opt)
     config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
     calib_set = calibration_set(opt)
-    eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+    eval_set = load_dataset(opt, opt.split)
     splits = qat_splits(opt) if opt.quantization_type == 'qat' else None
     out_dir = output_dir(opt)
     setup_logging(out_dir)  # only now: bad flags or data write nothing

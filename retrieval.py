@@ -4,6 +4,8 @@ extraction (to memory or to a descriptor file), exact and approximate nearest-ne
 Memory does not grow with the split: descriptors go to a file as they are computed (descriptors.py), the exact
 search reads it in chunks and keeps only each query's top 25, and recall needs only those. --index ivfpq|hnsw
 searches an approximate faiss index instead (on the GPU when faiss-gpu and CUDA are there, as is the exact search).
+A split's protocol rules (datasets.GroundTruth: one image per panorama, database images a query's ranking skips,
+queries that are not scored) apply to the ranking before Recall@N is counted.
 """
 import contextlib
 import logging
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from descriptors import DescriptorFile, cache_folder
-from pittsburgh import image_loader
+from images import image_loader
 
 RECALL_NS = [1, 5, 10, 20]
 CURVE_MAX_N = 25
@@ -25,6 +27,7 @@ APPROX_TRAIN_BYTES = 2 ** 30         # float32 bytes of the database sample an I
 IVF_NPROBE = 32                      # inverted lists visited per query
 PQ_MAX_BYTES = 64                    # product-quantizer code bytes per database image (8-bit sub-quantizers)
 HNSW_M, HNSW_EF_SEARCH = 32, 128     # graph degree; candidate list length at search
+TIME_EXCLUSION_FACTOR = 10           # TokyoTM val: retrieve 10x, then drop the query's time (dbTokyoTimeMachine.m)
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -157,14 +160,78 @@ def training_sample(db_desc):
 def approximate_search(kind, db_desc, query_desc, k, use_gpu=False):
     """Top-k database indices [numQ, k] from an approximate index (see approximate_index)."""
     index = approximate_index(kind, db_desc, faiss.StandardGpuResources() if use_gpu else None)
-    return search_index(index, query_desc, min(k, len(db_desc)))
+    return search_index(index, query_desc, min(k, len(db_desc)))[1]
 
 
 def search_index(index, query_desc, k):
+    """[numQ, k] (squared distances as the index estimates them, database indices), nearest first."""
     step = chunk_rows(query_desc.shape[1])
-    found = [index.search(as_float32(query_desc[start:start + step]), k)[1]
-             for start in range(0, len(query_desc), step)]
-    return np.concatenate(found).astype(np.int64)
+    found = [index.search(as_float32(query_desc[start:start + step]), k) for start in range(0, len(query_desc), step)]
+    return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- protocol rules
+
+def candidates_to_search(protocol, n):
+    """How many neighbours to retrieve so that (up to) n remain after the protocol's ranking rules."""
+    if protocol is None:
+        return n
+    if protocol.db_panorama is not None:  # the largest panorama: the authors' 12 x N for Tokyo 24/7
+        n *= int(np.bincount(protocol.db_panorama).max())
+    if protocol.exclude_same_time:
+        n *= TIME_EXCLUSION_FACTOR
+    return n
+
+
+def first_of_each_panorama(predictions, db_panorama):
+    """[Q, k] mask of the best-ranked database image of each panorama in each ranking (-1 entries: False)."""
+    k = predictions.shape[1]
+    position = np.arange(k)
+    panorama = np.where(predictions >= 0, db_panorama[predictions], -1 - position)  # padding: all distinct
+    key = np.sort(panorama * k + position, axis=1)  # by panorama, then by rank within it: its best comes first
+    group = key // k
+    first_in_group = np.ones(key.shape, dtype=bool)
+    first_in_group[:, 1:] = group[:, 1:] != group[:, :-1]
+    first = np.zeros(key.size, dtype=bool)
+    first[(np.arange(0, key.size, k)[:, None] + key % k).ravel()] = first_in_group.ravel()
+    return first.reshape(key.shape) & (predictions >= 0)
+
+
+def keep_ranked(dist, predictions, keep, n):
+    """The first n kept entries of each ranking, in order; rows with fewer are padded with inf / -1."""
+    n = min(n, predictions.shape[1])
+    slot = np.cumsum(keep, axis=1) - 1  # where each kept entry goes in its row
+    rows, columns = np.nonzero(keep & (slot < n))
+    kept_dist = np.full((len(predictions), n), np.inf, dtype=dist.dtype)
+    kept = np.full((len(predictions), n), -1, dtype=predictions.dtype)
+    kept_dist[rows, slot[rows, columns]] = dist[rows, columns]
+    kept[rows, slot[rows, columns]] = predictions[rows, columns]
+    return kept_dist, kept
+
+
+def apply_ranking_rules(dist, predictions, protocol, n):
+    """Top n after the protocol's rules: skipped database images (TokyoTM val), one image per panorama (Tokyo 24/7)."""
+    if protocol is None:
+        return dist[:, :n], predictions[:, :n]
+    keep = protocol.kept_in_ranking(predictions)
+    if protocol.db_panorama is not None:
+        dist, predictions = keep_ranked(dist, predictions, keep, predictions.shape[1])
+        keep = first_of_each_panorama(predictions, protocol.db_panorama)
+    return keep_ranked(dist, predictions, keep, n)
+
+
+def scored_queries(positives, protocol):
+    """Indices of the queries Recall@N counts; logs how many queries have no positive and what happens to them."""
+    without = sum(len(p) == 0 for p in positives)
+    radius = f'{protocol.posDistThr:g} m' if protocol is not None else 'the positive distance'
+    if protocol is not None and protocol.only_queries_with_positives:
+        logging.info('%d of %d queries have no database image within %s: not scored (MSLS protocol).', without,
+                     len(positives), radius)
+        return np.array([q for q, p in enumerate(positives) if len(p) > 0], dtype=np.int64)
+    if without:
+        logging.info('%d of %d queries have no database image within %s: they count as misses.', without,
+                     len(positives), radius)
+    return np.arange(len(positives))
 
 
 # ---------------------------------------------------------------------------------------------- recall
@@ -181,40 +248,54 @@ def recalls_of(curve):
     return {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
 
 
-def search_and_recall(whole, num_db, positives, opt):
+def search_and_recall(whole, num_db, positives, opt, protocol=None):
     """Search the queries (rows num_db..) of a whole-set descriptor array or file among its database rows.
 
-    Returns recalls, curve, descriptor_dim, search_s and predictions; with --index ivfpq|hnsw also `index`, and
-    with --compare_exact the exact search's `exact` recalls and time beside them.
+    protocol: the split's GroundTruth, whose rules (panorama suppression, skipped database images, queries not
+    scored) apply; None: plain ranking, every query scored. Returns recalls, curve, descriptor_dim, search_s,
+    queries_scored, predictions and distances (descriptor L2, [numQ, max(25, --save_predictions)]); with
+    --index ivfpq|hnsw also `index`, and with --compare_exact the exact search's `exact` recalls and time beside them.
     """
     db_desc, query_desc = rows_of(whole, 0, num_db), rows_of(whole, num_db, len(whole))
     use_gpu = opt.cuda and faiss_gpu_available()
     index = getattr(opt, 'index', 'flat')
+    kept = max(CURVE_MAX_N, getattr(opt, 'save_predictions', 0) or 0)
+    k = candidates_to_search(protocol, kept)
+    scored = scored_queries(positives, protocol)
     started = time.time()
     if index == 'flat':
-        _, predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
+        dist, predictions = exact_search(db_desc, query_desc, k, use_gpu=use_gpu)
     else:
         built = approximate_index(index, db_desc, faiss.StandardGpuResources() if use_gpu else None)
         build_s = time.time() - started
-        predictions = search_index(built, query_desc, min(CURVE_MAX_N, len(db_desc)))
+        dist, predictions = search_index(built, query_desc, min(k, len(db_desc)))
         del built
-    curve = recall_curve(predictions, positives)
+    dist, predictions = apply_ranking_rules(dist, predictions, protocol, kept)
+    curve = scored_recall_curve(predictions, positives, scored)
     result = dict(recalls=recalls_of(curve), curve=curve.tolist(), descriptor_dim=int(whole.shape[1]),
-                  search_s=time.time() - started, predictions=predictions)
+                  search_s=time.time() - started, queries_scored=len(scored), predictions=predictions,
+                  distances=np.sqrt(np.maximum(dist, 0)))
     if index != 'flat':
         result.update(index=index, index_build_s=build_s)  # search_s includes the build
         logging.info('%s index built in %.1f s, queries searched in %.1f s', index, build_s,
                      result['search_s'] - build_s)
     if index != 'flat' and getattr(opt, 'compare_exact', False):
         started = time.time()
-        _, exact_predictions = exact_search(db_desc, query_desc, CURVE_MAX_N, use_gpu=use_gpu)
-        exact = dict(recalls=recalls_of(recall_curve(exact_predictions, positives)), search_s=time.time() - started)
+        exact_predictions = apply_ranking_rules(*exact_search(db_desc, query_desc, k, use_gpu=use_gpu), protocol,
+                                                kept)[1]
+        exact = dict(recalls=recalls_of(scored_recall_curve(exact_predictions, positives, scored)),
+                     search_s=time.time() - started)
         result['exact'] = exact
         logging.info('%-10s %10s %10s %10s', 'Recall@N', 'exact', index, 'change')
         for n, recall in result['recalls'].items():
             logging.info('%-10d %10.4f %10.4f %+10.4f', n, exact['recalls'][n], recall, recall - exact['recalls'][n])
         logging.info('%-10s %10.1f %10.1f', 'search s', exact['search_s'], result['search_s'])
     return result
+
+
+def scored_recall_curve(predictions, positives, scored):
+    """Recall@1..CURVE_MAX_N over the scored queries."""
+    return recall_curve(predictions[scored, :CURVE_MAX_N], [positives[q] for q in scored])
 
 
 def evaluate(model, dataset, opt, device):
@@ -228,7 +309,7 @@ def evaluate(model, dataset, opt, device):
         whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
                                     path=os.path.join(folder, f'{dataset.split}.npy'))
         extraction_s = time.time() - started
-        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt)
+        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct)
     return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoint import model_state, save_checkpoint
 from commons import UserError
 from models import trainable_layers_text
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
 
 LOSSES = ('reference', 'paper')
@@ -179,7 +179,7 @@ class TrainingData:
     """The training split with what mining needs: positives, negatives pool, and the descriptor cache."""
 
     def __init__(self, opt):
-        self.whole = WholeDataset(opt.dataPath, 'train', opt.resize)
+        self.whole = load_dataset(opt, 'train')
         struct = self.whole.db_struct
         self.num_db = struct.numDb
         nontrivial = self.whole.nontrivial_positives()
@@ -287,7 +287,7 @@ def train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_
 def training_splits(opt, rank=0):
     """The train split (with what mining needs) and, on rank 0, the val split; read before anything is written."""
     data = TrainingData(opt)
-    val_set = WholeDataset(opt.dataPath, 'val', opt.resize) if rank == 0 else None
+    val_set = load_dataset(opt, 'val') if rank == 0 else None
     return data, val_set
 
 

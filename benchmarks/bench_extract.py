@@ -20,8 +20,8 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import main  # noqa: E402
 from cluster import new_model  # noqa: E402
+from images import ImageList  # noqa: E402
 from retrieval import extract_descriptors  # noqa: E402
-from pittsburgh import ImageList  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16']
 

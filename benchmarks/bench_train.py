@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main as cli  # noqa: E402
 import training  # noqa: E402
 from cluster import initialised_model  # noqa: E402
+from datasets import load_dataset  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
-from pittsburgh import WholeDataset  # noqa: E402
 
 ARMS = ['ours_fp32', 'reference_mining_fp32', 'ours_bf16', 'reference_full_fp32']
 
@@ -90,7 +90,7 @@ def run_arm(arm, workdir):
     else:
         reference_epoch(model, opt, training.TrainingData(opt), device)
     epoch_s = time.time() - started
-    recalls = evaluate(model, WholeDataset(opt.dataPath, 'val'), opt, device)['recalls']
+    recalls = evaluate(model, load_dataset(opt, 'val'), opt, device)['recalls']
     print(json.dumps(dict(arm=arm, epoch_s=epoch_s, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                           / 1024, recalls=recalls)))
 

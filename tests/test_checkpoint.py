@@ -13,7 +13,7 @@ from checkpoint import read_checkpoint
 from retrieval import extract_descriptors
 from helpers import (alexnet_trunk, brute_force_positives, brute_force_recalls, error_paragraph, netvlad_reference,
                      read_geometry, read_image)
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from runs import open_run
 
 ALEXNET_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
@@ -112,7 +112,7 @@ def test_loaded_checkpoint_gives_the_reference_descriptors(tiny_data, tmp_path, 
     opt = make_opt(cli_argv(tiny_data, run_dir))
     model, checkpoint = open_run(opt)
     assert checkpoint['epoch'] == 7 and checkpoint['best_score'] == 0.62
-    desc = extract_descriptors(model, WholeDataset(str(tiny_data), 'test'), opt, torch.device('cpu'))
+    desc = extract_descriptors(model, load_dataset(opt, 'test'), opt, torch.device('cpu'))
     assert desc.dtype == np.float32 and desc.shape == reference.shape
     assert np.abs(desc - reference).max() < 1e-6  # unit-length rows of 16384 components
 

@@ -8,7 +8,9 @@ import scipy.io
 
 from commons import UserError
 from helpers import REAL_GEOMETRY, brute_force_positives, error_paragraph, files_under, read_geometry
-from pittsburgh import WholeDataset, load_image, parse_db_struct, positives_within
+from datasets import load_dataset, positives_within
+from images import load_image
+from pittsburgh import parse_db_struct
 
 FIELDS = ['whichSet', 'dbImageFns', 'utmDb', 'qImageFns', 'utmQ', 'numImages', 'numQueries', 'posDistThr',
           'posDistSqThr', 'nonTrivPosDistSqThr']
@@ -106,16 +108,16 @@ def test_mat_that_is_not_matlab(tmp_path):
         parse_db_struct(str(path))
 
 
-def test_wrong_field_count(tmp_path):
+def test_missing_field_is_named(tmp_path):
     db_names, utm_db, q_names, utm_q = small_geometry()
     path = tmp_path / 'nine.mat'
     write_db_struct(path, db_names, utm_db, q_names, utm_q, drop='nonTrivPosDistSqThr')
     with pytest.raises(UserError, match='nine.mat') as error:
         parse_db_struct(str(path))
-    assert '9 fields' in str(error.value)
+    assert 'no field nonTrivPosDistSqThr' in str(error.value)
 
 
-def test_missing_and_corrupt_images(tiny_copy):
+def test_missing_and_corrupt_images(tiny_copy, make_opt):
     db_struct = parse_db_struct(str(tiny_copy / 'datasets' / 'pitts30k_test.mat'))
     image = tiny_copy / db_struct.dbImage[3]
     assert load_image(str(image)).shape == (3, 64, 80)
@@ -128,11 +130,11 @@ def test_missing_and_corrupt_images(tiny_copy):
     missing = tiny_copy / 'queries_real' / db_struct.qImage[5]
     missing.unlink()
     with pytest.raises(UserError, match=db_struct.qImage[5]):
-        WholeDataset(str(tiny_copy), 'test')
+        load_dataset(make_opt(['--mode=test', '--dataPath', tiny_copy]), 'test')
 
 
-def test_whole_dataset_order_and_ground_truth(tiny_data):
-    dataset = WholeDataset(str(tiny_data), 'test')
+def test_whole_dataset_order_and_ground_truth(tiny_data, make_opt):
+    dataset = load_dataset(make_opt(['--mode=test', '--dataPath', tiny_data]), 'test')
     _, utm_db, q_names, utm_q = read_geometry(tiny_data / 'datasets' / 'pitts30k_test.mat')
     assert len(dataset) == 60 + 30
     assert dataset.paths[60] == os.path.join(str(tiny_data), 'queries_real', q_names[0])  # db first, then queries

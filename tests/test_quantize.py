@@ -19,7 +19,7 @@ from checkpoint import checkpoint_path
 from helpers import error_paragraph, reference_quantization
 from int8 import COMPILE_ENV, PROGRAM_NAME, QuantizedEmbedNet, head_state, int8_weights, load_quantized_model
 from models import build_model
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from runs import open_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def program_weights(run_dir):
 
 
 def sample_images(data, count=8):
-    dataset = WholeDataset(str(data), 'test')
+    dataset = load_dataset(main.parse_options(['--mode=test', f'--dataPath={data}']), 'test')
     return torch.stack([dataset[i][0] for i in range(count)])
 
 
@@ -161,10 +161,10 @@ def test_reload_in_fresh_process_without_training_split(static_run, clustered_da
         torch.set_num_threads(1)  # as in this process (conftest): float reductions then add up in the same order
         import main
         from runs import open_run
-        from pittsburgh import WholeDataset
+        from datasets import load_dataset
         argv = ['--mode=test', '--resume={static_run}', '--dataPath={data}', '--runsPath={tmp_path}', *{FAST!r}]
         model = open_run(main.parse_options(argv))[0]
-        dataset = WholeDataset('{data}', 'test')
+        dataset = load_dataset(main.parse_options(argv), 'test')
         with torch.inference_mode():
             descriptors = model(torch.stack([dataset[i][0] for i in range(8)]))
         np.save('{tmp_path / "descriptors.npy"}', descriptors.numpy())

@@ -15,7 +15,7 @@ from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_n
 from retrieval import approximate_search, exact_search, recall_curve
 from helpers import error_paragraph
 from pca import fit_whitening
-from pittsburgh import WholeDataset
+from datasets import load_dataset
 from runs import open_run
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '16', '--latency_size', '64x80', '--split', 'test']
@@ -102,7 +102,7 @@ def test_evaluate_streams_to_a_file_and_removes_it(clustered_data, tmp_path, mon
     opt = main.parse_options(['--mode=test', *MODEL, f'--dataPath={clustered_data}', *FAST,
                               f'--cachePath={tmp_path / "cache"}'])
     model = initialised_model(opt).eval()
-    dataset = WholeDataset(opt.dataPath, 'test')
+    dataset = load_dataset(opt, 'test')
     descriptors = retrieval.extract_descriptors(model, dataset, opt, torch.device('cpu'))
     _, expected = exact_search(descriptors[:60], descriptors[60:], 25, db_chunk=60, query_chunk=30)
     monkeypatch.setattr(retrieval, 'SEARCH_CHUNK_BYTES', 4 * 2048 * 7)  # 7 rows of 2048-D per chunk
@@ -226,7 +226,8 @@ def test_whitening_is_stored_and_reloaded(whitened_run, clustered_data):
     assert model.output_dim == 64 and model.whiten.weight.shape == (64, 2048)
     assert checkpoint['pca']['dim'] == 64 and checkpoint['pca']['images'] == 120
     assert checkpoint['variant'] == 'off-the-shelf (k-means init) + PCA-whitening 64'
-    images = torch.stack([WholeDataset(clustered_data, 'test')[i][0] for i in range(4)])
+    test_set = load_dataset(main.parse_options(['--mode=test', f'--dataPath={clustered_data}']), 'test')
+    images = torch.stack([test_set[i][0] for i in range(4)])
     with torch.no_grad():
         raw = model.pool(model.encoder(images))
         expected = F.normalize(raw @ checkpoint['state_dict']['whiten.weight'].T

@@ -1,0 +1,113 @@
+"""The one dataset interface every mode reads: a split's images (database first, then queries) and its ground truth.
+
+`load_dataset(opt, split)` picks the reader of `--dataset` (pittsburgh.py for dbStruct files, Pittsburgh, Tokyo
+24/7 and Tokyo Time Machine; folder_dataset.py for the @UTM folder layout; msls.py for Mapillary SLS). Each reader's
+`read_split(opt, split)` returns the keyword arguments of `GroundTruth`, so the modes never ask which format they
+read.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+import folder_dataset
+import msls
+import pittsburgh
+from images import ImageList, check_images_exist
+
+READERS = {'pittsburgh': pittsburgh, 'synthetic': pittsburgh, 'tokyoTM': pittsburgh, 'folder': folder_dataset,
+           'msls': msls}
+
+
+@dataclass
+class GroundTruth:
+    """A split's database and queries, their positions, and the rules its retrieval is scored by.
+
+    The attributes the modes read keep the dbStruct's names (utmDb, posDistThr, ..., numDb, numQ); protocol rules
+    that only some datasets have default to "not used".
+    """
+    name: str                          # what the logs call it, e.g. 'pitts30k_test.mat'
+    db_paths: list                     # image paths, database
+    query_paths: list                  # and queries
+    utmDb: np.ndarray                  # [numDb, 2] easting, northing (metres)
+    utmQ: np.ndarray                   # [numQ, 2]
+    posDistThr: float                  # metres: a database image this close is a correct match, never a negative
+    nonTrivPosDistSqThr: float         # squared metres: training positives lie this close
+    images_hint: str = ''              # where the images are expected, for the missing-image error
+    db_panorama: np.ndarray = None     # [numDb] panorama ids: only the best image of each panorama is ranked
+    db_time: np.ndarray = None         # [numDb] capture times (Tokyo Time Machine)
+    q_time: np.ndarray = None          # [numQ]
+    min_train_pos_dist: float = None   # metres: training positives lie farther than this (TokyoTM: 1)
+    train_pos_other_time: bool = False  # training positives come from another time than the query (TokyoTM)
+    exclude_same_time: bool = False    # database images of the query's time leave its ranking (TokyoTM val)
+    only_queries_with_positives: bool = False  # queries without a positive are not scored (MSLS)
+    query_sizes_vary: bool = False     # queries come in different sizes (Tokyo 24/7): extracted one at a time
+
+    @property
+    def numDb(self):
+        return len(self.db_paths)
+
+    @property
+    def numQ(self):
+        return len(self.query_paths)
+
+    def positives(self):
+        """For each query, the sorted database indices within posDistThr."""
+        return positives_within(self, self.posDistThr)
+
+    def nontrivial_positives(self):
+        """For each query, its training positives: within sqrt(nonTrivPosDistSqThr), and the protocol's rules."""
+        positives = positives_within(self, np.sqrt(self.nonTrivPosDistSqThr))
+        if self.min_train_pos_dist is None and not self.train_pos_other_time:
+            return positives
+        return [p[self.keeps_as_training_positive(query, p)] for query, p in enumerate(positives)]
+
+    def keeps_as_training_positive(self, query, candidates):
+        keep = np.ones(len(candidates), dtype=bool)
+        if self.min_train_pos_dist is not None:
+            keep &= np.linalg.norm(self.utmDb[candidates] - self.utmQ[query], axis=1) > self.min_train_pos_dist
+        if self.train_pos_other_time:
+            keep &= self.db_time[candidates] != self.q_time[query]
+        return keep
+
+    def kept_in_ranking(self, predictions):
+        """[numQ, k] mask of the ranked database indices `predictions` (-1: none) that a query's ranking keeps."""
+        if not self.exclude_same_time:
+            return predictions >= 0
+        return (predictions >= 0) & (self.db_time[predictions] != self.q_time[:, None])
+
+
+def positives_within(ground_truth, radius):
+    """For each query, the sorted indices of the database images within `radius` metres."""
+    tree = cKDTree(ground_truth.utmDb)
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in tree.query_ball_point(ground_truth.utmQ, r=radius)]
+
+
+class SplitImages(ImageList):
+    """All images of a split, database first then queries, with the split's ground truth as `db_struct`."""
+
+    def __init__(self, ground_truth, split, resize=None):
+        super().__init__(ground_truth.db_paths + ground_truth.query_paths, resize,
+                         sizes_vary_from=ground_truth.numDb if ground_truth.query_sizes_vary else None)
+        self.db_struct = ground_truth
+        self.split = split
+
+    def positives(self):
+        return self.db_struct.positives()
+
+    def nontrivial_positives(self):
+        return self.db_struct.nontrivial_positives()
+
+
+def load_dataset(opt, split, images=True):
+    """The split `split` of the dataset --dataset in --dataPath, as a whole-split image list.
+
+    In test mode --database_folder/--queries_folder replace the split by two folders of the folder format.
+    images=False: only the ground truth is needed (e.g. searching descriptors computed elsewhere), so the image
+    files are not checked.
+    """
+    reader = folder_dataset if folder_dataset.two_folders(opt) else READERS[opt.dataset]
+    ground_truth = GroundTruth(**reader.read_split(opt, split))
+    if images:
+        check_images_exist(ground_truth.db_paths + ground_truth.query_paths, ground_truth.images_hint)
+    return SplitImages(ground_truth, split, getattr(opt, 'resize', None))

@@ -1,0 +1,82 @@
+"""Images: loading and ImageNet normalisation, image lists by index, and the DataLoader every mode reads them through."""
+import os
+
+import torch
+import torch.utils.data as data
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+from commons import UserError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def load_image(path, resize=None):
+    """An RGB image as a normalised [3, H, W] float tensor; a clear error for an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert('RGB')
+    except (OSError, UnidentifiedImageError) as error:
+        raise UserError(f'Image {path} cannot be read: the file is corrupt or not an image ({error}).') from None
+    if resize is not None:
+        image = image.resize((resize[1], resize[0]), Image.BILINEAR)
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def check_images_exist(paths, hint):
+    """A UserError naming the first missing image; `hint` says where the images are expected."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f'{len(missing)} of {len(paths)} images are missing, for example {missing[0]}. {hint}')
+
+
+class ImageList(data.Dataset):
+    """Images by index; returns (image, index). The only work DataLoader workers do is decoding.
+
+    sizes_vary_from: index from which images may differ in size (Tokyo 24/7 queries); those are loaded one per
+    batch at full size, as the NetVLAD authors extract them (None: all images have one size).
+    """
+
+    def __init__(self, paths, resize=None, sizes_vary_from=None):
+        self.paths = paths
+        self.resize = resize
+        self.sizes_vary_from = None if resize is not None else sizes_vary_from
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.resize), index
+
+
+def batches(num_images, batch_size, singles_from):
+    """Index batches of batch_size, except that every image from singles_from on is a batch of its own."""
+    cut = min(num_images, singles_from)
+    return ([list(range(start, min(start + batch_size, cut))) for start in range(0, cut, batch_size)]
+            + [[index] for index in range(cut, num_images)])
+
+
+def sizes_vary_from(dataset):
+    """Where a (Subset of an) ImageList starts holding images of varying sizes, else None."""
+    if isinstance(dataset, data.Subset):
+        return 0 if sizes_vary_from(dataset.dataset) is not None else None
+    return getattr(dataset, 'sizes_vary_from', None)
+
+
+def stack_images(batch):
+    """Default collation, with a UserError instead of torch's when images of one batch differ in size."""
+    sizes = {tuple(image.shape[1:]) for image, _ in batch}
+    if len(sizes) > 1:
+        raise UserError(f'Images of one batch have different sizes ({", ".join(f"{h}x{w}" for h, w in sorted(sizes))}'
+                        f'): give --resize HEIGHTxWIDTH so that all images have one size.')
+    return data.default_collate(batch)
+
+
+def image_loader(dataset, opt, batch_size, shuffle=False, generator=None):
+    """The DataLoader of an image list: decoding in --threads workers, pinned memory on CUDA."""
+    singles_from = None if shuffle else sizes_vary_from(dataset)
+    batching = (dict(batch_size=batch_size, shuffle=shuffle, generator=generator) if singles_from is None else
+                dict(batch_sampler=batches(len(dataset), batch_size, singles_from)))
+    return data.DataLoader(dataset, collate_fn=stack_images, num_workers=min(opt.threads, os.cpu_count() or 1),
+                           pin_memory=opt.cuda and torch.cuda.is_available(), persistent_workers=False, **batching)
