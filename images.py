@@ -7,9 +7,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from commons import UserError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from models import IMAGENET_MEAN, IMAGENET_STD  # the input every model takes
 
 
 def load_image(path, resize=None):

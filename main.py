@@ -5,7 +5,7 @@ import sys
 
 from commons import UserError, log_exception_to_file, parse_size, setup_logging, user_error_text
 
-MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report']
+MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report', 'import', 'export']
 SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k', 'tokyo247', 'tokyoTM_train', 'tokyoTM_val',
           'msls_val']
 # Model-shape flags: when a checkpoint is loaded its own values are used, unless the user gave the flag.
@@ -169,6 +169,18 @@ def build_parser():
                        help='Test mode: search the descriptor parts that test mode under torchrun wrote '
                             '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
 
+    interchange = p.add_argument_group('models from and to other tools')
+    interchange.add_argument('--matlab', default=None, metavar='FILE',
+                             help='Import mode: the NetVLAD authors\' trained network in the struct .mat layout hloc '
+                                  'downloads (Pitts30K_struct.mat, TokyoTM_struct.mat); written as a run folder to '
+                                  '--savePath (default: vgg16_netvlad_<file name> under --runsPath).')
+    interchange.add_argument('--format', default='onnx', choices=['onnx'],
+                             help='Export mode: the file format of the exported model.')
+    interchange.add_argument('--export_path', default=None, metavar='FILE',
+                             help='Export mode: the file to write (default: <resume>/model.onnx). Input: images '
+                                  'normalised as the project loads them (mean and std in its metadata); output: the '
+                                  'L2-normalised descriptor.')
+
     report = p.add_argument_group('demo and report')
     report.add_argument('--demo_size', default='default', choices=['tiny', 'default'],
                         help='Demo: "tiny" runs every stage on a very small dataset in about a minute.')
@@ -199,7 +211,7 @@ def explicit_flags(parser, argv):
 
 
 def run(opt):
-    if opt.dataset == 'synthetic' and opt.mode not in ('report',):
+    if opt.dataset == 'synthetic' and opt.mode not in ('report', 'import', 'export'):
         from synthetic import ensure_synthetic
         ensure_synthetic(opt)
     if opt.mode == 'synth':
@@ -222,6 +234,12 @@ def run(opt):
     if opt.mode == 'pca':
         from pca import pca
         return pca(opt)
+    if opt.mode == 'import':
+        from matlab_import import import_network
+        return import_network(opt)
+    if opt.mode == 'export':
+        from export_onnx import export
+        return export(opt)
     if opt.mode == 'demo':
         from demo import demo
         return demo(opt, parse_options, run)

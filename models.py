@@ -7,6 +7,9 @@ import torchvision
 from commons import UserError
 from netvlad import GlobalPool, NetVLAD
 
+# The input every model takes: RGB in [0, 1], normalised with the ImageNet mean and standard deviation.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 # Per architecture: the torchvision builder, its ImageNet weights, the output widths of its convs, the names of its
 # convs by their index in `features` (as the authors name them), and the first one that trains with ImageNet weights
 # (the reference's rule: layers before conv5 stay frozen).
@@ -83,13 +86,46 @@ def set_conv_widths(encoder, channels):
         in_channels = out_channels
 
 
+class InputNormalization(nn.Module):
+    """The project's input (ImageNet-normalised RGB) re-normalised as a network trained elsewhere expects it:
+    (RGB * scale - mean) / std, e.g. the NetVLAD authors' 0-255 pixels minus their average image.
+
+    Inside the model, so that every mode and the ONNX graph apply it without asking how the run was made; before the
+    first conv, so that its zero padding is the source network's. `mean` and `std` are persistent buffers: the state
+    dict names them (`input_norm.mean`, `input_norm.std`, in units of `scale`) and the architecture reads them back."""
+
+    scale = 255.0
+
+    def __init__(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        super().__init__()
+        self.register_buffer('mean', torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer('std', torch.as_tensor(std, dtype=torch.float32).clone())
+        self.register_buffer('imagenet_mean', torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer('imagenet_std', torch.tensor(IMAGENET_STD), persistent=False)
+
+    def extra_repr(self):
+        return f'mean={self.mean.tolist()}, std={self.std.tolist()}, scale={self.scale:g}'
+
+    def record(self):
+        """The preprocessing as plain numbers: {'mean', 'std', 'scale'}."""
+        return dict(mean=self.mean.tolist(), std=self.std.tolist(), scale=self.scale)
+
+    def forward(self, images):
+        channel = lambda values: values.view(1, -1, 1, 1)
+        rgb = images * channel(self.imagenet_std) + channel(self.imagenet_mean)  # [B, 3, H, W] in [0, 1]
+        return (rgb * self.scale - channel(self.mean)) / channel(self.std)
+
+
 class EmbedNet(nn.Module):
-    """Image [B, 3, H, W] -> encoder -> pooling -> optional PCA whitening -> L2-normalised descriptor.
+    """Image [B, 3, H, W] -> [input re-normalisation] -> encoder -> pooling -> optional PCA whitening ->
+    L2-normalised descriptor.
 
     `frozen_layers`: the encoder index of the first layer that trains; the layers before it do not."""
 
-    def __init__(self, encoder, pool, frozen_layers=0, whiten=None, arch=None):
+    def __init__(self, encoder, pool, frozen_layers=0, whiten=None, arch=None, input_norm=None):
         super().__init__()
+        if input_norm is not None:
+            self.input_norm = input_norm
         self.encoder = encoder
         self.pool = pool
         self.arch = arch
@@ -113,6 +149,8 @@ class EmbedNet(nn.Module):
 
     def features(self, images):
         """Local features [B, D, h, w]; frozen leading layers run without autograd."""
+        if hasattr(self, 'input_norm'):
+            images = self.input_norm(images)
         if self.frozen_layers and torch.is_grad_enabled():
             with torch.no_grad():
                 images = self.encoder[:self.frozen_layers](images)
@@ -136,7 +174,8 @@ def build_model(config, pretrained=False):
     config['first_trainable'] (default 0) are frozen."""
     encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
     pool, whiten = build_head(config)
-    return EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'])
+    input_norm = InputNormalization() if config.get('input_norm') else None
+    return EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'], input_norm)
 
 
 def build_head(config):
@@ -150,10 +189,15 @@ def build_head(config):
     return pool, whiten
 
 
+def trunk(model):
+    """Image -> local features as one module (input re-normalisation and encoder), e.g. to export or quantise."""
+    return nn.Sequential(model.input_norm, model.encoder) if hasattr(model, 'input_norm') else model.encoder
+
+
 def model_config(opt):
     """The architecture the flags ask for."""
     return dict(arch=opt.arch, pooling=opt.pooling, num_clusters=opt.num_clusters, vladv2=opt.vladv2,
-                encoder_channels=None, pca_dim=None, first_trainable=first_trainable_index(opt))
+                encoder_channels=None, pca_dim=None, first_trainable=first_trainable_index(opt), input_norm=False)
 
 
 def config_from_state_dict(state_dict, pooling):
@@ -169,5 +213,6 @@ def config_from_state_dict(state_dict, pooling):
                 num_clusters=centroids.shape[0] if centroids is not None else None,
                 vladv2='pool.conv.bias' in state_dict,
                 encoder_channels=None if encoder_channels == ARCHS[arch]['channels'] else encoder_channels,
-                pca_dim=whiten.shape[0] if whiten is not None else None)
+                pca_dim=whiten.shape[0] if whiten is not None else None,
+                input_norm='input_norm.mean' in state_dict)
 

@@ -136,9 +136,15 @@ def check_source(model, checkpoint, run_dir):
     if checkpoint is not None and 'quantized' in checkpoint:
         raise UserError(f'{run_dir} holds an int8 model: fit the whitening on the float model it was quantised '
                         f'from (--mode=pca), then quantise the whitened run.')
-    if hasattr(model, 'whiten'):
-        raise UserError(f'{run_dir} already holds a {model.output_dim}-D PCA-whitened model; run --mode=pca on '
-                        f'the run it was made from.')
+
+
+def drop_whitening(model, checkpoint, run_dir):
+    """A whitened source (e.g. an imported MATLAB network) gets a new whitening in place of its own: the checkpoint
+    with the variant the raw descriptor is recorded under."""
+    logging.info('%s already holds a %d-D whitening: fitting a new one on its raw %d-D descriptor in its place.',
+                 run_dir, model.output_dim, model.pool.output_dim)
+    del model.whiten
+    return dict(checkpoint, variant=f'{source_variant(checkpoint)} without its whitening')
 
 
 def source_variant(checkpoint):
@@ -153,6 +159,8 @@ def pca(opt):
     device = select_device(opt)
     model, checkpoint, run_dir = load_model(opt)
     check_source(model, checkpoint, run_dir)
+    if hasattr(model, 'whiten'):
+        checkpoint = drop_whitening(model, checkpoint, run_dir)
     sample_set = training_sample(opt)
     raw_dim = model.output_dim
     dim = whitening_dim(opt, raw_dim, len(sample_set))

@@ -9,8 +9,9 @@ The flow is the one PyTorch supports today for int8 convnets on x86 (torchao PT2
        training.fit and its optimiser flags (--optim, ...), at a tenth of --lr, training the layers the source run
        trained (from its first trainable layer, or --backPropToLayer)
     -> convert_pt2e (weights folded into int8 constants) -> torch.export.save.
-Only the encoder is quantised: NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay
-float32, stored as a state dict beside the program. At load time the program is compiled by Inductor with freezing,
+Only the encoder is quantised (with the input re-normalisation of an imported network in front, models.trunk):
+NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay float32, stored as a state dict
+beside the program. At load time the program is compiled by Inductor with freezing,
 which lowers its quantize/dequantize pattern to oneDNN int8 convolutions (VNNI/AMX), once per input shape (seconds).
 NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: a slow float simulation of the same int8 arithmetic.
 On a CUDA machine int8 inference runs on the CPU (QAT fine-tuning itself uses the GPU).
@@ -40,7 +41,7 @@ from datasets import load_dataset
 from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from measure import compare, directory_size, interleaved_latency, model_bytes
-from models import config_from_state_dict
+from models import config_from_state_dict, trunk
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, derived_run_folder, open_run
@@ -92,7 +93,7 @@ def quantize_static(model, loader):
     """Post-training quantisation: observe activation ranges on the calibration images, then convert."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     example = example_batch(loader)
-    prepared = prepare_pt2e(export_encoder(model.encoder.eval(), example).module(), x86_quantizer(is_qat=False))
+    prepared = prepare_pt2e(export_encoder(trunk(model).eval(), example).module(), x86_quantizer(is_qat=False))
     calibrate(prepared, loader)
     return converted_program(prepared, example), model
 
@@ -103,7 +104,7 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from training import fit  # here: loading an int8 run (runs.open_run) needs no training code
     example = example_batch(loader)
-    prepared = prepare_qat_pt2e(export_encoder(model.encoder.train(), example).module(), x86_quantizer(is_qat=True))
+    prepared = prepare_qat_pt2e(export_encoder(trunk(model).train(), example).module(), x86_quantizer(is_qat=True))
     calibrate(prepared, loader)
     qat_model = FakeQuantEmbedNet(prepared, model.pool, model.frozen_layers, getattr(model, 'whiten', None),
                                   model.arch)

@@ -93,3 +93,79 @@ def reference_quantization(weight):
     """int8 per-output-channel symmetric quantisation, from its definition: scale = max|w| / 127.5."""
     scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.5).clamp_min(2 ** -12)
     return torch.clamp(torch.round(weight / scale[:, None, None, None]), -128, 127).to(torch.int8), scale
+
+
+# ---------------------------------------------------------------------------------------------- the authors' MATLAB network
+
+VGG16_LAYER_TYPES = ['conv', 'relu', 'conv', 'relu', 'pool'] * 2 + (['conv', 'relu'] * 3 + ['pool']) * 2 + [
+    'conv', 'relu', 'conv', 'relu', 'conv']  # conv1_1 .. conv5_3, as MATLAB layers 0..28
+
+
+def matlab_network(rng, widths, clusters, out_dim, average_image):
+    """The `net` struct of the authors' struct export (net_class2struct.m), as dicts and cells for scipy.io.savemat:
+    VGG16 layers 0..28 (kernels S x S x IN x OUT), preL2 at 29, NetVLAD at 30 (assignment D x K, centroids D x K
+    negated), intra-normalisation 31, postL2 32, whitening 33 (1 x 1 x D*K x P on the d*K + k flattening), finalL2 34."""
+    layers, in_channels, convs = [], 3, iter(widths)
+    for index, kind in enumerate(VGG16_LAYER_TYPES):
+        if kind == 'conv':
+            out_channels = next(convs)
+            kernel = rng.normal(0, np.sqrt(2 / (9 * in_channels)), (3, 3, in_channels, out_channels))
+            layers.append(dict(name=f'conv{index}', type='conv', pad=1, stride=1,
+                               weights=cell([kernel.astype(np.float32),
+                                             rng.normal(0, 0.1, out_channels).astype(np.float32)])))
+            in_channels = out_channels
+        else:
+            layers.append(dict(name=f'{kind}{index}', type=kind) if kind == 'relu' else
+                          dict(name=f'pool{index}', type='pool', method='max', pool=np.array([2., 2.]), stride=2., pad=0.))
+    dim = in_channels
+    layers.append(dict(name='preL2', type='normalize', param=np.array([1024, 1e-12, 1, 0.5])))
+    layers.append(dict(name='vlad_core', type='custom', K=float(clusters),
+                       weights=cell([rng.normal(0, 5, (dim, clusters)).astype(np.float32),
+                                     rng.normal(0, 0.1, (dim, clusters)).astype(np.float32)])))
+    layers.append(dict(name='vlad_intranorm', type='normalize', param=np.array([2 * dim, 1e-12, 1, 0.5])))
+    layers.append(dict(name='postL2', type='custom'))
+    layers.append(dict(name='WPCA', type='conv', pad=0., stride=1.,
+                       weights=cell([rng.normal(0, 1, (1, 1, dim * clusters, out_dim)).astype(np.float32),
+                                     rng.normal(0, 0.01, out_dim).astype(np.float32)])))
+    layers.append(dict(name='finalL2', type='custom'))
+    return dict(layers=cell(layers), meta=dict(normalization=dict(averageImage=average_image, border=np.array([0, 0]))))
+
+
+def cell(items):
+    """A MATLAB cell array for scipy.io.savemat."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def write_matlab_network(path, net):
+    scipy.io.savemat(str(path), {'net': net})
+
+
+def matlab_forward(net, rgb255):
+    """The authors' network from the description, in float64: rgb255 [B, 3, H, W] (0-255) -> descriptor [B, P].
+
+    Subtract averageImage pixel [0, 0]; VGG16 to conv5_3; L2-normalise each local descriptor; soft-assign with the
+    D x K weights; sum the assignment-weighted x + C (C: the stored, negated, centroids); L2-normalise each cluster;
+    flatten dimension-major (d*K + k); L2-normalise; whiten (x W + b); L2-normalise."""
+    unit = lambda t, dim: t / torch.sqrt(t.pow(2).sum(dim=dim, keepdim=True) + 1e-12)
+    as64 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+    average = np.asarray(net['meta']['normalization']['averageImage'], dtype=np.float64)
+    average = average[0, 0] if average.ndim == 3 else average
+    x = rgb255.double() - as64(average)[None, :, None, None]
+    for layer in net['layers'][:29]:
+        if layer['type'] == 'conv':
+            kernel, bias = layer['weights']
+            x = F.conv2d(x, as64(kernel).permute(3, 2, 0, 1), as64(bias), padding=1)  # kernel[h, w, in, out]
+        elif layer['type'] == 'relu':
+            x = F.relu(x)
+        else:
+            x = F.max_pool2d(x, 2, 2)
+    local = unit(x.flatten(2), 1)  # [B, D, N]
+    assignment, centroids = (as64(w) for w in net['layers'][30]['weights'])  # [D, K] each
+    soft = torch.softmax(torch.einsum('dk,bdn->bkn', assignment, local), dim=1)  # [B, K, N]
+    vlad = torch.einsum('bkn,bdn->bdk', soft, local) + centroids[None] * soft.sum(dim=2)[:, None, :]  # [B, D, K]
+    vlad = unit(unit(vlad, 1).reshape(len(vlad), -1), 1)  # intra-normalised, flattened d*K + k
+    projection, bias = net['layers'][33]['weights']
+    whitened = vlad @ as64(projection).reshape(vlad.shape[1], -1) + as64(bias)
+    return unit(whitened, 1)
