@@ -146,3 +146,34 @@ def test_not_a_network_file(content, tmp_path, capsys):
     assert 'other.mat' in message
     assert ('no variable `net`' in message) == (content == 'other variable')
     assert files_under(tmp_path) == ['other.mat']
+
+
+def test_imported_run_in_every_mode(tiny_data, tmp_path, run_cli, make_opt, monkeypatch):
+    """test, pca (a new whitening in place of the authors'), prune, quantize and export all take the imported run,
+    and the re-normalisation travels with the model into each derived run."""
+    import quantize
+    monkeypatch.setenv(quantize.COMPILE_ENV, '0')  # the uncompiled int8 program: same arithmetic, no C++ build
+    fast = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'val',
+            f'--dataPath={tiny_data}', f'--runsPath={tmp_path}']
+    net = matlab_network(np.random.default_rng(5), SMALL_WIDTHS, clusters=4, out_dim=8,
+                         average_image=average_image(np.random.default_rng(6)))
+    run = import_file(run_cli, net, tmp_path)
+    mean = torch.from_numpy(net['meta']['normalization']['averageImage'][0, 0]).float()
+    assert run_cli(['--mode=test', f'--resume={run}', *fast]) == 0
+    assert run_cli(['--mode=pca', f'--resume={run}', '--pca_dim=16', '--pca_images=60', *fast]) == 0
+    assert run_cli(['--mode=prune', f'--resume={run}', '--pruning_type=unstructured', '--finetune_epochs=0',
+                    *fast]) == 0
+    assert run_cli(['--mode=prune', f'--resume={run}', '--pruning_layers=0,2', '--finetune_epochs=0', *fast]) == 0
+    assert run_cli(['--mode=quantize', f'--resume={run}', '--calib_images=8', *fast]) == 0
+    for derived, dim in [('imported_pca16', 16), ('imported_pruned_unstructured_20', 8),
+                         ('imported_pruned_structured_20', 8)]:
+        model, _ = load_run(make_opt, tmp_path / derived)
+        assert model.output_dim == dim and torch.equal(model.input_norm.mean, mean)
+    int8, _ = load_run(make_opt, tmp_path / 'imported_quantized_static')
+    model, _ = load_run(make_opt, run)
+    images = project_input(torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    with torch.no_grad():
+        cosine = (int8(images) * model.eval()(images)).sum(dim=1)
+    assert cosine.min() > 0.9  # int8 of the re-normalised input; without it the descriptors would be unrelated
+    assert run_cli(['--mode=export', f'--resume={tmp_path / "imported_pca16"}',
+                    '--export_path', tmp_path / 'pca.onnx']) == 0
