@@ -174,7 +174,7 @@ def import_network(opt):
     state = dict(model_state(model), epoch=0, recalls={}, best_score=0.0, parallel=False,
                  variant=f'MATLAB {os.path.basename(opt.matlab)}',
                  imported=dict(source=os.path.abspath(opt.matlab), preprocessing=model.input_norm.record()))
-    save_checkpoint(state, run_dir, is_best=True)
+    save_checkpoint(state, run_dir, is_best=False)  # one copy: the whitening alone is 512 MB
     logging.info('Imported %s: VGG16%s, NetVLAD K=%d D=%d, whitening %d -> %d, input 0-255 RGB minus %s',
                  opt.matlab, '' if config['encoder_channels'] is None else f' widths {config["encoder_channels"]}',
                  config['num_clusters'], model.pool.dim, model.pool.output_dim, config['pca_dim'],

@@ -79,7 +79,7 @@ def test_imported_run_is_a_normal_checkpoint(vgg16_import, make_opt):
     np.testing.assert_allclose(state['whiten.weight'][:, k * 512 + d].numpy(), projection[d * 8 + k])
     np.testing.assert_allclose(state['input_norm.mean'].numpy(),
                                net['meta']['normalization']['averageImage'][0, 0], rtol=1e-6)
-    assert read_checkpoint(os.path.join(run, 'checkpoints', 'model_best.pth.tar'))['variant'] == checkpoint['variant']
+    assert read_checkpoint(os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'))['variant'] == checkpoint['variant']
 
 
 def test_average_image_as_a_vector(run_cli, make_opt, tmp_path):
