@@ -5,14 +5,17 @@
 `read_split(opt, split)` returns the keyword arguments of `GroundTruth`, so the modes never ask which format they
 read.
 """
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
+from torch.utils.data import Subset
 
 import folder_dataset
 import msls
 import pittsburgh
+from commons import UserError
 from images import ImageList, check_images_exist
 
 READERS = {'pittsburgh': pittsburgh, 'synthetic': pittsburgh, 'tokyoTM': pittsburgh, 'folder': folder_dataset,
@@ -111,3 +114,21 @@ def load_dataset(opt, split, images=True):
     if images:
         check_images_exist(ground_truth.db_paths + ground_truth.query_paths, ground_truth.images_hint)
     return SplitImages(ground_truth, split, getattr(opt, 'resize', None))
+
+
+def training_database_sample(opt, count, purpose):
+    """`count` random training-database images (seeded by --seed), never the evaluated split: what int8 activation
+    ranges are calibrated on. `purpose` says in errors what they are for."""
+    try:
+        train_set = load_dataset(opt, 'train')
+    except UserError as error:
+        raise UserError(f'{purpose} on --calib_images training-database images, never on the evaluated split, and the '
+                        f'training split cannot be read. {error}') from None
+    num_db = train_set.db_struct.numDb
+    if num_db == 0:
+        raise UserError(f'The training split of {opt.dataPath} has no database images to calibrate on.')
+    if count > num_db:
+        logging.info('--calib_images %d: the training database has only %d images; calibrating on all of them.',
+                     count, num_db)
+    chosen = np.sort(np.random.default_rng(opt.seed).choice(num_db, min(count, num_db), replace=False))
+    return Subset(train_set, chosen.tolist())

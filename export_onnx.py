@@ -14,6 +14,10 @@ dimension or "none"), mean and std (JSON lists), input ("RGB in [0, 1], (x - mea
 Float, pruned (structured or unstructured) and whitened runs export; NetVLAD is one batched product, so the graph
 has a fixed number of nodes whatever K is (the reference port's per-cluster loop unrolls into K copies). int8 runs
 are refused: their encoder is a torch.export program lowered for x86 oneDNN; export the float run they came from.
+--onnx_int8 also writes <export_path>_int8.onnx: onnxruntime's static quantisation of the convs (QDQ, int8
+per-channel weights, uint8 activations), calibrated on --calib_images training-database images (never the evaluated
+split), evaluated on --split (Recall@N, file size, CPU latency at --latency_size against the PyTorch float model) and
+appended to the results file, where it stands beside torchao's int8 of --mode=quantize.
 The exporter is torch.onnx's TorchScript-based one (dynamo=False): torch 2.14's default, torch.export-based exporter
 needs the onnxscript package, which this project does not depend on. The file is written through a temporary file,
 checked with onnx.checker, and onnxruntime's output is compared with PyTorch's on a random batch before it is kept.
@@ -24,11 +28,19 @@ import os
 import warnings
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
+import torch.nn as nn
+from onnxruntime import quantization as ort_quantization
 
 from checkpoint import checkpoint_path, load_model_from_checkpoint, read_checkpoint
-from commons import UserError
+from commons import UserError, make_deterministic
+from retrieval import evaluate, log_recalls
+from measure import interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
+from pittsburgh import WholeDataset, image_loader, training_database_sample
+from results import append_result
 
 OPSET = 17
 CHECK_SIZE = (2, 3, 128, 160)  # the random batch onnxruntime and PyTorch are compared on
@@ -65,7 +77,6 @@ def metadata(model, checkpoint, opt):
 
 def write_onnx(model, path, props):
     """torch.onnx export with dynamic batch, height and width, then the metadata, written atomically."""
-    import onnx
     tmp_path = path + '.tmp'
     example = torch.rand(CHECK_SIZE, generator=torch.Generator().manual_seed(0))
     try:
@@ -93,18 +104,91 @@ def write_onnx(model, path, props):
 
 def onnxruntime_difference(model, path, images):
     """Max absolute difference of the descriptors onnxruntime (CPU) and PyTorch compute for `images`."""
-    import onnxruntime
-    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
-    (onnx_desc,) = session.run(None, {'image': images.numpy()})
     with torch.no_grad():
-        torch_desc = model(images).numpy()
-    return float(np.abs(onnx_desc - torch_desc).max())
+        return float((OnnxRuntimeModel(path, model.output_dim)(images) - model(images)).abs().max())
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by onnxruntime on the CPU, shaped as this project's models (image batch -> descriptors), so
+    that evaluation and latency measurement take it. Threads: as many as torch uses, for like-for-like timings."""
+
+    cpu_only = True
+
+    def __init__(self, path, output_dim):
+        super().__init__()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.output_dim = output_dim
+
+    def _apply(self, fn, recurse=True):
+        return self  # device and dtype moves do not apply to an onnxruntime CPU session
+
+    def forward(self, images):
+        pixels = np.ascontiguousarray(images.to('cpu', torch.float32).numpy())
+        return torch.from_numpy(self.session.run(None, {'image': pixels})[0])
+
+
+# ---------------------------------------------------------------------------------------------- onnxruntime int8
+
+class CalibrationImages(ort_quantization.CalibrationDataReader):
+    """The calibration batches as onnxruntime's quantizer reads them."""
+
+    def __init__(self, loader):
+        self.batches = iter(loader)
+
+    def get_next(self):
+        images = next(self.batches, None)
+        return None if images is None else {'image': images[0].numpy()}
+
+
+def int8_path(path):
+    return os.path.splitext(path)[0] + '_int8.onnx'
+
+
+def quantize_onnx(float_path, out_path, calib_loader):
+    """onnxruntime static quantisation of the convs (QDQ; int8 per-channel weights, uint8 activations, min-max
+    ranges on the calibration images), as torchao's int8 of --mode=quantize: NetVLAD and whitening stay float."""
+    prepared, tmp_path = out_path + '.pre.tmp', out_path + '.tmp'
+    try:
+        ort_quantization.quant_pre_process(float_path, prepared)
+        ort_quantization.quantize_static(
+            prepared, tmp_path, CalibrationImages(calib_loader), quant_format=ort_quantization.QuantFormat.QDQ,
+            op_types_to_quantize=['Conv'], per_channel=True, activation_type=ort_quantization.QuantType.QUInt8,
+            weight_type=ort_quantization.QuantType.QInt8)  # the calibration graph outputs only per-tensor min/max
+        os.replace(tmp_path, out_path)
+    finally:
+        for leftover in (prepared, tmp_path):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def export_int8(model, float_path, opt, calib_set, eval_set):
+    """The onnxruntime int8 model beside the float one, evaluated on --split against the PyTorch float model: Recall@N,
+    file size and CPU latency, appended to the results file beside torchao's int8 of --mode=quantize."""
+    path = int8_path(float_path)
+    quantize_onnx(float_path, path, image_loader(calib_set, opt, opt.cacheBatchSize))
+    int8 = OnnxRuntimeModel(path, model.output_dim)
+    result = evaluate(int8, eval_set, opt, torch.device('cpu'))
+    result.pop('predictions')
+    log_recalls(result['recalls'])
+    float_ms, int8_ms = interleaved_latency([model, int8], opt.latency_size)
+    size = os.path.getsize(path)
+    append_result(opt, 'onnxruntime int8 static', result, size, int8_ms)
+    logging.info('====> onnxruntime int8 model %s: %.1f MB (float ONNX %.1f MB), %.1f ms per %s image on the CPU '
+                 '(PyTorch float %.1f ms: %.2fx), Recall@1 %.4f', path, size / 1e6, os.path.getsize(float_path) / 1e6,
+                 int8_ms, 'x'.join(map(str, opt.latency_size)), float_ms, float_ms / int8_ms, result['recalls'][1])
+    return dict(path=path, recalls=result['recalls'], file_bytes=size, latency_ms=int8_ms, float_latency_ms=float_ms)
 
 
 def export(opt):
     if opt.format != 'onnx':
         raise UserError(f'--format {opt.format}: only onnx is supported.')
     check_request(opt)
+    make_deterministic(opt.seed)
+    if opt.onnx_int8:  # read before anything is written: they may be missing
+        calib_set = training_database_sample(opt, opt.calib_images, '--onnx_int8 calibrates the int8 activations')
+        eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
     model, checkpoint = load_model_from_checkpoint(opt)
     model = model.cpu().float().eval()
     path = export_path(opt)
@@ -114,4 +198,7 @@ def export(opt):
     logging.info('Exported %s (%s, %s-D descriptor) to %s: %d graph nodes, %.1f MB; onnxruntime vs PyTorch on a '
                  'random %s batch: max abs difference %.1e', opt.resume, props['variant'], props['descriptor_dim'],
                  path, len(graph.graph.node), os.path.getsize(path) / 1e6, 'x'.join(map(str, CHECK_SIZE)), difference)
-    return dict(path=path, nodes=len(graph.graph.node), difference=difference, metadata=props)
+    exported = dict(path=path, nodes=len(graph.graph.node), difference=difference, metadata=props)
+    if opt.onnx_int8:
+        exported['int8'] = export_int8(model, path, opt, calib_set, eval_set)
+    return exported

@@ -180,6 +180,10 @@ def build_parser():
                              help='Export mode: the file to write (default: <resume>/model.onnx). Input: images '
                                   'normalised as the project loads them (mean and std in its metadata); output: the '
                                   'L2-normalised descriptor.')
+    interchange.add_argument('--onnx_int8', action='store_true',
+                             help='Export mode: also write <export_path>_int8.onnx, onnxruntime\'s static int8 '
+                                  'quantization of the convs calibrated on --calib_images training-database images, '
+                                  'and evaluate it on --split (Recall@N, size, latency; appended to the results file).')
 
     report = p.add_argument_group('demo and report')
     report.add_argument('--demo_size', default='default', choices=['tiny', 'default'],

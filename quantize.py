@@ -30,14 +30,12 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
 from commons import UserError, make_deterministic, replace_folder, select_device, setup_logging
-from datasets import load_dataset
+from datasets import load_dataset, training_database_sample
 from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from measure import compare, directory_size, interleaved_latency, model_bytes
@@ -58,21 +56,7 @@ QAT_LR_FACTOR = 0.1
 
 def calibration_set(opt):
     """--calib_images random training-database images (seeded): the only images that set activation ranges."""
-    try:
-        train_set = load_dataset(opt, 'train')
-    except UserError as error:
-        raise UserError(f'--mode=quantize calibrates the int8 activations on --calib_images training-database '
-                        f'images, never on the evaluated split, and the training split cannot be read. '
-                        f'{error}') from None
-    num_db = train_set.db_struct.numDb
-    if num_db == 0:
-        raise UserError(f'The training split of {opt.dataPath} has no database images to calibrate on.')
-    count = min(opt.calib_images, num_db)
-    if count < opt.calib_images:
-        logging.info('--calib_images %d: the training database has only %d images; calibrating on all of them.',
-                     opt.calib_images, num_db)
-    chosen = np.sort(np.random.default_rng(opt.seed).choice(num_db, count, replace=False))
-    return Subset(train_set, chosen.tolist())
+    return training_database_sample(opt, opt.calib_images, '--mode=quantize calibrates the int8 activations')
 
 
 def calibrate(prepared, loader):

@@ -90,3 +90,22 @@ def test_int8_run_is_refused(tmp_path, run_cli, capsys):
     message = error_paragraph(capsys.readouterr().err)
     assert 'int8' in message and 'float_run' in message
     assert files_under(tmp_path) == ['int8/checkpoints/checkpoint.pth.tar']
+
+
+def test_onnxruntime_int8_is_evaluated_beside_the_float_model(tiny_data, tmp_path, run_cli):
+    run = float_run(tmp_path)
+    path = tmp_path / 'model.onnx'
+    assert run_cli(['--mode=export', '--resume', run, '--export_path', path, '--onnx_int8', '--calib_images=8',
+                    f'--dataPath={tiny_data}', f'--runsPath={tmp_path}', '--split=val', '--latency_size=64x80',
+                    '--threads=0', '--cacheBatchSize=8']) == 0
+    graph = onnx.load(str(tmp_path / 'model_int8.onnx'))
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == 5  # the five AlexNet convs
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0)).numpy()
+    outputs = [onnxruntime.InferenceSession(str(p), providers=['CPUExecutionProvider']).run(None, {'image': images})[0]
+               for p in (path, tmp_path / 'model_int8.onnx')]
+    assert (outputs[0] * outputs[1]).sum(axis=1).min() > 0.9  # same descriptor up to int8 rounding
+    record = json.loads((tmp_path / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['variant'] == 'onnxruntime int8 static' and record['split'] == 'val'
+    assert set(record['recalls']) == {'1', '5', '10', '20'} and record['latency_ms'] > 0
+    assert abs(record['file_mb'] - (tmp_path / 'model_int8.onnx').stat().st_size / 2 ** 20) < 1e-9
