@@ -151,8 +151,8 @@ def test_not_a_network_file(content, tmp_path, capsys):
 def test_imported_run_in_every_mode(tiny_data, tmp_path, run_cli, make_opt, monkeypatch):
     """test, pca (a new whitening in place of the authors'), prune, quantize and export all take the imported run,
     and the re-normalisation travels with the model into each derived run."""
-    import quantize
-    monkeypatch.setenv(quantize.COMPILE_ENV, '0')  # the uncompiled int8 program: same arithmetic, no C++ build
+    import int8
+    monkeypatch.setenv(int8.COMPILE_ENV, '0')  # the uncompiled int8 program: same arithmetic, no C++ build
     fast = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'val',
             f'--dataPath={tiny_data}', f'--runsPath={tmp_path}']
     net = matlab_network(np.random.default_rng(5), SMALL_WIDTHS, clusters=4, out_dim=8,
