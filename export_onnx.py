@@ -9,12 +9,13 @@ applies lives inside the graph, as it lives inside the PyTorch model: an importe
 the same input, and a user needs only the metadata to feed it.
 Output `descriptor` [batch, descriptor_dim] float32, L2-normalised: the descriptor test mode searches.
 Metadata (metadata_props, strings): arch, num_clusters (K), dim (D, local), descriptor_dim, whitening (its output
-dimension or "none"), mean and std (JSON lists), input ("RGB in [0, 1], (x - mean) / std"), variant, source run.
+dimension or "none"), mean and std (JSON lists), input ("RGB in [0, 1], (x - mean) / std"), variant, source run,
+and for an imported network in_graph_preprocessing (its own mean, std and scale, applied inside the graph).
 
 Float, pruned (structured or unstructured) and whitened runs export; NetVLAD is one batched product, so the graph
 has a fixed number of nodes whatever K is (the reference port's per-cluster loop unrolls into K copies). int8 runs
 are refused: their encoder is a torch.export program lowered for x86 oneDNN; export the float run they came from.
---onnx_int8 also writes <export_path>_int8.onnx: onnxruntime's static quantisation of the convs (QDQ, int8
+--onnx_int8 also writes model_int8.onnx beside model.onnx: onnxruntime's static quantisation of the convs (QDQ, int8
 per-channel weights, uint8 activations), calibrated on --calib_images training-database images (never the evaluated
 split), evaluated on --split (Recall@N, file size, CPU latency at --latency_size against the PyTorch float model) and
 appended to the results file, where it stands beside torchao's int8 of --mode=quantize.
@@ -59,6 +60,9 @@ def check_request(opt):
         raise UserError(f'--resume={opt.resume} holds an int8 model (--mode=quantize), whose encoder is a torch.export '
                         f'program for x86 oneDNN kernels that ONNX export cannot take. Export the float run it was '
                         f'made from ({checkpoint.get("source_run", "its source run")}) instead.')
+    if opt.onnx_int8 and opt.split.startswith('train'):
+        raise UserError(f'--split={opt.split}: --onnx_int8 calibrates on the training database; evaluate the int8 '
+                        f'model on val or test instead.')
     folder = os.path.dirname(os.path.abspath(export_path(opt)))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f'--export_path {export_path(opt)}: {folder} is a file, not a folder.')
@@ -72,7 +76,9 @@ def metadata(model, checkpoint, opt):
                 mean=json.dumps(IMAGENET_MEAN), std=json.dumps(IMAGENET_STD),
                 input='image [batch, 3, height, width] float32: RGB in [0, 1], (x - mean) / std per channel',
                 output='descriptor [batch, descriptor_dim] float32, L2-normalised',
-                variant=checkpoint.get('variant', 'trained'), source_run=os.path.abspath(opt.resume))
+                variant=checkpoint.get('variant', 'trained'), source_run=os.path.abspath(opt.resume),
+                **({'in_graph_preprocessing': json.dumps(model.input_norm.record())} if hasattr(model, 'input_norm')
+                   else {}))
 
 
 def write_onnx(model, path, props):

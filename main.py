@@ -181,7 +181,7 @@ def build_parser():
                                   'normalised as the project loads them (mean and std in its metadata); output: the '
                                   'L2-normalised descriptor.')
     interchange.add_argument('--onnx_int8', action='store_true',
-                             help='Export mode: also write <export_path>_int8.onnx, onnxruntime\'s static int8 '
+                             help='Export mode: also write FILE_int8.onnx beside FILE.onnx, onnxruntime\'s static int8 '
                                   'quantization of the convs calibrated on --calib_images training-database images, '
                                   'and evaluate it on --split (Recall@N, size, latency; appended to the results file).')
 

@@ -109,3 +109,11 @@ def test_onnxruntime_int8_is_evaluated_beside_the_float_model(tiny_data, tmp_pat
     assert record['variant'] == 'onnxruntime int8 static' and record['split'] == 'val'
     assert set(record['recalls']) == {'1', '5', '10', '20'} and record['latency_ms'] > 0
     assert abs(record['file_mb'] - (tmp_path / 'model_int8.onnx').stat().st_size / 2 ** 20) < 1e-9
+
+
+def test_int8_is_not_evaluated_on_its_calibration_split(tiny_data, tmp_path, run_cli, capsys):
+    run = float_run(tmp_path)
+    assert run_cli(['--mode=export', '--resume', run, '--export_path', tmp_path / 'm.onnx', '--onnx_int8',
+                    f'--dataPath={tiny_data}', '--split=train']) == 2
+    assert '--split=train' in error_paragraph(capsys.readouterr().err)
+    assert files_under(tmp_path) == ['float/checkpoints/checkpoint.pth.tar']
