@@ -35,9 +35,10 @@ import torch
 import torch.nn as nn
 from onnxruntime import quantization as ort_quantization
 
-from checkpoint import checkpoint_path, load_model_from_checkpoint, read_checkpoint
+from checkpoint import checkpoint_path, read_checkpoint
 from commons import UserError, make_deterministic
 from retrieval import evaluate, log_recalls
+from runs import open_run
 from measure import interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
 from pittsburgh import WholeDataset, image_loader, training_database_sample
@@ -195,7 +196,7 @@ def export(opt):
     if opt.onnx_int8:  # read before anything is written: they may be missing
         calib_set = training_database_sample(opt, opt.calib_images, '--onnx_int8 calibrates the int8 activations')
         eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
-    model, checkpoint = load_model_from_checkpoint(opt)
+    model, checkpoint = open_run(opt)
     model = model.cpu().float().eval()
     path = export_path(opt)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -27,9 +27,10 @@ import numpy as np
 import scipy.io
 import torch
 
-from checkpoint import checkpoint_path, model_state, save_checkpoint
+from checkpoint import model_state, save_checkpoint
 from commons import UserError, setup_logging
-from models import build_model, config_from_state_dict
+from models import ARCHS, build_model, config_from_state_dict, layer_index
+from runs import holds_something
 
 VLAD_LAYER = 30
 WHITENING_LAYER = 33
@@ -153,7 +154,7 @@ def as_tensor(array):
 
 
 def import_folder(opt):
-    """--savePath, or by default <runsPath>/vgg16_netvlad_<file name>; refused when it already holds a run."""
+    """--savePath, or by default <runsPath>/vgg16_netvlad_<file name>."""
     if 'savePath' in opt.explicit:
         return opt.savePath
     name = os.path.splitext(os.path.basename(opt.matlab))[0]
@@ -164,10 +165,13 @@ def import_network(opt):
     if not opt.matlab:
         raise UserError('--mode=import needs --matlab FILE: a NetVLAD network in ' + LAYOUT + '.')
     run_dir = import_folder(opt)
-    if os.path.exists(checkpoint_path(run_dir)):
-        raise UserError(f'{run_dir} already holds a run ({checkpoint_path(run_dir)}); choose another --savePath.')
+    if holds_something(run_dir) or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+        raise UserError(f'--savePath={run_dir} already exists and is not an empty folder; the import writes a new run '
+                        f'folder: give another --savePath. Nothing was written.')
     state_dict = read_network(opt.matlab)
     config = config_from_state_dict(state_dict, 'netvlad')
+    # fine-tuning it (prune, QAT) follows the reference's rule for ImageNet-initialised VGG16: conv5_1 onwards
+    config['first_trainable'] = layer_index('vgg16', ARCHS['vgg16']['imagenet_first_trainable'])
     model = build_model(config)
     model.load_state_dict(state_dict)
     setup_logging(run_dir)

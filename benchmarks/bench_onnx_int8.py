@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
-from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint  # noqa: E402
+from checkpoint import model_state, save_checkpoint  # noqa: E402
+from runs import open_run  # noqa: E402
 from export_onnx import OnnxRuntimeModel, int8_path, quantize_onnx, write_onnx  # noqa: E402
 from measure import interleaved_latency  # noqa: E402
 from models import build_model  # noqa: E402
@@ -67,7 +68,7 @@ def speed_table(arch, size, threads, folder):
     save_quantized(program, head, dict(arch=arch, pooling='netvlad', num_clusters=64, vladv2=False,
                                        encoder_channels=None, pca_dim=None, input_norm=False), {}, opt,
                    run + '_int8', len(images))
-    torchao_int8 = load_model_from_checkpoint(main.parse_options(['--mode=test', f'--resume={run}_int8']))[0]
+    torchao_int8 = open_run(main.parse_options(['--mode=test', f'--resume={run}_int8']))[0]
     float_path = os.path.join(folder, f'{arch}.onnx')
     write_onnx(model, float_path, {})
     quantize_onnx(float_path, int8_path(float_path), loader)

@@ -8,7 +8,8 @@ import onnxruntime
 import pytest
 import torch
 
-from checkpoint import load_model_from_checkpoint, model_state, save_checkpoint
+from checkpoint import model_state, save_checkpoint
+from runs import open_run
 from helpers import error_paragraph, files_under, matlab_network, write_matlab_network
 from models import build_model
 
@@ -53,7 +54,7 @@ def export_run(run_cli, run, path):
 def test_onnxruntime_equals_pytorch(make_run, tmp_path, run_cli, make_opt):
     run = make_run(tmp_path)
     graph = export_run(run_cli, run, tmp_path / 'out' / 'model.onnx')
-    model = load_model_from_checkpoint(make_opt(['--mode=test', '--resume', run]))[0].eval()
+    model = open_run(make_opt(['--mode=test', '--resume', run]))[0].eval()
     session = onnxruntime.InferenceSession(str(tmp_path / 'out' / 'model.onnx'), providers=['CPUExecutionProvider'])
     for batch, height, width in SIZES:
         images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))

@@ -7,7 +7,8 @@ import pytest
 import scipy.io
 import torch
 
-from checkpoint import load_model_from_checkpoint, read_checkpoint
+from checkpoint import read_checkpoint
+from runs import open_run
 from helpers import error_paragraph, files_under, matlab_forward, matlab_network, write_matlab_network
 
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
@@ -38,7 +39,7 @@ def import_file(run_cli, net, tmp_path, name='net_struct.mat'):
 
 
 def load_run(make_opt, run):
-    return load_model_from_checkpoint(make_opt(['--mode=test', '--resume', run]))
+    return open_run(make_opt(['--mode=test', '--resume', run]))
 
 
 @pytest.fixture(scope='module')
