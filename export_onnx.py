@@ -37,12 +37,13 @@ from onnxruntime import quantization as ort_quantization
 
 from checkpoint import checkpoint_path, read_checkpoint
 from commons import UserError, make_deterministic
-from retrieval import evaluate, log_recalls
-from runs import open_run
+from datasets import load_dataset, training_database_sample
+from images import image_loader
 from measure import interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
-from pittsburgh import WholeDataset, image_loader, training_database_sample
 from results import append_result
+from retrieval import evaluate, log_recalls
+from runs import open_run
 
 OPSET = 17
 CHECK_SIZE = (2, 3, 128, 160)  # the random batch onnxruntime and PyTorch are compared on
@@ -181,7 +182,7 @@ def export_int8(model, float_path, opt, calib_set, eval_set):
     log_recalls(result['recalls'])
     float_ms, int8_ms = interleaved_latency([model, int8], opt.latency_size)
     size = os.path.getsize(path)
-    append_result(opt, 'onnxruntime int8 static', result, size, int8_ms)
+    append_result(opt, 'onnxruntime int8 static', result, size, int8_ms, run_dir=opt.resume)
     logging.info('====> onnxruntime int8 model %s: %.1f MB (float ONNX %.1f MB), %.1f ms per %s image on the CPU '
                  '(PyTorch float %.1f ms: %.2fx), Recall@1 %.4f', path, size / 1e6, os.path.getsize(float_path) / 1e6,
                  int8_ms, 'x'.join(map(str, opt.latency_size)), float_ms, float_ms / int8_ms, result['recalls'][1])
@@ -195,7 +196,7 @@ def export(opt):
     make_deterministic(opt.seed)
     if opt.onnx_int8:  # read before anything is written: they may be missing
         calib_set = training_database_sample(opt, opt.calib_images, '--onnx_int8 calibrates the int8 activations')
-        eval_set = WholeDataset(opt.dataPath, opt.split, opt.resize)
+        eval_set = load_dataset(opt, opt.split)
     model, checkpoint = open_run(opt)
     model = model.cpu().float().eval()
     path = export_path(opt)
