@@ -5,7 +5,8 @@ import sys
 
 from commons import UserError, log_exception_to_file, parse_size, setup_logging, user_error_text
 
-MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'synth', 'demo', 'report', 'import', 'export']
+MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'extract', 'pairs', 'query', 'synth', 'demo',
+         'report', 'import', 'export']
 SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k', 'tokyo247', 'tokyoTM_train', 'tokyoTM_val',
           'msls_val']
 # Model-shape flags: when a checkpoint is loaded its own values are used, unless the user gave the flag.
@@ -167,7 +168,50 @@ def build_parser():
                             'with their retrievals (green within the positive threshold, red beyond).')
     scale.add_argument('--descriptors', nargs='+', default=None, metavar='PART',
                        help='Test mode: search the descriptor parts that test mode under torchrun wrote '
-                            '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
+                            '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting. Pairs mode: '
+                            'the global-feats .h5 of the query images (hloc\'s --descriptors), one file.')
+
+    hloc = p.add_argument_group('images in, answers out (extract, pairs, query; hloc\'s flag names)')
+    hloc.add_argument('--image_dir', default=None,
+                      help='Extract mode: folder of the images (.jpg/.jpeg/.png, any case, searched recursively).')
+    hloc.add_argument('--export_dir', default=None,
+                      help='Extract mode: folder that receives global-feats-netvlad.h5. Query mode: folder of the '
+                           'results (default: query_results under --runsPath).')
+    hloc.add_argument('--as_half', action='store_true',
+                      help='Extract mode: store descriptors as float16 (half the file; the search is float32).')
+    hloc.add_argument('--resize_max', type=int, default=None,
+                      help='Extract and query: shrink images whose longest side exceeds this many pixels to it '
+                           '(aspect kept); smaller images stay as they are.')
+    hloc.add_argument('--skip_unreadable', action='store_true',
+                      help='Extract and query: leave out images that cannot be decoded, with a warning naming each '
+                           '(default: stop at the first one with an error naming it).')
+    hloc.add_argument('--db_descriptors', default=None,
+                      help='Pairs mode: global-feats .h5 of the database images (default: --descriptors).')
+    hloc.add_argument('--num_matched', type=int, default=None,
+                      help='Pairs mode: database images paired with each query (required). Query mode: retrievals '
+                           'listed per query (default 5).')
+    hloc.add_argument('--query_prefix', nargs='+', default=None,
+                      help='Pairs mode: queries are the images of --descriptors whose name starts with one of these.')
+    hloc.add_argument('--db_prefix', nargs='+', default=None,
+                      help='Pairs mode: database images are those of --db_descriptors whose name starts with one of '
+                           'these.')
+    hloc.add_argument('--query_list', default=None,
+                      help='Pairs mode: text file of query names, one per line (first word; # comments); a glob '
+                           'pattern reads every matching file. Default: all images of --descriptors.')
+    hloc.add_argument('--db_list', default=None,
+                      help='Pairs mode: text file of database names, as --query_list. Default: all images of '
+                           '--db_descriptors.')
+    hloc.add_argument('--output', default=None,
+                      help='Pairs mode: the pairs file to write, one "query_name db_name" per line.')
+    hloc.add_argument('--query', nargs='+', default=None, metavar='PHOTO',
+                      help='Query mode: your photos: image files and/or folders (searched recursively).')
+    hloc.add_argument('--database', default=None,
+                      help='Query mode: the database: a global-feats .h5 written by --mode=extract, or a folder of '
+                           'images (extracted once, then cached in the run folder for later queries).')
+    hloc.add_argument('--positions', default=None,
+                      help='Query mode: CSV of database positions with a header, columns name,east,north (metres) '
+                           'or name,lat,lon. Default: positions read from folder-format names '
+                           '(@east@north@... as in VPR-datasets-downloader), where the names have them.')
 
     interchange = p.add_argument_group('models from and to other tools')
     interchange.add_argument('--matlab', default=None, metavar='FILE',
@@ -244,6 +288,15 @@ def run(opt):
     if opt.mode == 'export':
         from export_onnx import export
         return export(opt)
+    if opt.mode == 'extract':
+        from extract import extract
+        return extract(opt)
+    if opt.mode == 'pairs':
+        from pairs import pairs
+        return pairs(opt)
+    if opt.mode == 'query':
+        from query import query
+        return query(opt)
     if opt.mode == 'demo':
         from demo import demo
         return demo(opt, parse_options, run)

@@ -117,6 +117,42 @@ def exact_search(db_desc, query_desc, k, db_chunk=None, query_chunk=None, use_gp
     return best_dist, best_index
 
 
+def top_k_by_dot(query_desc, db_desc, k, query_ids=None, db_ids=None, min_score=None, chunk_bytes=None):
+    """Exact top-k by dot product (highest first): [numQ, k] similarities and database indices; a slot left empty
+    (fewer than k valid candidates) holds -inf and -1.
+
+    query_desc, db_desc: [N, D] arrays or DescriptorFiles (float16 or float32), read in chunks of at most
+    chunk_bytes of float32 each (default SEARCH_CHUNK_BYTES); the similarity block of one query sub-chunk against
+    one database chunk stays within chunk_bytes too, so memory is about three chunks whatever the sizes. Pairs
+    with query_ids[i] == db_ids[j] (e.g. an image and itself) are excluded, and so are similarities below
+    min_score.
+    """
+    dim = db_desc.shape[1]
+    k = min(k, len(db_desc))
+    rows = chunk_rows(dim, chunk_bytes)
+    block_rows = max(1, (chunk_bytes or SEARCH_CHUNK_BYTES) // (4 * min(rows, len(db_desc))))
+    negated = np.full((len(query_desc), k), np.inf, dtype=np.float32)  # -similarity: merge_top_k keeps the smallest
+    best_index = np.full((len(query_desc), k), -1, dtype=np.int64)
+    for q_start in range(0, len(query_desc), rows):
+        queries = torch.from_numpy(as_float32(query_desc[q_start:q_start + rows]))
+        for db_start in range(0, len(db_desc), rows):
+            database = torch.from_numpy(as_float32(db_desc[db_start:db_start + rows]))
+            for b_start in range(0, len(queries), block_rows):
+                block = queries[b_start:b_start + block_rows]
+                at = slice(q_start + b_start, q_start + b_start + len(block))
+                scores = block @ database.T  # [block, db chunk]
+                if query_ids is not None:
+                    same = query_ids[at, None] == db_ids[None, db_start:db_start + len(database)]
+                    scores.masked_fill_(torch.from_numpy(same), -np.inf)
+                if min_score is not None:
+                    scores.masked_fill_(scores < min_score, -np.inf)
+                top = torch.topk(scores, min(k, len(database)), dim=1)
+                negated[at], best_index[at] = merge_top_k(negated[at], best_index[at], -top.values.numpy(),
+                                                          top.indices.numpy() + db_start, k)
+    best_index[~np.isfinite(negated)] = -1
+    return -negated, best_index
+
+
 def approximate_index(kind, db_desc, gpu=None):
     """A faiss IVF-PQ or HNSW index over the database, trained on (a strided sample of) the database itself."""
     num_db, dim = db_desc.shape

@@ -1,0 +1,30 @@
+"""--mode=extract: the global descriptor of every image under --image_dir, written to
+--export_dir/global-feats-netvlad.h5 in hloc's layout (see global_features.py), for hloc's pairs_from_retrieval
+or this toolkit's --mode=pairs and --mode=query.
+
+Any run folder works (--resume: float, pruned, int8, whitened; none: the off-the-shelf k-means-initialised
+network). Images are normalised as in training (RGB scaled to 0-1, ImageNet mean and std), not as hloc's own
+NetVLAD port (RGB 0-255 minus the mean): descriptors of the two are not comparable.
+"""
+import logging
+import os
+
+from commons import UserError, make_deterministic, select_device
+from evaluate import load_model, place_model
+from global_features import FEATURES_FILE, extract_folder, find_images
+
+
+def extract(opt):
+    make_deterministic(opt.seed)
+    if not opt.image_dir or not opt.export_dir:
+        raise UserError('--mode=extract needs --image_dir (the folder of images, searched recursively) and '
+                        '--export_dir (the folder that receives global-feats-netvlad.h5).')
+    names = find_images(opt.image_dir)
+    model, _, run_dir = load_model(opt)
+    model, device = place_model(model, select_device(opt))
+    path = os.path.join(opt.export_dir, FEATURES_FILE)
+    logging.info('Model %s: %d-D descriptors', run_dir or 'off-the-shelf', model.output_dim)
+    os.makedirs(opt.export_dir, exist_ok=True)
+    extract_folder(model, opt.image_dir, names, path, opt, device)
+    logging.info('====> Wrote the descriptors of %d images to %s', len(names), path)
+    return path

@@ -1,0 +1,240 @@
+"""hloc's global-feats HDF5 file: written from a folder of images (resumable), and read back by name.
+
+Layout (hloc's extract_features / pairs_from_retrieval): one group per image, named by the image's path relative
+to the image folder in POSIX form (a `/` nests groups, as h5py does), holding `global_descriptor` (D,) float32
+(float16 with --as_half) and `image_size` int64 [width, height] of the original image. hloc lists the names as
+the parent groups of the datasets (list_h5_names); `h5_names` below does the same.
+
+A run writes to `<file>.partial` and renames it to the file when every image is done. A killed run leaves the
+.partial; the same command then continues it, skipping images whose group is complete (both datasets there).
+"""
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from commons import UserError
+from descriptors import DescriptorFile
+from retrieval import extract_descriptors
+from pittsburgh import ImageList
+
+FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+CHUNK_BATCHES = 16  # batches extracted between two writes to the file: what a killed run can lose
+READ_CHUNK_BYTES = 256 * 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+def find_images(image_dir):
+    """Names (POSIX paths relative to image_dir, sorted) of the .jpg/.jpeg/.png files under it, any case."""
+    if not os.path.isdir(image_dir):
+        raise UserError(f'Image folder {image_dir} does not exist or is not a folder.')
+    root = Path(image_dir)
+    names = sorted(path.relative_to(root).as_posix() for path in root.rglob('*')
+                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    if not names:
+        raise UserError(f'Image folder {image_dir} holds no images: expected .jpg, .jpeg or .png files (any case), '
+                        f'searched recursively.')
+    return names
+
+
+def image_size(path):
+    """[width, height] of an image, read from its header; a UserError naming an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError) as error:
+        raise UserError(f'Image {path} cannot be read: the file is corrupt or not an image ({error}).') from None
+
+
+def resized(size, resize_max):
+    """(height, width) to load an image of size [width, height] at: its longest side at most resize_max
+    (hloc's rounding), or None to keep it."""
+    if not resize_max or max(size) <= resize_max:
+        return None
+    scale = resize_max / max(size)
+    return int(round(size[1] * scale)), int(round(size[0] * scale))
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+def h5_names(path):
+    """Image names in a global-feats file, as hloc lists them: the parent groups of its datasets."""
+    names = set()
+    with open_h5(path) as f:
+        f.visititems(lambda _, obj: names.add(obj.parent.name.strip('/')) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(names)
+
+
+def open_h5(path, mode='r'):
+    try:
+        return h5py.File(path, mode, libver='latest')
+    except OSError as error:
+        raise UserError(f'{path} cannot be opened as an HDF5 file ({error}).') from None
+
+
+def complete_groups(path, dim):
+    """Names of the groups of a global-feats file that hold both datasets; a UserError if any descriptor is not
+    dim-D (a file of another model cannot be mixed with this one's descriptors)."""
+    with open_h5(path) as f:
+        descriptors, sizes = {}, set()
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                if name.endswith('/global_descriptor') or name == 'global_descriptor':
+                    descriptors[obj.parent.name.strip('/')] = obj.shape
+                elif name.endswith('/image_size') or name == 'image_size':
+                    sizes.add(obj.parent.name.strip('/'))
+        f.visititems(visit)
+    check_dims(path, descriptors, dim)
+    return {name for name in descriptors if name in sizes}
+
+
+def check_dims(path, shapes, dim):
+    wrong = {name: shape for name, shape in shapes.items() if shape != (dim,)}
+    if wrong:
+        name, shape = next(iter(sorted(wrong.items())))
+        raise UserError(f'{path} holds descriptors of another shape than this model\'s ({dim},): {len(wrong)} of '
+                        f'{len(shapes)} groups, e.g. "{name}" with global_descriptor of shape {shape}. It was written '
+                        f'by another model or settings: write to another file, or use the model that wrote it.')
+
+
+def write_groups(path, names, descriptors, sizes, as_half):
+    """Add (or replace) one group per image; the file is closed after each call so that what is written stays."""
+    dtype = np.float16 if as_half else np.float32
+    with open_h5(path, 'a') as f:
+        for name, descriptor, size in zip(names, descriptors, sizes):
+            if name in f:
+                del f[name]
+            group = f.create_group(name)
+            group.create_dataset('global_descriptor', data=descriptor.astype(dtype))
+            group.create_dataset('image_size', data=np.asarray(size, dtype=np.int64))
+
+
+def read_descriptors(path, names, dim, target_path):
+    """The descriptors of `names` (in that order) copied from a global-feats file into a float32 DescriptorFile at
+    target_path, chunk by chunk: the search then reads contiguous rows instead of one HDF5 group per image."""
+    target = DescriptorFile.create(target_path, len(names), dim, 'float32')
+    step = max(1, READ_CHUNK_BYTES // (4 * dim))
+    with open_h5(path) as f:
+        for start in range(0, len(names), step):
+            chunk = names[start:start + step]
+            missing = [name for name in chunk if f'{name}/global_descriptor' not in f]
+            if missing:
+                raise UserError(f'{path} has no global_descriptor for image "{missing[0]}" ({len(missing)} of the '
+                                f'names asked for are missing here).')
+            rows = [f[name]['global_descriptor'][()] for name in chunk]
+            check_dims(path, {name: row.shape for name, row in zip(chunk, rows)}, dim)
+            target[start:start + len(chunk)] = np.stack(rows)
+    return target
+
+
+def descriptor_dim(path, name):
+    """The descriptor dimension of a global-feats file, read from the group of image `name`."""
+    with open_h5(path) as f:
+        if f'{name}/global_descriptor' not in f:
+            raise UserError(f'{path} has no global_descriptor for image "{name}".')
+        shape = f[name]['global_descriptor'].shape
+    if len(shape) != 1:
+        raise UserError(f'{path}: global_descriptor of "{name}" has shape {shape}; expected (D,).')
+    return shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+def extract_folder(model, image_dir, names, path, opt, device, skip_existing=False):
+    """Write the descriptors of the images `names` (find_images) under image_dir into the global-feats file at
+    `path`.
+
+    Groups of other images already in the file stay; those of these images are replaced, or kept with
+    skip_existing (a cache). Images of one (original) size are extracted in batches, each size group on its own.
+    """
+    partial = path + '.partial'
+    done = resume_state(path, partial, model.output_dim, names, skip_existing)
+    todo = [name for name in names if name not in done]
+    if not todo:
+        if os.path.exists(partial):
+            os.replace(partial, path)
+        logging.info('All %d images of %s are in %s already.', len(names), image_dir, path)
+        return path
+    logging.info('Extracting %d of the %d images of %s into %s (%d done before)', len(todo), len(names), image_dir,
+                 path, len(names) - len(todo))
+    for size, group in size_groups(image_dir, todo, opt.skip_unreadable).items():
+        resize = resized(size, opt.resize_max)
+        step = opt.cacheBatchSize * CHUNK_BATCHES
+        for start in range(0, len(group), step):
+            chunk = group[start:start + step]
+            kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk], resize, opt,
+                                               device)
+            write_groups(partial, [chunk[i] for i in kept], descriptors, [size] * len(kept), opt.as_half)
+    os.replace(partial, path)
+    return path
+
+
+def resume_state(path, partial, dim, names, skip_existing):
+    """Names already done: those complete in the .partial of a killed run (or, with skip_existing, in the file).
+    A new run starts its .partial from a copy of the existing file, so that a kill leaves the file as it was."""
+    if os.path.exists(partial):
+        done = complete_groups(partial, dim)
+        logging.info('Continuing the interrupted extraction in %s: %d images done.', partial, len(done))
+        return done if skip_existing else done & set(names)
+    if not os.path.exists(path):
+        return set()
+    existing = complete_groups(path, dim)
+    if skip_existing and set(names) <= existing:
+        return existing
+    shutil.copyfile(path, partial)
+    if skip_existing:
+        return existing
+    with open_h5(partial, 'a') as f:  # so that a resumed run does not take the old groups for finished ones
+        for name in existing & set(names):
+            del f[name]
+    return set()
+
+
+def size_groups(image_dir, names, skip_unreadable):
+    """{(width, height): [names]} from the image headers; unreadable images stop the run or, with
+    skip_unreadable, are left out with a warning naming each."""
+    groups = {}
+    for name in names:
+        try:
+            size = image_size(os.path.join(image_dir, name))
+        except UserError as error:
+            if not skip_unreadable:
+                raise UserError(f'{error} Remove it, or pass --skip_unreadable to leave such images out.') from None
+            logging.warning('Skipped: %s', error)
+            continue
+        groups.setdefault(size, []).append(name)
+    return groups
+
+
+def extract_images(model, paths, resize, opt, device):
+    """(indices of the images extracted, their descriptors [n, D]): all in batches or, when one cannot be decoded
+    and --skip_unreadable is given, one at a time without the unreadable ones."""
+    try:
+        return list(range(len(paths))), extract_descriptors(model, ImageList(paths, resize), opt, device, 'images')
+    except UserError:
+        if not opt.skip_unreadable:
+            raise
+    kept, descriptors = [], []
+    for index, path in enumerate(paths):
+        try:
+            descriptors.append(extract_descriptors(model, ImageList([path], resize), opt, device, path)[0])
+            kept.append(index)
+        except UserError as error:
+            logging.warning('Skipped: %s', error)
+    return kept, np.stack(descriptors) if descriptors else np.empty((0, model.output_dim), np.float32)
+
+
+def cache_path(cache_root, image_dir):
+    """Where the global-feats file of a database folder is cached: one subfolder per folder (its absolute path
+    hashed, so that two folders of the same name do not share a cache)."""
+    absolute = os.path.realpath(image_dir)
+    key = hashlib.sha1(absolute.encode()).hexdigest()[:10]
+    return os.path.join(cache_root, f'{os.path.basename(absolute)}_{key}', FEATURES_FILE)
