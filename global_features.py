@@ -118,9 +118,10 @@ def write_groups(path, names, descriptors, sizes, as_half):
 
 
 def read_descriptors(path, names, dim, target_path):
-    """The descriptors of `names` (in that order) copied from a global-feats file into a float32 DescriptorFile at
-    target_path, chunk by chunk: the search then reads contiguous rows instead of one HDF5 group per image."""
-    target = DescriptorFile.create(target_path, len(names), dim, 'float32')
+    """The descriptors of `names` (in that order) copied from a global-feats file into a DescriptorFile at
+    target_path (float16 if the file holds float16, else float32), chunk by chunk: the search then reads
+    contiguous rows instead of one HDF5 group per image."""
+    target = None
     step = max(1, READ_CHUNK_BYTES // (4 * dim))
     with open_h5(path) as f:
         for start in range(0, len(names), step):
@@ -131,6 +132,9 @@ def read_descriptors(path, names, dim, target_path):
                                 f'names asked for are missing here).')
             rows = [f[name]['global_descriptor'][()] for name in chunk]
             check_dims(path, {name: row.shape for name, row in zip(chunk, rows)}, dim)
+            if target is None:
+                dtype = 'float16' if rows[0].dtype == np.float16 else 'float32'
+                target = DescriptorFile.create(target_path, len(names), dim, dtype)
             target[start:start + len(chunk)] = np.stack(rows)
     return target
 

@@ -1,0 +1,107 @@
+"""--mode=pairs: the image pairs file of hloc's pairs_from_retrieval, from global-feats files (--mode=extract's
+or hloc's own).
+
+Each query is paired with its --num_matched most similar database images by dot product (the descriptors are unit
+vectors), highest first; as hloc does, a database image of the query's own name is never its match and pairs of
+negative similarity are dropped (hloc's min_score=0), so a query may get fewer pairs. The search runs in chunks
+over both sides (evaluate.top_k_by_dot): memory does not grow with the number of images.
+"""
+import glob
+import logging
+import os
+
+import numpy as np
+
+from commons import UserError
+from descriptors import cache_folder
+from evaluate import top_k_by_dot
+from global_features import descriptor_dim, h5_names, read_descriptors
+
+MIN_SCORE = 0.0  # hloc's pairs_from_retrieval: similarities below it make no pair
+
+
+def pairs(opt):
+    query_file, db_file = check_flags(opt)
+    query_names = select_names(query_file, opt.query_prefix, opt.query_list, '--query_prefix', '--query_list')
+    db_names = select_names(db_file, opt.db_prefix, opt.db_list, '--db_prefix', '--db_list')
+    if opt.num_matched > len(db_names):
+        raise UserError(f'--num_matched {opt.num_matched} is larger than the database: {db_file} holds '
+                        f'{len(db_names)} database images (after --db_prefix/--db_list).')
+    dim = descriptor_dim(db_file, db_names[0])
+    if descriptor_dim(query_file, query_names[0]) != dim:
+        raise UserError(f'{query_file} holds {descriptor_dim(query_file, query_names[0])}-D descriptors but '
+                        f'{db_file} holds {dim}-D ones: both must come from the same model.')
+    logging.info('Pairing %d queries of %s with their %d best of %d database images of %s', len(query_names),
+                 query_file, opt.num_matched, len(db_names), db_file)
+    with cache_folder(opt.cachePath) as folder:
+        query_desc = read_descriptors(query_file, query_names, dim, os.path.join(folder, 'queries.npy'))
+        db_desc = read_descriptors(db_file, db_names, dim, os.path.join(folder, 'database.npy'))
+        query_ids, db_ids = name_ids(query_names, db_names)
+        _, found = top_k_by_dot(query_desc, db_desc, opt.num_matched, query_ids, db_ids, min_score=MIN_SCORE)
+    queries, ranks = np.nonzero(found >= 0)  # row-major: each query's pairs together, best first
+    lines = [f'{query_names[q]} {db_names[found[q, r]]}' for q, r in zip(queries, ranks)]
+    write_text(opt.output, '\n'.join(lines))
+    logging.info('====> Wrote %d pairs to %s', len(lines), opt.output)
+    return opt.output
+
+
+def check_flags(opt):
+    """(query file, database file), after checking every flag pairs mode needs."""
+    if not opt.descriptors or len(opt.descriptors) != 1:
+        raise UserError('--mode=pairs needs --descriptors FILE: one global-feats .h5 (written by --mode=extract '
+                        'or hloc) holding the queries (and the database, unless --db_descriptors is given).')
+    if not opt.output:
+        raise UserError('--mode=pairs needs --output PAIRS.txt, the pairs file to write.')
+    if opt.num_matched is None or opt.num_matched < 1:
+        raise UserError('--mode=pairs needs --num_matched K >= 1, the database images paired with each query.')
+    query_file, db_file = opt.descriptors[0], opt.db_descriptors or opt.descriptors[0]
+    for path in (query_file, db_file):
+        if not os.path.isfile(path):
+            raise UserError(f'Descriptor file {path} does not exist: give a global-feats .h5 written by '
+                            f'--mode=extract (or hloc).')
+    return query_file, db_file
+
+
+def select_names(path, prefixes, list_pattern, prefix_flag, list_flag):
+    """Names of the images of `path`, as hloc chooses them: those starting with a prefix, else those of the list
+    files, else all."""
+    if prefixes:
+        names = [name for name in h5_names(path) if name.startswith(tuple(prefixes))]
+        if not names:
+            raise UserError(f'No image of {path} has a name starting with {prefix_flag} {" ".join(prefixes)}.')
+        return names
+    if list_pattern:
+        return read_name_lists(list_pattern, list_flag)
+    names = h5_names(path)
+    if not names:
+        raise UserError(f'{path} holds no images: it is not a global-feats file written by --mode=extract or hloc.')
+    return names
+
+
+def read_name_lists(pattern, flag):
+    """Image names from the list files matching `pattern` (a path or a glob, as hloc's parse_image_lists): the
+    first word of each line that is not empty or a # comment."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UserError(f'{flag} {pattern}: no such file.')
+    names = []
+    for path in files:
+        with open(path) as f:
+            names += [line.split()[0] for line in f if line.strip() and not line.lstrip().startswith('#')]
+    if not names:
+        raise UserError(f'{flag} {pattern}: the list holds no image names.')
+    return names
+
+
+def name_ids(query_names, db_names):
+    """Integer ids of the names on both sides: equal ids mark the same image (a self-match, which hloc excludes)."""
+    ids = {name: i for i, name in enumerate(dict.fromkeys(query_names + db_names))}
+    return np.array([ids[n] for n in query_names]), np.array([ids[n] for n in db_names])
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp_path = path + '.tmp'
+    with open(tmp_path, 'w') as f:
+        f.write(text)
+    os.replace(tmp_path, path)
