@@ -29,8 +29,8 @@ def plot_recall_curves(records, path):
 
 
 def framed(path, colour, caption):
-    """A thumbnail of the image at `path` with a coloured frame and a caption."""
-    image = Image.open(path).convert('RGB').resize(THUMB)
+    """A thumbnail of the image at `path` (a grey tile when there is none) with a coloured frame and a caption."""
+    image = Image.open(path).convert('RGB').resize(THUMB) if path else Image.new('RGB', THUMB, 'lightgrey')
     canvas = Image.new('RGB', (THUMB[0] + 8, THUMB[1] + 26), 'white')
     canvas.paste(Image.new('RGB', (THUMB[0] + 8, THUMB[1] + 8), colour), (0, 0))
     canvas.paste(image, (4, 4))
@@ -50,8 +50,20 @@ def retrieval_strips(dataset, predictions, query_indices, path):
             colour = 'green' if metres <= struct.posDistThr else 'red'
             tiles.append(framed(dataset.paths[db_index], colour, f'#{rank}: {metres:.0f} m'))
         rows.append(tiles)
+    save_sheet(rows, path)
+
+
+def query_strip(query_path, retrieved_paths, captions, path):
+    """One query and its retrievals in a row, each retrieval captioned (e.g. rank and similarity)."""
+    tiles = [framed(query_path, 'grey', 'query')]
+    tiles += [framed(image, 'steelblue', caption) for image, caption in zip(retrieved_paths, captions)]
+    save_sheet([tiles], path)
+
+
+def save_sheet(rows, path):
+    """Rows of equally sized tiles pasted into one picture."""
     tile_w, tile_h = rows[0][0].size
-    sheet = Image.new('RGB', (tile_w * (STRIP_TOP + 1), tile_h * len(rows)), 'white')
+    sheet = Image.new('RGB', (tile_w * max(len(tiles) for tiles in rows), tile_h * len(rows)), 'white')
     for y, tiles in enumerate(rows):
         for x, tile in enumerate(tiles):
             sheet.paste(tile, (x * tile_w, y * tile_h))

@@ -169,13 +169,12 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
         return path
     logging.info('Extracting %d of the %d images of %s into %s (%d done before)', len(todo), len(names), image_dir,
                  path, len(names) - len(todo))
-    for size, group in size_groups(image_dir, todo, opt.skip_unreadable).items():
-        resize = resized(size, opt.resize_max)
-        step = opt.cacheBatchSize * CHUNK_BATCHES
+    step = opt.cacheBatchSize * CHUNK_BATCHES
+    for size, group in size_groups([os.path.join(image_dir, n) for n in todo], opt.skip_unreadable).items():
         for start in range(0, len(group), step):
-            chunk = group[start:start + step]
-            kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk], resize, opt,
-                                               device)
+            chunk = [todo[i] for i in group[start:start + step]]
+            kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk],
+                                               resized(size, opt.resize_max), opt, device)
             write_groups(partial, [chunk[i] for i in kept], descriptors, [size] * len(kept), opt.as_half)
     os.replace(partial, path)
     return path
@@ -202,20 +201,31 @@ def resume_state(path, partial, dim, names, skip_existing):
     return set()
 
 
-def size_groups(image_dir, names, skip_unreadable):
-    """{(width, height): [names]} from the image headers; unreadable images stop the run or, with
+def size_groups(paths, skip_unreadable):
+    """{(width, height): [indices into paths]} from the image headers; unreadable images stop the run or, with
     skip_unreadable, are left out with a warning naming each."""
     groups = {}
-    for name in names:
+    for index, path in enumerate(paths):
         try:
-            size = image_size(os.path.join(image_dir, name))
+            size = image_size(path)
         except UserError as error:
             if not skip_unreadable:
                 raise UserError(f'{error} Remove it, or pass --skip_unreadable to leave such images out.') from None
             logging.warning('Skipped: %s', error)
             continue
-        groups.setdefault(size, []).append(name)
+        groups.setdefault(size, []).append(index)
     return groups
+
+
+def describe_images(model, paths, opt, device):
+    """(indices of the images described, their descriptors [n, D] in that order), images of one size batched."""
+    kept, descriptors = [], []
+    for size, group in size_groups(paths, opt.skip_unreadable).items():
+        found, rows = extract_images(model, [paths[i] for i in group], resized(size, opt.resize_max), opt, device)
+        kept += [group[i] for i in found]
+        descriptors.append(rows)
+    order = np.argsort(kept, kind='stable')
+    return [kept[i] for i in order], np.concatenate(descriptors)[order] if kept else None
 
 
 def extract_images(model, paths, resize, opt, device):

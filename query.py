@@ -1,0 +1,206 @@
+"""--mode=query: where were these photos taken? Each photo of --query is searched against a database of images and
+answered with its top --num_matched database images, in a CSV and a picture.
+
+The database (--database) is a global-feats .h5 written by --mode=extract, or a folder of images: a folder is
+extracted once into the run folder (query_database/<folder>_<hash>/global-feats-netvlad.h5) and later queries
+extract only the images added since. Similarity is the dot product of the unit descriptors (evaluate.top_k_by_dot).
+
+Where database positions are known (--positions CSV, or folder-format names `@east@north@...`), each retrieval's
+CSV row carries its position, and the query's estimated position is the position of its best-ranked retrieval that
+has one (the top-1 in the usual case): an average of several retrievals could fall between two distinct places.
+"""
+import csv
+import logging
+import os
+from pathlib import Path
+
+from commons import UserError, make_deterministic, select_device
+from descriptors import cache_folder
+from evaluate import load_model, place_model, top_k_by_dot
+from figures import query_strip
+from global_features import (cache_path, describe_images, descriptor_dim, extract_folder, find_images, h5_names,
+                             read_descriptors)
+
+DEFAULT_TOP = 5
+CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
+
+
+def query(opt):
+    make_deterministic(opt.seed)
+    photos = query_photos(opt.query)
+    database_names = check_database(opt)
+    top = DEFAULT_TOP if opt.num_matched is None else opt.num_matched
+    if top < 1:
+        raise UserError(f'--num_matched {top}: give at least 1 retrieval per query.')
+    if top > len(database_names):
+        raise UserError(f'--num_matched {top} is larger than the database: {opt.database} holds '
+                        f'{len(database_names)} images.')
+    positions, columns = database_positions(database_names, opt.positions)
+    model, _, run_dir = load_model(opt)
+    model, device = place_model(model, select_device(opt))
+    db_file, db_names, db_root = database(model, opt, device, run_dir, database_names)
+    kept, query_desc = describe_images(model, [path for _, path in photos], opt, device)
+    if not kept:
+        raise UserError(f'None of the {len(photos)} query photos could be read.')
+    with cache_folder(opt.cachePath) as folder:
+        db_desc = read_descriptors(db_file, db_names, model.output_dim, os.path.join(folder, 'database.npy'))
+        scores, found = top_k_by_dot(query_desc, db_desc, top)
+    out = opt.export_dir or os.path.join(opt.runsPath, 'query_results')
+    answers = [answer(photos[q], scores[row], found[row], db_names, positions)
+               for row, q in enumerate(kept)]
+    write_answers(answers, columns, db_root, out)
+    logging.info('====> Answered %d queries against %d database images: %s', len(answers), len(db_names), out)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def query_photos(items):
+    """[(name, path)] of the query photos: files as given (named by their file name), folders searched
+    recursively (named by their path inside the folder)."""
+    if not items:
+        raise UserError('--mode=query needs --query PHOTO... : image files and/or folders of them.')
+    photos = []
+    for item in items:
+        if os.path.isdir(item):
+            photos += [(name, os.path.join(item, name)) for name in find_images(item)]
+        elif os.path.isfile(item):
+            photos.append((os.path.basename(item), item))
+        else:
+            raise UserError(f'--query {item}: no such file or folder.')
+    names = [name for name, _ in photos]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f'Two query photos share the name {repeated[0]}: their results would overwrite each other. '
+                        f'Rename one, or query them in separate runs.')
+    return photos
+
+
+def check_database(opt):
+    """The database image names: those of the .h5, or those found in the folder (extracted later)."""
+    if not opt.database:
+        raise UserError('--mode=query needs --database: a global-feats .h5 written by --mode=extract, or a folder of '
+                        'images.')
+    if os.path.isdir(opt.database):
+        return find_images(opt.database)
+    if not os.path.isfile(opt.database):
+        raise UserError(f'--database {opt.database}: no such file or folder.')
+    names = h5_names(opt.database)
+    if not names:
+        raise UserError(f'--database {opt.database} holds no images: not a global-feats file.')
+    return names
+
+
+def database(model, opt, device, run_dir, names):
+    """(global-feats file, image names, folder of the images or None) of the database, a folder extracted into
+    the run folder's cache first (only the images not there yet)."""
+    if os.path.isdir(opt.database):
+        path = cache_path(os.path.join(run_dir, CACHE_FOLDER), opt.database)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        extract_folder(model, opt.database, names, path, opt, device, skip_existing=True)
+        return path, names_in(path, names), opt.database
+    dim = descriptor_dim(opt.database, names[0])
+    if dim != model.output_dim:
+        raise UserError(f'--database {opt.database} holds {dim}-D descriptors but the model of '
+                        f'{run_dir or "--resume"} gives {model.output_dim}-D ones: it was extracted with another model.')
+    return opt.database, names, opt.image_dir
+
+
+def names_in(path, names):
+    """The names that the file holds (images skipped as unreadable are not in it)."""
+    held = set(h5_names(path))
+    return [name for name in names if name in held]
+
+
+def database_positions(names, positions_csv):
+    """({name: (a, b)}, (column a, column b)) from --positions, else from folder-format names; ({}, None) when
+    neither gives any."""
+    if positions_csv:
+        return read_positions_csv(positions_csv, names)
+    positions = {}
+    for name in names:
+        utm = folder_format_utm(name)
+        if utm is not None:
+            positions[name] = utm
+    return (positions, ('east', 'north')) if positions else ({}, None)
+
+
+def folder_format_utm(name):
+    """(east, north) from a folder-format file name (VPR-datasets-downloader: `@east@north@zone@...`), else None.
+
+    A stand-in for folder_dataset.py's parser: at merge, replace it by that one.
+    """
+    fields = os.path.basename(name).split('@')
+    try:
+        return float(fields[1]), float(fields[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def read_positions_csv(path, names):
+    """Positions of the database images from a CSV with a header: name,east,north or name,lat,lon."""
+    if not os.path.isfile(path):
+        raise UserError(f'--positions {path}: no such file.')
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        header = [field.strip() for field in reader.fieldnames or []]
+        columns = next((pair for pair in (('east', 'north'), ('lat', 'lon')) if set(pair) <= set(header)), None)
+        if 'name' not in header or columns is None:
+            raise UserError(f'--positions {path} has the header {",".join(header)}; expected name,east,north '
+                            f'(metres) or name,lat,lon.')
+        positions = {}
+        for line, row in enumerate(reader, 2):
+            row = {key.strip(): value for key, value in row.items()}
+            try:
+                positions[row['name'].strip()] = (float(row[columns[0]]), float(row[columns[1]]))
+            except (TypeError, ValueError):
+                raise UserError(f'--positions {path}, line {line}: {columns[0]} and {columns[1]} must be numbers.') \
+                    from None
+    known = [name for name in names if name in positions]
+    if not known:
+        raise UserError(f'--positions {path} names none of the {len(names)} database images (names are paths '
+                        f'relative to the database folder, e.g. {names[0]}).')
+    return {name: positions[name] for name in known}, columns
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def answer(photo, scores, found, db_names, positions):
+    """One query's retrievals (rank, name, similarity, position or None) and its estimated position."""
+    retrievals = [(rank, db_names[index], float(score), positions.get(db_names[index]))
+                  for rank, (score, index) in enumerate(zip(scores, found), 1)]
+    estimate = next((position for *_, position in retrievals if position is not None), None)
+    return dict(name=photo[0], path=photo[1], retrievals=retrievals, estimate=estimate)
+
+
+def write_answers(answers, columns, db_root, out):
+    """Per query: <name>.csv (its top N) and <name>.png (the query, then its retrievals); queries.csv: each query's
+    best match and estimated position."""
+    os.makedirs(out, exist_ok=True)
+    position_columns = list(columns) if columns else []
+    summary = [['query', 'best_match', 'similarity'] + [f'estimated_{c}' for c in position_columns]]
+    for item in answers:
+        stem = os.path.join(out, str(Path(item['name']).with_suffix('')).replace('/', '__'))
+        rows = [['rank', 'database_image', 'similarity'] + position_columns]
+        rows += [[rank, name, f'{score:.6f}'] + position_cells(position, columns)
+                 for rank, name, score, position in item['retrievals']]
+        write_csv(stem + '.csv', rows)
+        _, best, score, _ = item['retrievals'][0]
+        summary.append([item['name'], best, f'{score:.6f}'] + position_cells(item['estimate'], columns))
+        query_strip(item['path'], [os.path.join(db_root, name) if db_root else None
+                                   for _, name, _, _ in item['retrievals']],
+                    [f'#{rank} {score:.3f}' for rank, _, score, _ in item['retrievals']], stem + '.png')
+    write_csv(os.path.join(out, 'queries.csv'), summary)
+
+
+def position_cells(position, columns):
+    if not columns:
+        return []
+    return ['', ''] if position is None else [repr(position[0]), repr(position[1])]
+
+
+def write_csv(path, rows):
+    tmp_path = path + '.tmp'
+    with open(tmp_path, 'w', newline='') as f:
+        csv.writer(f).writerows(rows)
+    os.replace(tmp_path, path)
