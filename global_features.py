@@ -247,8 +247,11 @@ def extract_images(model, paths, resize, opt, device):
 
 
 def cache_path(cache_root, image_dir):
-    """Where the global-feats file of a database folder is cached: one subfolder per folder (its absolute path
-    hashed, so that two folders of the same name do not share a cache)."""
-    absolute = os.path.realpath(image_dir)
-    key = hashlib.sha1(absolute.encode()).hexdigest()[:10]
-    return os.path.join(cache_root, f'{os.path.basename(absolute)}_{key}', FEATURES_FILE)
+    """Where the global-feats file of a database folder is cached: one subfolder per folder."""
+    return os.path.join(cache_root, path_key(image_dir), FEATURES_FILE)
+
+
+def path_key(path):
+    """A file or folder's name plus a hash of its absolute path: two of the same name get different keys."""
+    absolute = os.path.realpath(path)
+    return f'{os.path.basename(absolute)}_{hashlib.sha1(absolute.encode()).hexdigest()[:10]}'

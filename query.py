@@ -10,16 +10,17 @@ CSV row carries its position, and the query's estimated position is the position
 has one (the top-1 in the usual case): an average of several retrievals could fall between two distinct places.
 """
 import csv
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 from commons import UserError, make_deterministic, select_device
-from descriptors import cache_folder
+from descriptors import load_descriptor_file
 from evaluate import load_model, place_model, top_k_by_dot
 from figures import query_strip
 from global_features import (cache_path, describe_images, descriptor_dim, extract_folder, find_images, h5_names,
-                             read_descriptors)
+                             path_key, read_descriptors)
 
 DEFAULT_TOP = 5
 CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
@@ -42,9 +43,8 @@ def query(opt):
     kept, query_desc = describe_images(model, [path for _, path in photos], opt, device)
     if not kept:
         raise UserError(f'None of the {len(photos)} query photos could be read.')
-    with cache_folder(opt.cachePath) as folder:
-        db_desc = read_descriptors(db_file, db_names, model.output_dim, os.path.join(folder, 'database.npy'))
-        scores, found = top_k_by_dot(query_desc, db_desc, top)
+    db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(run_dir, CACHE_FOLDER))
+    scores, found = top_k_by_dot(query_desc, db_desc, top)
     out = opt.export_dir or os.path.join(opt.runsPath, 'query_results')
     answers = [answer(photos[q], scores[row], found[row], db_names, positions)
                for row, q in enumerate(kept)]
@@ -104,6 +104,25 @@ def database(model, opt, device, run_dir, names):
         raise UserError(f'--database {opt.database} holds {dim}-D descriptors but the model of '
                         f'{run_dir or "--resume"} gives {model.output_dim}-D ones: it was extracted with another model.')
     return opt.database, names, opt.image_dir
+
+
+def database_rows(path, names, dim, cache_root):
+    """The descriptors of `names` from global-feats file `path` as contiguous rows (a DescriptorFile), cached in
+    cache_root: reading one HDF5 group per image costs about a millisecond each, so the copy is made once and
+    remade only when the file or the names change."""
+    stamp = os.stat(path)
+    key = hashlib.sha1('\n'.join([str(stamp.st_mtime_ns), str(stamp.st_size)] + names).encode()).hexdigest()
+    rows_path = os.path.join(cache_root, f'rows_{path_key(path)}.npy')
+    key_path = rows_path[:-len('.npy')] + '.key'
+    if os.path.isfile(key_path) and open(key_path).read() == key:
+        return load_descriptor_file(rows_path, len(names), dim, check_values=False)
+    os.makedirs(cache_root, exist_ok=True)
+    read_descriptors(path, names, dim, rows_path + '.tmp')
+    os.replace(rows_path + '.tmp', rows_path)
+    with open(key_path + '.tmp', 'w') as f:
+        f.write(key)
+    os.replace(key_path + '.tmp', key_path)
+    return load_descriptor_file(rows_path, len(names), dim, check_values=False)
 
 
 def names_in(path, names):
