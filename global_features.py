@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from commons import UserError
+from commons import UserError, user_error_text
 from descriptors import DescriptorFile
 from retrieval import extract_descriptors
 from pittsburgh import ImageList
@@ -169,13 +169,17 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
         return path
     logging.info('Extracting %d of the %d images of %s into %s (%d done before)', len(todo), len(names), image_dir,
                  path, len(names) - len(todo))
-    step = opt.cacheBatchSize * CHUNK_BATCHES
+    step, finished = opt.cacheBatchSize * CHUNK_BATCHES, 0
     for size, group in size_groups([os.path.join(image_dir, n) for n in todo], opt.skip_unreadable).items():
         for start in range(0, len(group), step):
             chunk = [todo[i] for i in group[start:start + step]]
+            finished += len(chunk)
             kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk],
-                                               resized(size, opt.resize_max), opt, device)
+                                               resized(size, opt.resize_max), opt, device,
+                                               f'images {finished}/{len(todo)}')
             write_groups(partial, [chunk[i] for i in kept], descriptors, [size] * len(kept), opt.as_half)
+    if not os.path.exists(partial):
+        raise UserError(f'None of the {len(todo)} images of {image_dir} could be read.')
     os.replace(partial, path)
     return path
 
@@ -228,14 +232,16 @@ def describe_images(model, paths, opt, device):
     return [kept[i] for i in order], np.concatenate(descriptors)[order] if kept else None
 
 
-def extract_images(model, paths, resize, opt, device):
+def extract_images(model, paths, resize, opt, device, description='images'):
     """(indices of the images extracted, their descriptors [n, D]): all in batches or, when one cannot be decoded
     and --skip_unreadable is given, one at a time without the unreadable ones."""
     try:
-        return list(range(len(paths))), extract_descriptors(model, ImageList(paths, resize), opt, device, 'images')
-    except UserError:
+        return list(range(len(paths))), extract_descriptors(model, ImageList(paths, resize), opt, device,
+                                                            description)
+    except UserError as error:
         if not opt.skip_unreadable:
-            raise
+            raise UserError(f'{user_error_text(error)} Remove it, or pass --skip_unreadable to leave such images '
+                            f'out.') from None
     kept, descriptors = [], []
     for index, path in enumerate(paths):
         try:

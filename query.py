@@ -101,8 +101,8 @@ def database(model, opt, device, run_dir, names):
         return path, names_in(path, names), opt.database
     dim = descriptor_dim(opt.database, names[0])
     if dim != model.output_dim:
-        raise UserError(f'--database {opt.database} holds {dim}-D descriptors but the model of '
-                        f'{run_dir or "--resume"} gives {model.output_dim}-D ones: it was extracted with another model.')
+        raise UserError(f'--database {opt.database} holds {dim}-D descriptors but the model of {run_dir} gives '
+                        f'{model.output_dim}-D ones: it was extracted with another model.')
     return opt.database, names, opt.image_dir
 
 

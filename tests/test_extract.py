@@ -149,7 +149,8 @@ def test_killed_extraction_resumes_to_the_straight_result(float_run, image_dir, 
     assert extract_cli(run_cli, run_dir, image_dir, out, '--cacheBatchSize=2') == 0
     assert sum(resumed_batches) == 7 - 4  # the finished images were skipped
     assert not (out / 'global-feats-netvlad.h5.partial').exists()
-    straight, resumed = read_h5(tmp_path / 'straight' / 'global-feats-netvlad.h5'), read_h5(out / 'global-feats-netvlad.h5')
+    straight = read_h5(tmp_path / 'straight' / 'global-feats-netvlad.h5')
+    resumed = read_h5(out / 'global-feats-netvlad.h5')
     assert sorted(straight) == sorted(resumed)
     for name in straight:
         np.testing.assert_allclose(resumed[name][0], straight[name][0], atol=1e-6)
@@ -194,6 +195,10 @@ def test_truncated_image_is_skipped_from_its_batch(float_run, image_dir, tmp_pat
     run_dir, model = float_run
     data = (image_dir / 'a.jpg').read_bytes()
     (image_dir / 'a_truncated.jpg').write_bytes(data[:len(data) // 3])
+    assert extract_cli(run_cli, run_dir, image_dir, tmp_path / 'stopped') == 2
+    message = error_paragraph(capsys.readouterr().err)
+    assert 'a_truncated.jpg' in message and '--skip_unreadable' in message
+    assert not (tmp_path / 'stopped' / 'global-feats-netvlad.h5').exists()
     assert extract_cli(run_cli, run_dir, image_dir, tmp_path / 'out', '--skip_unreadable') == 0
     assert 'a_truncated.jpg' in capsys.readouterr().out
     written = read_h5(tmp_path / 'out' / 'global-feats-netvlad.h5')
