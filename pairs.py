@@ -4,7 +4,7 @@ or hloc's own).
 Each query is paired with its --num_matched most similar database images by dot product (the descriptors are unit
 vectors), highest first; as hloc does, a database image of the query's own name is never its match and pairs of
 negative similarity are dropped (hloc's min_score=0), so a query may get fewer pairs. The search runs in chunks
-over both sides (evaluate.top_k_by_dot): memory does not grow with the number of images.
+over both sides (retrieval.top_k_by_dot): memory does not grow with the number of images.
 """
 import glob
 import logging
@@ -14,7 +14,7 @@ import numpy as np
 
 from commons import UserError
 from descriptors import cache_folder
-from evaluate import top_k_by_dot
+from retrieval import top_k_by_dot
 from global_features import descriptor_dim, h5_names, read_descriptors
 
 MIN_SCORE = 0.0  # hloc's pairs_from_retrieval: similarities below it make no pair

@@ -3,7 +3,8 @@ answered with its top --num_matched database images, in a CSV and a picture.
 
 The database (--database) is a global-feats .h5 written by --mode=extract, or a folder of images: a folder is
 extracted once into the run folder (query_database/<folder>_<hash>/global-feats-netvlad.h5) and later queries
-extract only the images added since. Similarity is the dot product of the unit descriptors (evaluate.top_k_by_dot).
+extract only the images added since. Similarity is the dot product of the unit descriptors
+(retrieval.top_k_by_dot).
 
 Where database positions are known (--positions CSV, or folder-format names `@east@north@...`), each retrieval's
 CSV row carries its position, and the query's estimated position is the position of its best-ranked retrieval that
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from commons import UserError, make_deterministic, select_device
 from descriptors import load_descriptor_file
-from evaluate import load_model, place_model, top_k_by_dot
+from evaluate import load_model, place_model
+from retrieval import top_k_by_dot
 from figures import query_strip
 from global_features import (cache_path, describe_images, descriptor_dim, extract_folder, find_images, h5_names,
                              path_key, read_descriptors)

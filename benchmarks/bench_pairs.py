@@ -1,4 +1,4 @@
-"""Retrieval pairs at scale: the chunked dot-product top-k that --mode=pairs runs (evaluate.top_k_by_dot), for
+"""Retrieval pairs at scale: the chunked dot-product top-k that --mode=pairs runs (retrieval.top_k_by_dot), for
 1,000,000 database images at 4096-D (a PCA-whitened NetVLAD), in bounded RAM.
 
     python benchmarks/bench_pairs.py --workdir /tmp/bench_pairs                    # 1,000 of the 1M queries
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
-from evaluate import as_float32, chunk_rows, top_k_by_dot  # noqa: E402
+from retrieval import as_float32, chunk_rows, top_k_by_dot  # noqa: E402
 
 GENERATE_ROWS = 32768
 

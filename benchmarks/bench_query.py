@@ -6,7 +6,7 @@ contains.
 
 A random (k-means-free) AlexNet NetVLAD, K=64 (16,384-D), in a run folder; a global-feats .h5 of --db random unit
 descriptors written as --mode=extract writes it; one 480x640 photo. Measured in this process, after a warm-up
-query: the forward pass of the photo alone, the exact search alone (evaluate.top_k_by_dot against the database
+query: the forward pass of the photo alone, the exact search alone (retrieval.top_k_by_dot against the database
 rows in memory), and the whole query (query.query: model loading, the photo's descriptor, copying the database
 rows out of the .h5, the search, the CSV and the picture). Each is the median of --repeats.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main  # noqa: E402
 from checkpoint import model_state, save_checkpoint  # noqa: E402
 from descriptors import cache_folder  # noqa: E402
-from evaluate import top_k_by_dot  # noqa: E402
+from retrieval import top_k_by_dot  # noqa: E402
 from global_features import h5_names, read_descriptors, write_groups  # noqa: E402
 from models import build_model  # noqa: E402
 from pittsburgh import load_image  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
+import retrieval
 import global_features
 from checkpoint import model_state, save_checkpoint
 from helpers import error_paragraph, read_image
@@ -83,7 +83,7 @@ class Killed(Exception):
 def counting_extraction(monkeypatch, kill_after=None):
     """Record the images of each extracted batch (a list, returned); after kill_after batches, raise as a kill."""
     batches = []
-    real_extract = evaluate.extract_descriptors
+    real_extract = retrieval.extract_descriptors
 
     def counted(model, dataset, *args, **kwargs):
         if len(batches) == kill_after:
@@ -253,7 +253,7 @@ def pairs_cli(run_cli, *flags):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Search chunks of 5 rows (8-D float32), so that every side is split and merged."""
-    monkeypatch.setattr(evaluate, 'SEARCH_CHUNK_BYTES', 5 * 8 * 4)
+    monkeypatch.setattr(retrieval, 'SEARCH_CHUNK_BYTES', 5 * 8 * 4)
 
 
 def test_pairs_of_one_file_equal_brute_force(tmp_path, run_cli, small_chunks):
@@ -291,7 +291,7 @@ def test_pairs_with_prefixes_lists_and_two_files(tmp_path, run_cli, small_chunks
 def test_top_k_by_dot_equals_brute_force(small_chunks):
     rng = np.random.default_rng(2)
     db, queries = unit_rows(rng, 41, 8), unit_rows(rng, 13, 8)
-    scores, found = evaluate.top_k_by_dot(queries, db, 7)
+    scores, found = retrieval.top_k_by_dot(queries, db, 7)
     sim = queries.astype(np.float64) @ db.astype(np.float64).T
     expected = np.argsort(-sim, axis=1)[:, :7]
     np.testing.assert_array_equal(found, expected)
