@@ -38,10 +38,8 @@ def pairs(opt):
         db_desc = read_descriptors(db_file, db_names, dim, os.path.join(folder, 'database.npy'))
         query_ids, db_ids = name_ids(query_names, db_names)
         _, found = top_k_by_dot(query_desc, db_desc, opt.num_matched, query_ids, db_ids, min_score=MIN_SCORE)
-    queries, ranks = np.nonzero(found >= 0)  # row-major: each query's pairs together, best first
-    lines = [f'{query_names[q]} {db_names[found[q, r]]}' for q, r in zip(queries, ranks)]
-    write_text(opt.output, '\n'.join(lines))
-    logging.info('====> Wrote %d pairs to %s', len(lines), opt.output)
+    count = write_pairs(opt.output, query_names, db_names, found)
+    logging.info('====> Wrote %d pairs to %s', count, opt.output)
     return opt.output
 
 
@@ -99,9 +97,15 @@ def name_ids(query_names, db_names):
     return np.array([ids[n] for n in query_names]), np.array([ids[n] for n in db_names])
 
 
-def write_text(path, text):
+def write_pairs(path, query_names, db_names, found):
+    """One "query db" line per pair, each query's pairs together, best first, no newline after the last (as hloc);
+    written line by line through a temporary file. Returns the number of pairs."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        f.write(text)
-    os.replace(tmp_path, path)
+    count, separator = 0, ''
+    with open(path + '.tmp', 'w') as f:
+        for query, row in zip(query_names, found):
+            for db_index in row[row >= 0]:
+                f.write(f'{separator}{query} {db_names[db_index]}')
+                count, separator = count + 1, '\n'
+    os.replace(path + '.tmp', path)
+    return count
