@@ -19,7 +19,7 @@ from figures import retrieval_strips
 from msls import write_predictions
 from results import record_result
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
-from runs import load_model
+from runs import load_model, place_model
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 
@@ -73,10 +73,7 @@ def test(opt):
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     dataset = load_dataset(opt, opt.split, images=not opt.descriptors)
     model, checkpoint, run_dir = load_model(opt)
-    if getattr(model, 'cpu_only', False) and device.type != 'cpu':  # the int8 model of --mode=quantize
-        logging.info('This model runs on the CPU (int8 x86 kernels): evaluating on the CPU instead of %s.', device)
-        device = torch.device('cpu')
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model, device = place_model(model, device)
     if world > 1:
         return extract_part(model, dataset, opt, device, rank, world)
     logging.info('Testing %s on %s split %s (%s): %d database images, %d queries', run_dir, opt.dataset, opt.split,

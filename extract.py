@@ -10,7 +10,7 @@ import logging
 import os
 
 from commons import UserError, make_deterministic, select_device
-from evaluate import load_model, place_model
+from runs import load_model, place_model
 from global_features import FEATURES_FILE, extract_folder, find_images
 
 
@@ -19,7 +19,7 @@ def extract(opt):
     if not opt.image_dir or not opt.export_dir:
         raise UserError('--mode=extract needs --image_dir (the folder of images, searched recursively) and '
                         '--export_dir (the folder that receives global-feats-netvlad.h5).')
-    names = find_images(opt.image_dir)
+    names = find_images(opt.image_dir, '--image_dir')
     model, _, run_dir = load_model(opt)
     model, device = place_model(model, select_device(opt))
     path = os.path.join(opt.export_dir, FEATURES_FILE)

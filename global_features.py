@@ -21,27 +21,21 @@ from PIL import Image, UnidentifiedImageError
 from commons import UserError, user_error_text
 from descriptors import DescriptorFile
 from retrieval import extract_descriptors
-from pittsburgh import ImageList
+from folder_dataset import images_in
+from images import ImageList
 
 FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 CHUNK_BATCHES = 16  # batches extracted between two writes to the file: what a killed run can lose
 READ_CHUNK_BYTES = 256 * 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------- image folders
 
-def find_images(image_dir):
-    """Names (POSIX paths relative to image_dir, sorted) of the .jpg/.jpeg/.png files under it, any case."""
-    if not os.path.isdir(image_dir):
-        raise UserError(f'Image folder {image_dir} does not exist or is not a folder.')
+def find_images(image_dir, flag):
+    """Names (POSIX paths relative to image_dir, sorted) of the .jpg/.jpeg/.png files under it, any case; `flag`
+    names where the folder came from, for the error when it holds none."""
     root = Path(image_dir)
-    names = sorted(path.relative_to(root).as_posix() for path in root.rglob('*')
-                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    if not names:
-        raise UserError(f'Image folder {image_dir} holds no images: expected .jpg, .jpeg or .png files (any case), '
-                        f'searched recursively.')
-    return names
+    return sorted(Path(path).relative_to(root).as_posix() for path in images_in(image_dir, flag))
 
 
 def image_size(path):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from commons import UserError, make_deterministic, select_device
 from descriptors import load_descriptor_file
-from evaluate import load_model, place_model
 from retrieval import top_k_by_dot
+from runs import load_model, place_model
 from figures import query_strip
+from folder_dataset import utm_from_filename
 from global_features import (cache_path, describe_images, descriptor_dim, extract_folder, find_images, h5_names,
                              path_key, read_descriptors)
 
@@ -65,7 +66,7 @@ def query_photos(items):
     photos = []
     for item in items:
         if os.path.isdir(item):
-            photos += [(name, os.path.join(item, name)) for name in find_images(item)]
+            photos += [(name, os.path.join(item, name)) for name in find_images(item, '--query')]
         elif os.path.isfile(item):
             photos.append((os.path.basename(item), item))
         else:
@@ -84,7 +85,7 @@ def check_database(opt):
         raise UserError('--mode=query needs --database: a global-feats .h5 written by --mode=extract, or a folder of '
                         'images.')
     if os.path.isdir(opt.database):
-        return find_images(opt.database)
+        return find_images(opt.database, '--database')
     if not os.path.isfile(opt.database):
         raise UserError(f'--database {opt.database}: no such file or folder.')
     names = h5_names(opt.database)
@@ -140,22 +141,11 @@ def database_positions(names, positions_csv):
         return read_positions_csv(positions_csv, names)
     positions = {}
     for name in names:
-        utm = folder_format_utm(name)
-        if utm is not None:
-            positions[name] = utm
+        try:
+            positions[name] = utm_from_filename(name)
+        except UserError:  # not a folder-format name: no position
+            continue
     return (positions, ('east', 'north')) if positions else ({}, None)
-
-
-def folder_format_utm(name):
-    """(east, north) from a folder-format file name (VPR-datasets-downloader: `@east@north@zone@...`), else None.
-
-    A stand-in for folder_dataset.py's parser: at merge, replace it by that one.
-    """
-    fields = os.path.basename(name).split('@')
-    try:
-        return float(fields[1]), float(fields[2])
-    except (IndexError, ValueError):
-        return None
 
 
 def read_positions_csv(path, names):

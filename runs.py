@@ -7,7 +7,10 @@ here freezes the layers before it. A checkpoint of the reference port stores not
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
 import json
+import logging
 import os
+
+import torch
 
 from checkpoint import checkpoint_path, read_checkpoint
 from cluster import initialised_model
@@ -98,6 +101,15 @@ def load_model(opt):
     if opt.resume:
         return (*open_run(opt), opt.resume)
     return initialised_model(opt), None, os.path.join(opt.runsPath, f'{opt.arch}_offtheshelf')
+
+
+def place_model(model, device):
+    """The model on `device` in channels-last layout, and that device; the CPU for the int8 model of
+    --mode=quantize, whatever `device` is."""
+    if getattr(model, 'cpu_only', False) and device.type != 'cpu':
+        logging.info('This model runs on the CPU (int8 x86 kernels): evaluating on the CPU instead of %s.', device)
+        device = torch.device('cpu')
+    return model.to(device).to(memory_format=torch.channels_last), device
 
 
 def apply_backprop_flag(model, opt):

@@ -177,7 +177,8 @@ def test_extract_errors(float_run, image_dir, tmp_path, run_cli, capsys):
     run_dir, _ = float_run
     (tmp_path / 'empty' / 'sub').mkdir(parents=True)
     assert extract_cli(run_cli, run_dir, tmp_path / 'empty', tmp_path / 'out1') == 2
-    assert 'holds no images' in error_paragraph(capsys.readouterr().err)
+    message = error_paragraph(capsys.readouterr().err)
+    assert 'holds no image' in message and str(tmp_path / 'empty') in message
     assert not (tmp_path / 'out1').exists()
 
     (image_dir / 'sub' / 'broken.jpg').write_bytes(b'not a jpeg at all')

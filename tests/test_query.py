@@ -117,7 +117,8 @@ def test_query_errors(float_run, places, tmp_path, run_cli, capsys):
 
     (tmp_path / 'empty').mkdir()
     assert query_cli(run_cli, run_dir, database, tmp_path / 'empty', tmp_path / 'out') == 2
-    assert 'holds no images' in error_paragraph(capsys.readouterr().err)
+    message = error_paragraph(capsys.readouterr().err)
+    assert 'holds no image' in message and '--query' in message
     assert not (tmp_path / 'out').exists()
 
     (photos / 'broken.jpg').write_bytes(b'\xff\xd8 not really')
