@@ -227,8 +227,9 @@ def chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, w
 
 def make_optimizer(model, opt):
     params = [p for p in model.parameters() if p.requires_grad]
-    if opt.optim == 'ADAM':
-        optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weightDecay)
+    if opt.optim == 'ADAM':  # the reference gives Adam no weight decay; --weightDecay only when given
+        weight_decay = opt.weightDecay if 'weightDecay' in opt.explicit else 0.0
+        optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weightDecay)
     # the paper's schedule halves SGD's rate every lrStep epochs; Adam keeps its rate, as in the reference
