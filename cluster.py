@@ -1,49 +1,22 @@
 """--mode=cluster: k-means centroids of local descriptors, the file NetVLAD is initialised from (SPEC section 3)."""
 import logging
 import math
-import os
 import time
 
 import faiss
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from centroids import centroids_path, encoder_attributes, new_model, write_centroids
 from commons import UserError, make_deterministic, select_device
-from models import build_model, model_config
 from datasets import load_dataset
 from images import image_loader
 
 NUM_DESCRIPTORS = 50000
 DESCRIPTORS_PER_IMAGE = 100
 KMEANS_ITERATIONS = 100
-
-
-def centroids_path(opt):
-    return os.path.join(opt.dataPath, 'data', 'centroids',
-                        f'{opt.arch}_{opt.dataset}_{opt.num_clusters}_desc_cen.hdf5')
-
-
-def new_model(opt):
-    """The untrained network of the flags; seeded, so --fromscratch gives the same weights in every mode."""
-    torch.manual_seed(opt.seed)
-    return build_model(model_config(opt), pretrained=not opt.fromscratch)
-
-
-def initialised_model(opt):
-    """A new network whose NetVLAD layer is initialised from the cluster file."""
-    model = new_model(opt)
-    if opt.pooling == 'netvlad':
-        path = centroids_path(opt)
-        if not os.path.isfile(path):
-            raise UserError(f'Cluster file {path} does not exist. Run the cluster mode first with the same flags: '
-                            f'python main.py --mode=cluster --arch={opt.arch} --dataset={opt.dataset} '
-                            f'--num_clusters={opt.num_clusters} --dataPath={opt.dataPath}')
-        with h5py.File(path, 'r') as h5:
-            model.pool.init_from_clusters(h5['centroids'][:], h5['descriptors'][:])
-    return model
 
 
 def sample_local_descriptors(model, dataset, opt, device):
@@ -85,14 +58,6 @@ def cluster(opt):
                           verbose=False)
     kmeans.train(descriptors)
     path = centroids_path(opt)
-    write_centroids(path, descriptors, kmeans.centroids)
+    write_centroids(path, descriptors, kmeans.centroids, encoder_attributes(opt, model.encoder))
     logging.info('====> Wrote %d centroids to %s in %.1f s', opt.num_clusters, path, time.time() - started)
 
-
-def write_centroids(path, descriptors, centroids):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = path + '.tmp'
-    with h5py.File(tmp_path, 'w') as h5:
-        h5.create_dataset('descriptors', data=descriptors.astype(np.float32))
-        h5.create_dataset('centroids', data=centroids.astype(np.float32))
-    os.replace(tmp_path, path)

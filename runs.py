@@ -13,7 +13,7 @@ import os
 import torch
 
 from checkpoint import checkpoint_path, read_checkpoint
-from cluster import initialised_model
+from centroids import initialised_model
 from commons import UserError
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index

@@ -9,7 +9,7 @@ import time
 
 import torch.distributed as dist
 
-from cluster import initialised_model
+from centroids import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from models import layer_index, layer_name
 from runs import check_new_run_folder, open_run, stored_flags

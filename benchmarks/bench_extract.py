@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import main  # noqa: E402
-from cluster import new_model  # noqa: E402
+from centroids import new_model  # noqa: E402
 from images import ImageList  # noqa: E402
 from retrieval import extract_descriptors  # noqa: E402
 

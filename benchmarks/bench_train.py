@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main as cli  # noqa: E402
 import training  # noqa: E402
-from cluster import initialised_model  # noqa: E402
+from centroids import initialised_model  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
 

@@ -61,7 +61,7 @@ def clustered_data(tiny_data, tmp_path_factory):
 def float_run(clustered_data, tmp_path_factory):
     """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet (--fromscratch, K=8)."""
     from checkpoint import model_state, save_checkpoint
-    from cluster import initialised_model
+    from centroids import initialised_model
     opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                               f'--dataPath={clustered_data}'])
     path = tmp_path_factory.mktemp('float_runs') / 'run'

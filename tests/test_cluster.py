@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from cluster import initialised_model
+from centroids import initialised_model
 from helpers import alexnet_trunk, brute_force_positives, read_geometry, read_image
 
 SEED = 123  # the CLI's default --seed

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import retrieval
 import main
-from cluster import initialised_model
+from centroids import initialised_model
 from commons import UserError
 from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
 from retrieval import approximate_search, exact_search, recall_curve

@@ -89,7 +89,7 @@ def test_short_training_writes_checkpoints_flags_and_logs(clustered, run_cli, tm
 
 
 def test_loss_falls_on_a_fixed_batch(clustered, make_opt):
-    from cluster import initialised_model
+    from centroids import initialised_model
     opt = make_opt(train_argv(clustered, 'unused', 1))
     model = initialised_model(opt)
     data = training.TrainingData(opt)
