@@ -40,9 +40,10 @@ class NetVLAD(nn.Module):
         centroids = np.asarray(centroids, dtype=np.float32)
         descriptors = np.asarray(descriptors, dtype=np.float32)
         if self.vladv2:
-            # alpha from the squared distances of each centroid to its two nearest descriptors
-            sq_dist = _squared_distances(torch.from_numpy(centroids), torch.from_numpy(descriptors))
-            two_nearest = sq_dist.topk(2, dim=1, largest=False).values  # [K, 2]
+            # as the authors' addLayers.m (yael_nn(clsts, trainDescs, 2)): alpha from the squared distances of
+            # each descriptor to its two nearest centroids
+            sq_dist = _squared_distances(torch.from_numpy(descriptors), torch.from_numpy(centroids))
+            two_nearest = sq_dist.topk(2, dim=1, largest=False).values  # [N, 2]
             alpha = -math.log(0.01) / (two_nearest[:, 1] - two_nearest[:, 0]).mean().item()
             c = torch.from_numpy(centroids)
             self.conv.weight.copy_((2.0 * alpha * c)[:, :, None, None])

@@ -70,8 +70,8 @@ def v1_init_reference(centroids, descriptors):
 
 def v2_init_reference(centroids, descriptors):
     c, d = centroids.astype(np.float64), descriptors.astype(np.float64)
-    sq_dist = ((c[:, None, :] - d[None, :, :]) ** 2).sum(axis=2)  # [K, N]
-    nearest = np.sort(sq_dist, axis=1)[:, :2]  # each centroid's two nearest descriptors
+    sq_dist = ((d[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)  # [N, K]
+    nearest = np.sort(sq_dist, axis=1)[:, :2]  # each descriptor's two nearest centroids (the authors' yael_nn)
     alpha = -np.log(0.01) / np.mean(nearest[:, 1] - nearest[:, 0])
     return 2 * alpha * c, -alpha * (c ** 2).sum(axis=1)
 
