@@ -37,7 +37,7 @@ import main as cli  # noqa: E402
 import train  # noqa: E402
 from bench_netvlad import loop_netvlad  # noqa: E402
 from centroids import initialised_model  # noqa: E402
-from evaluate import evaluate, extract_descriptors  # noqa: E402
+from retrieval import evaluate, extract_descriptors  # noqa: E402
 from pittsburgh import WholeDataset  # noqa: E402
 
 TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.0001']  # the user's command (SPEC section 1)
