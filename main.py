@@ -102,7 +102,9 @@ def build_parser():
     train.add_argument('--lr', type=float, default=0.0001, help='Learning rate.')
     train.add_argument('--lrStep', type=int, default=5, help='Epochs between learning-rate decays (SGD).')
     train.add_argument('--lrGamma', type=float, default=0.5, help='Learning-rate decay factor (SGD).')
-    train.add_argument('--weightDecay', type=float, default=0.001, help='Weight decay.')
+    train.add_argument('--weightDecay', type=float, default=0.001,
+                       help='Weight decay (L2). SGD: 1e-3 by default. Adam: none unless this flag is given, as the '
+                            'reference port.')
     train.add_argument('--momentum', type=float, default=0.9, help='SGD momentum.')
     train.add_argument('--margin', type=float, default=0.1,
                        help='Triplet margin m: sqrt(m) on plain L2 distances with --loss reference, m on squared '
