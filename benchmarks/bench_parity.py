@@ -34,11 +34,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main as cli  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
 from bench_netvlad import loop_netvlad  # noqa: E402
 from centroids import initialised_model  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
-from pittsburgh import WholeDataset  # noqa: E402
+from datasets import load_dataset  # noqa: E402
 
 TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.0001']  # the user's command (SPEC section 1)
 
@@ -111,13 +111,13 @@ def reference_epoch(model, data, optimizer, opt, device, rng):
 # ---------------------------------------------------------------------------------------------- the arms
 
 def train_project(model, opt, device, epochs):
-    data = train.TrainingData(opt)
-    optimizer, scheduler = train.make_optimizer(model, opt)
+    data = training.TrainingData(opt)
+    optimizer, scheduler = training.make_optimizer(model, opt)
     hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1, dtype=np.int64)
     times, step = [], 0
     for epoch in range(1, epochs + 1):
         started = time.time()
-        step, _ = train.train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, epochs, (0, 1),
+        step, _ = training.train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, epochs, (0, 1),
                                     None, step)
         scheduler.step()
         times.append(time.time() - started)
@@ -127,7 +127,7 @@ def train_project(model, opt, device, epochs):
 def train_reference(model, opt, device, epochs):
     layer = model.pool
     layer.forward = lambda x: loop_netvlad(layer, x)
-    data = train.TrainingData(opt)  # the split's positives and negatives only
+    data = training.TrainingData(opt)  # the split's positives and negatives only
     optimizer, scheduler = reference_optimizer(model, opt)
     rng = np.random.default_rng(opt.seed)
     torch.manual_seed(opt.seed)
@@ -147,7 +147,7 @@ def run_seed(data_path, seed, epochs, extra):
     opt = options(data_path, seed, extra)
     device = torch.device('cpu')
     start_state = initialised_model(opt).state_dict()
-    val_set = WholeDataset(data_path, 'val')
+    val_set = load_dataset(opt, 'val')
     result = dict(seed=seed)
     for arm, trainer in (('project', train_project), ('reference', train_reference)):
         model = initialised_model(opt)

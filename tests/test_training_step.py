@@ -8,7 +8,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-import train
+import training
 from centroids import new_model
 from helpers import alexnet_trunk, netvlad_reference, read_image
 from models import ARCHS, EmbedNet
@@ -111,16 +111,16 @@ def test_training_steps_match_independent_computation(tiny_data, make_opt, optim
                                                        wrong_decay, steps):
     opt = make_opt(['--mode=train', '--dataset=synthetic', '--dataPath', tiny_data, '--arch=alexnet', '--fromscratch',
                     '--nocuda', '--threads=0', '--optim', optim, '--lr', lr, *flags])
-    data = train.TrainingData(opt)
+    data = training.TrainingData(opt)
     model = fixed_model(opt, data.whole)
     if optim == 'ADAM':
         model = freeze_before_conv5(model)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     triplets = fixed_triplets(data.whole)[:4 * steps]
 
-    optimizer, _ = train.make_optimizer(model, opt)
+    optimizer, _ = training.make_optimizer(model, opt)
     with tqdm(disable=True) as progress:
-        _, losses = train.train_chunk(model, data, triplets, optimizer, opt, torch.device('cpu'), progress, None, 0)
+        _, losses = training.train_chunk(model, data, triplets, optimizer, opt, torch.device('cpu'), progress, None, 0)
 
     paths = data.whole.paths
     batches = []
