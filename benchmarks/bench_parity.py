@@ -14,8 +14,8 @@ Both arms start from the same network for a seed: AlexNet from random weights dr
 initialised from centroids clustered with that seed (`--mode=cluster --seed S`). Each arm then trains
 --epochs epochs and is evaluated on the val split. Printed: per seed, then mean and standard error over seeds of
 val Recall@1/5 for both arms, their paired difference, and the time per epoch.
-Usage: python benchmarks/bench_parity.py [--seeds 10] [--first_seed 1] [--epochs 5] [--synth_db 150]
-       [--synth_queries 150] [--imsize 64x80] [--workdir DIR] [--threads 1] [--results FILE]
+Usage: python benchmarks/bench_parity.py [--seeds 10] [--first_seed 1] [--epochs 5] [--synth_db 100]
+       [--synth_queries 100] [--imsize 64x80] [--workdir DIR] [--threads 1] [--results FILE]
        python benchmarks/bench_parity.py --summarise FILE [FILE ...]
 """
 import argparse
@@ -185,8 +185,8 @@ def main():
     parser.add_argument('--seeds', type=int, default=10)
     parser.add_argument('--first_seed', type=int, default=1)
     parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--synth_db', type=int, default=150)
-    parser.add_argument('--synth_queries', type=int, default=150)
+    parser.add_argument('--synth_db', type=int, default=100)
+    parser.add_argument('--synth_queries', type=int, default=100)
     parser.add_argument('--imsize', default='64x80')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1: the machine is shared)')
     parser.add_argument('--workdir', default=None)
