@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
@@ -54,7 +53,7 @@ from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
 from models import conv_indices
-from datasets import load_dataset
+from datasets import load_dataset, training_database_sample
 from results import append_result
 from runs import apply_backprop_flag, derived_run_folder, open_run
 from training import fit, training_splits
@@ -119,15 +118,8 @@ def kept_width(channels, amount):
 
 def criterion_images(opt):
     """CRITERION_IMAGES training-database images (a seeded choice), whose activations rank the channels."""
-    try:
-        train_set = load_dataset(opt, 'train')
-    except UserError as error:
-        raise UserError(f'--pruning_criterion=activation ranks channels by their activations on training-database '
-                        f'images, and the training split cannot be read (or use --pruning_criterion=l2). '
-                        f'{error}') from None
-    num_db = train_set.db_struct.numDb
-    chosen = np.random.default_rng(opt.seed).choice(num_db, min(CRITERION_IMAGES, num_db), replace=False)
-    return Subset(train_set, np.sort(chosen).tolist())
+    return training_database_sample(opt, CRITERION_IMAGES, '--pruning_criterion=activation ranks the channels by '
+                                    'their activations')
 
 
 @torch.no_grad()
