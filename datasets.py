@@ -118,17 +118,17 @@ def load_dataset(opt, split, images=True):
 
 def training_database_sample(opt, count, purpose):
     """`count` random training-database images (seeded by --seed), never the evaluated split: what int8 activation
-    ranges are calibrated on. `purpose` says in errors what they are for."""
+    ranges are calibrated on, and what pruning ranks channels by. `purpose` says in errors what they are for."""
     try:
         train_set = load_dataset(opt, 'train')
     except UserError as error:
-        raise UserError(f'{purpose} on --calib_images training-database images, never on the evaluated split, and the '
+        raise UserError(f'{purpose} on {count} training-database images, never on the evaluated split, and the '
                         f'training split cannot be read. {error}') from None
     num_db = train_set.db_struct.numDb
     if num_db == 0:
-        raise UserError(f'The training split of {opt.dataPath} has no database images to calibrate on.')
+        raise UserError(f'The training split of {opt.dataPath} has no database images: {purpose} on them.')
     if count > num_db:
-        logging.info('--calib_images %d: the training database has only %d images; calibrating on all of them.',
-                     count, num_db)
+        logging.info('%s on %d training-database images: the training database has only %d; using all of them.',
+                     purpose, count, num_db)
     chosen = np.sort(np.random.default_rng(opt.seed).choice(num_db, min(count, num_db), replace=False))
     return Subset(train_set, chosen.tolist())

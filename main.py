@@ -131,6 +131,9 @@ def build_parser():
     compress.add_argument('--pruning_layers', default='all',
                           help='Encoder convs to prune: "all", or comma-separated indices into the encoder '
                                '(torchvision features indices, e.g. "3,6,8").')
+    compress.add_argument('--pruning_criterion', default='activation', choices=['activation', 'l2'],
+                          help='Structured: rank channels by their mean squared activation on 64 training-database '
+                               'images (activation), or by the L2 norm of their filter weights (l2); the lowest go.')
     compress.add_argument('--pruning_scope', default='global', choices=['global', 'layer'],
                           help='Unstructured: one magnitude threshold over all layers, or the same fraction per layer.')
     compress.add_argument('--quantization_type', default='static', choices=['static', 'qat'],

@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# F.normalize's floor on a norm
+EPS = 1e-12
+
 
 class NetVLAD(nn.Module):
     """NetVLAD pooling of a [B, D, H, W] feature map into a [B, K*D] descriptor."""
@@ -57,20 +60,10 @@ class NetVLAD(nn.Module):
         self.centroids.copy_(torch.from_numpy(centroids))
 
     def forward(self, x):
-        batch, dim = x.shape[:2]
-        if self.normalize_input:
-            x = F.normalize(x, p=2, dim=1)
-        features = x.flatten(2)  # [B, D, HW]
-        # the 1x1 conv as one matrix product: its backward is cheaper than the conv's on CPUs
-        logits = torch.matmul(self.conv.weight.reshape(self.num_clusters, dim), features)  # [B, K, HW]
-        if self.conv.bias is not None:
-            logits = logits + self.conv.bias.unsqueeze(1)
-        soft_assign = F.softmax(logits, dim=1)
-        # sum_i a_k(x_i) x_i  -  c_k sum_i a_k(x_i)
-        vlad = torch.bmm(soft_assign, features.transpose(1, 2))  # [B, K, D]
-        vlad = vlad - self.centroids.unsqueeze(0) * soft_assign.sum(dim=2, keepdim=True)
-        vlad = F.normalize(vlad, p=2, dim=2)  # intra-normalisation
-        return F.normalize(vlad.reshape(batch, -1), p=2, dim=1)
+        weight = self.conv.weight.reshape(self.num_clusters, self.dim)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            return _NetVLADFunction.apply(x, weight, self.conv.bias, self.centroids, self.normalize_input)
+        return _vlad(x, weight, self.conv.bias, self.centroids, self.normalize_input)[0]
 
 
 class GlobalPool(nn.Module):
@@ -96,3 +89,69 @@ class GlobalPool(nn.Module):
 def _squared_distances(a, b):
     """Squared Euclidean distances between the rows of a [M, D] and b [N, D]: [M, N]."""
     return (a.pow(2).sum(1, keepdim=True) - 2.0 * a @ b.T + b.pow(2).sum(1)).clamp_min(0)
+
+
+def _vlad(x, weight, bias, centroids, normalize_input):
+    """The layer's forward: (descriptor [B, K*D], and what the backward needs: input norms, normalised features,
+    soft-assignment, residual sums V and their row norms, descriptor norm)."""
+    batch, dim = x.shape[:2]
+    features = x.flatten(2)  # [B, D, HW]
+    input_norms = None
+    if normalize_input:
+        input_norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(EPS)  # [B, 1, HW]
+        features = features / input_norms
+    # the 1x1 conv as one batched product (matmul would copy the features into [B*HW, D] for one big product)
+    logits = torch.bmm(weight.expand(batch, -1, -1), features)  # [B, K, HW]
+    if bias is not None:
+        logits = logits + bias.unsqueeze(1)
+    soft_assign = F.softmax(logits, dim=1)
+    # sum_i a_k(x_i) x_i  -  c_k sum_i a_k(x_i)
+    # products with the small operand transposed: bmm copies a transposed [B, HW, D] operand first
+    vlad = torch.bmm(features, soft_assign.transpose(1, 2)).transpose(1, 2)  # [B, K, D]
+    vlad = vlad - centroids.unsqueeze(0) * soft_assign.sum(dim=2, keepdim=True)
+    row_norms = torch.linalg.vector_norm(vlad, dim=2, keepdim=True).clamp_min(EPS)  # [B, K, 1]
+    intra = (vlad / row_norms).reshape(batch, -1)  # intra-normalisation, flattened cluster-major
+    norm = torch.linalg.vector_norm(intra, dim=1, keepdim=True).clamp_min(EPS)  # [B, 1]
+    return intra / norm, (input_norms, features, soft_assign, vlad, row_norms, norm)
+
+
+def _normalize_backward(grad, unit, norm, dim):
+    """Gradient through y = v / ||v|| along `dim`, given dL/dy, y and ||v||: (dL/dy - y <dL/dy, y>) / ||v||."""
+    dots = (grad * unit).sum(dim=dim, keepdim=True)
+    return torch.addcmul(grad, unit, dots, value=-1).div_(norm)
+
+
+class _NetVLADFunction(torch.autograd.Function):
+    """NetVLAD with a hand-written backward. Autograd's backward of the three L2 normalisations makes about a dozen
+    elementwise passes over the [B, D, HW] input; this one makes three, and takes the gradients of both products
+    that touch the input from one batched product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, centroids, normalize_input):
+        out, saved = _vlad(x, weight, bias, centroids, normalize_input)
+        input_norms, features, soft_assign, vlad, row_norms, norm = saved
+        ctx.normalize_input, ctx.has_bias, ctx.input_shape = normalize_input, bias is not None, x.shape
+        ctx.save_for_backward(weight, centroids, features, soft_assign, vlad, row_norms, norm, out,
+                              *(() if input_norms is None else (input_norms,)))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        weight, centroids, features, soft_assign, vlad, row_norms, norm, out, *input_norms = ctx.saved_tensors
+        batch, num_clusters, dim = vlad.shape
+        grad_intra = _normalize_backward(grad_out, out, norm, dim=1).reshape(batch, num_clusters, dim)
+        grad_vlad = _normalize_backward(grad_intra, vlad / row_norms, row_norms, dim=2)  # [B, K, D]
+        # V = A X^T - c (A 1): gradients of the soft-assignment A [B, K, HW] and of the centroids
+        grad_assign = torch.bmm(grad_vlad, features) - (grad_vlad * centroids).sum(dim=2, keepdim=True)
+        grad_centroids = -(grad_vlad * soft_assign.sum(dim=2, keepdim=True)).sum(dim=0)
+        # softmax over clusters, then the logits W X (+ b)
+        grad_logits = soft_assign * (grad_assign - (soft_assign * grad_assign).sum(dim=1, keepdim=True))
+        grad_weight = torch.bmm(features, grad_logits.transpose(1, 2)).sum(dim=0).t()  # [K, D]
+        grad_bias = grad_logits.sum(dim=(0, 2)) if ctx.has_bias else None
+        # dL/dX = grad_V^T A + W^T grad_logits, as one product: [grad_V^T | W^T] [A ; grad_logits]
+        left = torch.cat([grad_vlad.transpose(1, 2), weight.t().expand(batch, dim, num_clusters)], dim=2)
+        grad_features = torch.bmm(left, torch.cat([soft_assign, grad_logits], dim=1))  # [B, D, HW]
+        if ctx.normalize_input:
+            grad_features = _normalize_backward(grad_features, features, input_norms[0], dim=1)
+        return grad_features.reshape(ctx.input_shape), grad_weight, grad_bias, grad_centroids, None

@@ -189,7 +189,9 @@ def quantize(opt):
     before, _ = measure_model(model.to(device).to(memory_format=torch.channels_last), eval_set, opt, device)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     before['file_bytes'] = model_bytes(model, None, opt.resume)  # the weights alone, without optimizer state
-    original = copy.deepcopy(model)  # QAT fine-tunes the float head in place
+    # QAT fine-tunes the float head in place. The copy is timed as --mode=test runs it: channels-last weights, as
+    # its input is and as the int8 convs run (contiguous weights against a channels-last input are slower)
+    original = copy.deepcopy(model).to(memory_format=torch.channels_last)
     started = time.time()
     calib_loader = image_loader(calib_set, opt, opt.cacheBatchSize)
     if opt.quantization_type == 'static':

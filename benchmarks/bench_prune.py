@@ -5,8 +5,9 @@
 
 Latencies of the model before and after pruning are taken in one process, in alternating rounds (as the prune
 mode does), so that load from other processes on the machine falls on all models alike.
-The recall part trains AlexNet from scratch on the default synthetic dataset (cluster, then --train_epochs of training,
-reused if already in --recall_dir), prunes it with fine-tuning, and reads Recall@N from the prune report.
+The recall part trains AlexNet from scratch on the default synthetic dataset as the demo does (cluster, then
+--train_epochs of Adam at 1e-5, reused if already in --recall_dir), prunes it (structured, each --amounts and
+--criteria, --finetune_epochs), and reads Recall@N on the test split from the prune reports.
 """
 import argparse
 import copy
@@ -52,23 +53,30 @@ def print_speed_table(rows, image_size):
               f'| {base["latency_ms"] / row["latency_ms"]:.2f}x | {row["descriptor_dim"]} |')
 
 
-def recall_after_finetuning(work_dir, amount, train_epochs, finetune_epochs):
-    """Train AlexNet on the synthetic dataset (if not done yet), prune it, return the prune report."""
-    common = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0']
+def recall_after_finetuning(work_dir, amounts, criteria, train_epochs, finetune_epochs):
+    """Train AlexNet on the synthetic dataset as the demo does (if not done yet), prune it with each amount and
+    criterion, and return the prune reports: {(amount, criterion): report}."""
+    common = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0', '--optim', 'ADAM',
+              '--lr', '0.00001']
     run = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
     os.chdir(work_dir)
-    steps = [(os.path.join('synthetic_data', 'data', 'centroids'), ['--mode=cluster']),
-             (os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'),
-              ['--mode=train', '--optim', 'ADAM', '--lr', '0.0001', '--nEpochs', str(train_epochs)]),
-             (None, ['--mode=prune', '--pruning_type=structured', f'--pruning_amount={amount}', '--split=test',
-                     '--optim', 'ADAM', '--lr', '0.0001', f'--finetune_epochs={finetune_epochs}',
-                     f'--resume={run}'])]
-    for done, flags in steps:
-        if done is None or not os.path.exists(done):
+    for done, flags in [(os.path.join('synthetic_data', 'data', 'centroids'), ['--mode=cluster']),
+                        (os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'),
+                         ['--mode=train', '--nEpochs', str(train_epochs)])]:
+        if not os.path.exists(done) and main.main(flags + common) != 0:
+            raise SystemExit(f'{" ".join(flags)} failed')
+    reports = {}
+    for amount in amounts:
+        for criterion in criteria:
+            flags = ['--mode=prune', '--pruning_type=structured', f'--pruning_amount={amount}', '--split=test',
+                     f'--pruning_criterion={criterion}', f'--finetune_epochs={finetune_epochs}', f'--resume={run}']
             if main.main(flags + common) != 0:
                 raise SystemExit(f'{" ".join(flags)} failed')
-    with open(f'{run}_pruned_structured_{round(100 * amount)}/prune_report.json') as f:
-        return json.load(f)
+            folder = f'{run}_pruned_structured_{round(100 * amount)}'
+            with open(os.path.join(folder, 'prune_report.json')) as f:
+                reports[amount, criterion] = json.load(f)
+            os.replace(folder, f'{folder}_{criterion}')
+    return reports
 
 
 def main_cli():
@@ -83,18 +91,24 @@ def main_cli():
     parser.add_argument('--recall_dir', default=None,
                         help='Run the recall experiment in this work folder instead of the speed table.')
     parser.add_argument('--train_epochs', type=int, default=3)
-    parser.add_argument('--finetune_epochs', type=int, default=2)
+    parser.add_argument('--finetune_epochs', type=int, default=1)
+    parser.add_argument('--criteria', default='activation,l2', help='--pruning_criterion values to compare.')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    amounts = [float(a) for a in args.amounts.split(',')]
     if args.recall_dir:
         os.makedirs(args.recall_dir, exist_ok=True)
-        report = recall_after_finetuning(args.recall_dir, 0.2, args.train_epochs, args.finetune_epochs)
-        for n in (1, 5, 10, 20):
-            print(f'Recall@{n}: {report["before"][f"recall@{n}"]:.4f} -> {report["after"][f"recall@{n}"]:.4f}')
+        reports = recall_after_finetuning(args.recall_dir, amounts, args.criteria.split(','), args.train_epochs,
+                                          args.finetune_epochs)
+        print('| amount | criterion | Recall@1 before -> after | @5 | @10 | @20 |')
+        print('|---|---|---|---|---|---|')
+        for (amount, criterion), report in reports.items():
+            cells = ' | '.join(f'{report["before"][f"recall@{n}"]:.4f} -> {report["after"][f"recall@{n}"]:.4f}'
+                               for n in (1, 5, 10, 20))
+            print(f'| {amount:g} | {criterion} | {cells} |')
         return
-    rows = speed_table(args.archs.split(','), [float(a) for a in args.amounts.split(',')], args.size,
-                       args.rounds, args.repeats)
+    rows = speed_table(args.archs.split(','), amounts, args.size, args.rounds, args.repeats)
     print_speed_table(rows, args.size)
 
 

@@ -117,12 +117,15 @@ def test_v2_init_assigns_like_nearest_centroid():
 
 
 @pytest.mark.parametrize('vladv2', [False, True], ids=['v1', 'v2'])
-def test_gradients_match_reference(vladv2):
-    """Autograd through the vectorised layer equals autograd through the per-cluster float64 reference."""
-    layer = make_layer(vladv2)
+@pytest.mark.parametrize('normalize_input', [True, False])
+def test_gradients_match_reference(vladv2, normalize_input):
+    """The layer's hand-written backward equals autograd through the per-cluster float64 reference."""
+    layer = make_layer(vladv2, normalize_input)
     x = torch.randn(2, 16, 4, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
     probe = torch.randn(2, 8 * 16, generator=torch.Generator().manual_seed(5))
-    (layer(x) * probe).sum().backward()
+    out = layer(x)
+    assert 'NetVLADFunction' in type(out.grad_fn).__name__  # the hand-written backward, not autograd's
+    (out * probe).sum().backward()
     params = [p for p in (layer.conv.weight, layer.conv.bias, layer.centroids) if p is not None]
     got = [x.grad] + [p.grad for p in params]
 
@@ -130,10 +133,41 @@ def test_gradients_match_reference(vladv2):
     ref_params = [p.detach().double().requires_grad_() for p in params]
     weight = ref_params[0][:, :, 0, 0]
     bias = ref_params[1] if vladv2 else None
-    (netvlad_reference(ref_x, weight, bias, ref_params[-1]) * probe.double()).sum().backward()
+    reference = netvlad_reference(ref_x, weight, bias, ref_params[-1], normalize_input=normalize_input)
+    (reference * probe.double()).sum().backward()
     expected = [ref_x.grad] + [p.grad for p in ref_params]
     for actual, wanted in zip(got, expected):
         assert relative_error(actual, wanted) <= 1e-4
+
+
+def test_gradients_realistic_shape():
+    """K=64, D=256 on AlexNet's feature map at 120x160, with ReLU features and a k-means-like init: the float32
+    hand-written backward against the float64 reference's autograd."""
+    torch.manual_seed(8)
+    layer = NetVLAD(64, 256)
+    layer.init_from_clusters(torch.nn.functional.normalize(torch.randn(64, 256), dim=1).numpy(),
+                             torch.nn.functional.normalize(torch.randn(2000, 256), dim=1).numpy())
+    x = torch.relu(torch.randn(3, 256, 7, 9)).requires_grad_()
+    probe = torch.randn(3, 64 * 256)
+    (layer(x) * probe).sum().backward()
+    ref_x = x.detach().double().requires_grad_()
+    ref_weight = layer.conv.weight.detach()[:, :, 0, 0].double().requires_grad_()
+    ref_centroids = layer.centroids.detach().double().requires_grad_()
+    (netvlad_reference(ref_x, ref_weight, None, ref_centroids) * probe.double()).sum().backward()
+    for actual, wanted in [(x.grad, ref_x.grad), (layer.conv.weight.grad[:, :, 0, 0], ref_weight.grad),
+                           (layer.centroids.grad, ref_centroids.grad)]:
+        assert relative_error(actual, wanted) <= 1e-4
+
+
+def test_inference_path_matches_training_path():
+    """Under no_grad the layer skips the autograd.Function: both paths give the same descriptor."""
+    layer = make_layer(vladv2=True)
+    x = torch.randn(2, 16, 4, 5, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x)
+    assert training.grad_fn is not None and inference.grad_fn is None
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize('vladv2', [False, True], ids=['v1', 'v2'])

@@ -10,6 +10,7 @@ import torch
 import main
 import prune
 from checkpoint import checkpoint_path, model_state, read_checkpoint, save_checkpoint
+from helpers import alexnet_trunk
 from models import build_model, conv_indices
 from runs import open_run
 
@@ -74,6 +75,33 @@ def test_structured_pruning_shrinks_every_shape_consistently():
     assert model.pool.conv.weight.shape == (8, 208, 1, 1) and model.pool.centroids.shape == (8, 208)
     assert model.pool.dim == 208 and model.output_dim == 8 * 208
     assert model(torch.randn(2, 3, 64, 80)).shape == (2, 8 * 208)
+
+
+def test_activation_importance_is_the_mean_squared_activation():
+    """Against the trunk computed with plain conv2d: conv1 after its ReLU, conv5 (no ReLU after it) as it is."""
+    model = tiny_alexnet()
+    images = torch.randn(5, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    importance = prune.activation_importance(model.encoder, images)
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    conv1 = torch.relu(torch.nn.functional.conv2d(images.double(), state['encoder.0.weight'],
+                                                  state['encoder.0.bias'], stride=4, padding=2))
+    torch.testing.assert_close(importance[0].double(), conv1.pow(2).mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+    conv5 = alexnet_trunk(images, model.state_dict())
+    torch.testing.assert_close(importance[10].double(), conv5.pow(2).mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+    assert sorted(importance) == ALEXNET_CONVS
+
+
+def test_structured_pruning_keeps_the_most_important_channels():
+    model = tiny_alexnet()
+    original = {index: model.encoder[index].weight.detach().clone() for index in ALEXNET_CONVS}
+    # conv1: the odd channels matter most; the other convs: the last channels
+    importance = {index: torch.arange(len(weight), dtype=torch.float32) for index, weight in original.items()}
+    importance[0] = (torch.arange(64) % 2).float() * 100 + torch.arange(64)
+    prune.prune_structured(model, 0.5, ALEXNET_CONVS, importance)
+    kept_conv1 = torch.arange(1, 64, 2)
+    torch.testing.assert_close(model.encoder[0].weight, original[0][kept_conv1], rtol=0, atol=0)
+    torch.testing.assert_close(model.encoder[3].weight, original[3][96:, kept_conv1], rtol=0, atol=0)
+    torch.testing.assert_close(model.encoder[10].weight, original[10][128:, 128:], rtol=0, atol=0)
 
 
 def test_pruning_only_inner_layers_keeps_the_descriptor_size():
