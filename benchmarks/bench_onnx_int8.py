@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
+from driver import run_command  # noqa: E402
 from checkpoint import model_state, save_checkpoint  # noqa: E402
 from runs import open_run  # noqa: E402
 from export_onnx import OnnxRuntimeModel, int8_path, quantize_onnx, write_onnx  # noqa: E402
@@ -29,26 +29,20 @@ from models import build_model  # noqa: E402
 from quantize import quantize_static, save_quantized  # noqa: E402
 
 
-def cli(*argv):
-    code = main.main([str(a) for a in argv])
-    if code != 0:
-        raise SystemExit(f'command failed ({code}): {argv}')
-
-
 def recall_table(folder, epochs, calib):
     data, runs = os.path.join(folder, 'data'), os.path.join(folder, 'runs')
     common = ['--dataset', 'synthetic', f'--dataPath={data}', f'--runsPath={runs}', '--arch=alexnet', '--nGPU=0',
               '--fromscratch', '--threads=0', '--latency_size=480x640']
     run = os.path.join(runs, 'alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
     if not os.path.isfile(os.path.join(run, 'checkpoints', 'model_best.pth.tar')):
-        cli('--mode=cluster', *common)
-        cli('--mode=train', *common, '--optim=ADAM', '--lr=0.00001', f'--nEpochs={epochs}')
-    cli('--mode=test', *common, '--split=test', f'--resume={run}', '--ckpt=best')
-    cli('--mode=quantize', *common, '--split=test', f'--resume={run}', '--ckpt=best', '--quantization_type=static',
+        run_command('--mode=cluster', *common)
+        run_command('--mode=train', *common, '--optim=ADAM', '--lr=0.00001', f'--nEpochs={epochs}')
+    run_command('--mode=test', *common, '--split=test', f'--resume={run}', '--ckpt=best')
+    run_command('--mode=quantize', *common, '--split=test', f'--resume={run}', '--ckpt=best', '--quantization_type=static',
         f'--calib_images={calib}')
-    cli('--mode=export', *common, '--split=test', f'--resume={run}', '--ckpt=best', '--onnx_int8',
+    run_command('--mode=export', *common, '--split=test', f'--resume={run}', '--ckpt=best', '--onnx_int8',
         f'--calib_images={calib}', '--export_path', os.path.join(folder, 'alexnet.onnx'))
-    cli('--mode=report', f'--runsPath={runs}')
+    run_command('--mode=report', f'--runsPath={runs}')
     with open(os.path.join(runs, 'results.md')) as f:
         print(f.read())
 

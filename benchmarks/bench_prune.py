@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
+from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
 from measure import count_macs, count_parameters  # noqa: E402
 from models import build_model, conv_indices  # noqa: E402
 from prune import interleaved_latency, prune_structured  # noqa: E402
@@ -56,22 +56,14 @@ def print_speed_table(rows, image_size):
 def recall_after_finetuning(work_dir, amounts, criteria, train_epochs, finetune_epochs):
     """Train AlexNet on the synthetic dataset as the demo does (if not done yet), prune it with each amount and
     criterion, and return the prune reports: {(amount, criterion): report}."""
-    common = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0', '--optim', 'ADAM',
-              '--lr', '0.00001']
-    run = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
-    os.chdir(work_dir)
-    for done, flags in [(os.path.join('synthetic_data', 'data', 'centroids'), ['--mode=cluster']),
-                        (os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'),
-                         ['--mode=train', '--nEpochs', str(train_epochs)])]:
-        if not os.path.exists(done) and main.main(flags + common) != 0:
-            raise SystemExit(f'{" ".join(flags)} failed')
+    adam = ['--optim', 'ADAM', '--lr', '0.00001']
+    run = trained_run(work_dir, adam + ['--nEpochs', str(train_epochs)])
     reports = {}
     for amount in amounts:
         for criterion in criteria:
             flags = ['--mode=prune', '--pruning_type=structured', f'--pruning_amount={amount}', '--split=test',
                      f'--pruning_criterion={criterion}', f'--finetune_epochs={finetune_epochs}', f'--resume={run}']
-            if main.main(flags + common) != 0:
-                raise SystemExit(f'{" ".join(flags)} failed')
+            run_command(*flags, *adam, *SYNTHETIC_ALEXNET)
             folder = f'{run}_pruned_structured_{round(100 * amount)}'
             with open(os.path.join(folder, 'prune_report.json')) as f:
                 reports[amount, criterion] = json.load(f)

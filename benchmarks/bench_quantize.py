@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
+from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
 import int8  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import model_state  # noqa: E402
@@ -157,24 +157,13 @@ def print_speed_table(rows, image_size):
 
 def recall_runs(work_dir, train_epochs, qat_epochs, calib_images):
     """Train AlexNet on the synthetic dataset (if not done yet), quantize it both ways, return both reports."""
-    common = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0']
-    run = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
-    os.chdir(work_dir)
+    adam = ['--optim', 'ADAM', '--lr', '0.00001']
+    run = trained_run(work_dir, adam + ['--nEpochs', str(train_epochs)])
     quantize_flags = ['--mode=quantize', '--split=test', f'--resume={run}', '--ckpt=best',
                       f'--calib_images={calib_images}', '--latency_size=480x640']
-    steps = [(os.path.join('synthetic_data', 'data', 'centroids'), ['--mode=cluster']),
-             (os.path.join(run, 'checkpoints', 'checkpoint.pth.tar'),
-              ['--mode=train', '--optim', 'ADAM', '--lr', '0.00001', '--nEpochs', str(train_epochs)]),
-             (f'{run}_quantized_static/quantize_report.json', quantize_flags + ['--quantization_type=static']),
-             (f'{run}_quantized_qat/quantize_report.json',
-              quantize_flags + ['--quantization_type=qat', f'--qat_epochs={qat_epochs}', '--optim', 'ADAM',
-                                '--lr', '0.00001'])]
-    for done, flags in steps:
-        if not os.path.exists(done):
-            started = time.time()
-            if main.main(flags + common) != 0:
-                raise SystemExit(f'{" ".join(flags)} failed')
-            print(f'{flags[0]} {" ".join(f for f in flags if "type" in f)}: {time.time() - started:.0f} s', flush=True)
+    for kind, extra in [('static', []), ('qat', [f'--qat_epochs={qat_epochs}', *adam])]:
+        if not os.path.exists(f'{run}_quantized_{kind}/quantize_report.json'):
+            run_command(*quantize_flags, f'--quantization_type={kind}', *extra, *SYNTHETIC_ALEXNET)
     reports = {}
     for kind in ('static', 'qat'):
         with open(f'{run}_quantized_{kind}/quantize_report.json') as f:
