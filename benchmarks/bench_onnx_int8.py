@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import main  # noqa: E402
 from driver import run_command  # noqa: E402
 from checkpoint import model_state, save_checkpoint  # noqa: E402
 from runs import open_run  # noqa: E402
