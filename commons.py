@@ -40,6 +40,11 @@ def make_deterministic(seed):
     torch.backends.cudnn.benchmark = False
 
 
+def torchrun_process():
+    """(rank, world size) of this process under torchrun (its RANK and WORLD_SIZE), else (0, 1)."""
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
 def select_device(opt):
     """CUDA when asked for (--nGPU > 0, no --nocuda) and present, else the CPU with one line saying so."""
     if opt.nocuda or opt.nGPU == 0:

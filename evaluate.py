@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from commons import UserError, atomic_write_json, make_deterministic, select_device
+from commons import UserError, atomic_write_json, make_deterministic, select_device, torchrun_process
 from datasets import load_dataset
 from descriptors import open_parts, part_name, part_rows
 from figures import retrieval_strips
@@ -33,11 +33,6 @@ def evaluate_parts(paths, dataset, dim, opt):
                  whole.dtype.name, time.time() - started)
     result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct)
     return dict(result, extraction_s=None, images_per_s=None)
-
-
-def torchrun_process():
-    """(rank, world size) of this process under torchrun (its RANK and WORLD_SIZE), else (0, 1)."""
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 
 
 def extract_part(model, dataset, opt, device, rank, world):

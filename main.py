@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from commons import UserError, log_exception_to_file, parse_size, setup_logging, user_error_text
+from commons import UserError, log_exception_to_file, parse_size, setup_logging, torchrun_process, user_error_text
 
 MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'extract', 'pairs', 'query', 'synth', 'demo',
          'report', 'import', 'export']
@@ -312,7 +312,7 @@ def run(opt):
 def main(argv=None):
     try:
         opt = parse_options(argv)
-        setup_logging(rank=int(os.environ.get('RANK', 0)))
+        setup_logging(rank=torchrun_process()[0])
         run(opt)
     except UserError as error:
         print(f'Error: {user_error_text(error)}', file=sys.stderr)

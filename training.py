@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, DataLoader, Subset
 from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
-from commons import UserError
+from commons import UserError, torchrun_process
 from models import trainable_layers_text
 from datasets import load_dataset
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
@@ -148,7 +148,7 @@ def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
 
 def init_distributed(opt):
     """Rank and world size; under torchrun, joins the process group (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
+    world = torchrun_process()[1]
     if world == 1:
         return 0, 1
     use_cuda = opt.cuda and torch.cuda.is_available()
