@@ -97,6 +97,15 @@ def build_parser():
     train.add_argument('--batchSize', type=int, default=4, help='Queries per batch (each with 1+1+nNeg images).')
     train.add_argument('--cacheRefreshRate', type=int, default=1000,
                        help='Recompute the training descriptor cache every this many queries (0: once per epoch).')
+    train.add_argument('--trunk_cache', default='auto', choices=['auto', 'off'],
+                       help='auto: when layers are frozen (ImageNet weights, the default), compute the frozen layers\' '
+                            'output for every training image once per run (train, prune fine-tuning) and train and '
+                            'refresh the cache through the trainable layers only; kept in RAM when it fits half the '
+                            'available memory, else in RUN_FOLDER/trunk_cache_rank<r>.npy (deleted at the end; VGG16 '
+                            '480x640: 1.2 MB per image in float16). off: decode and run every image each time.')
+    train.add_argument('--trunk_cache_dtype', default='auto', choices=['auto', 'float32', 'float16'],
+                       help='Storage of the trunk cache. auto: float32 when it fits in RAM (results equal those '
+                            'without the cache), else float16 (half the size; can change close mining decisions).')
     train.add_argument('--nEpochs', type=int, default=30, help='Epochs to train.')
     train.add_argument('--optim', default='SGD', choices=['SGD', 'ADAM'], help='Optimiser.')
     train.add_argument('--lr', type=float, default=0.0001, help='Learning rate.')

@@ -147,15 +147,23 @@ class EmbedNet(nn.Module):
     def output_dim(self):
         return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
 
+    def trunk(self, images):
+        """Output of the frozen leading layers [B, C, h', w'] (the images themselves when nothing is frozen)."""
+        return self.encoder[:self.frozen_layers](images)
+
     def features(self, images):
         """Local features [B, D, h, w]; frozen leading layers run without autograd."""
         if hasattr(self, 'input_norm'):
             images = self.input_norm(images)
         if self.frozen_layers and torch.is_grad_enabled():
             with torch.no_grad():
-                images = self.encoder[:self.frozen_layers](images)
+                images = self.trunk(images)
             return self.encoder[self.frozen_layers:](images)
         return self.encoder(images)
+
+    def forward_from_trunk(self, trunk_output):
+        """The descriptor from the output of the frozen layers (see `trunk`): the trainable layers only."""
+        return self.describe(self.encoder[self.frozen_layers:](trunk_output))
 
     def aggregate(self, features):
         descriptor = self.pool(features)
@@ -163,10 +171,12 @@ class EmbedNet(nn.Module):
             descriptor = F.normalize(self.whiten(descriptor), p=2, dim=1)
         return descriptor
 
-    def forward(self, images):
-        features = self.features(images)
+    def describe(self, features):
         with torch.autocast(features.device.type, enabled=False):  # aggregation stays in float32
             return self.aggregate(features.float())
+
+    def forward(self, images):
+        return self.describe(self.features(images))
 
 
 def build_model(config, pretrained=False):

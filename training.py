@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
+import trunk_cache
 from models import trainable_layers_text
 from datasets import load_dataset
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
@@ -190,11 +191,12 @@ class TrainingData:
             raise UserError(f'No training query of {opt.dataPath} has a database image within '
                             f'{math.sqrt(struct.nonTrivPosDistSqThr):.0f} m: nothing to train on.')
 
-    def refresh_cache(self, model, rows, opt, device, rank, world, cache=None):
-        """Descriptors of the given whole-set rows into the float16 cache (computed sharded across ranks)."""
+    def refresh_cache(self, model, source, rows, opt, device, rank, world, cache=None):
+        """Descriptors of the given whole-set rows into the float16 cache (computed sharded across ranks).
+
+        source: the whole set's images, or their trunk output (trunk_cache) when `model` is the trainable layers."""
         shard = rows[rank::world]
-        descriptors = extract_descriptors(unwrap(model), Subset(self.whole, shard.tolist()), opt, device,
-                                          'cache')
+        descriptors = extract_descriptors(unwrap(model), Subset(source, shard.tolist()), opt, device, 'cache')
         gathered = gather_rows(torch.from_numpy(descriptors).half(), world)
         order = np.concatenate([rows[r::world] for r in range(world)])
         if cache is None:
@@ -208,14 +210,14 @@ def unwrap(model):
                                               torch.nn.DataParallel)) else model
 
 
-def chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world):
+def chunk_triplets(data, source, model, chunk, hard_negatives, opt, device, rng, rank, world):
     """Refresh the cache for a chunk of queries and mine its triplets (rows into the whole set)."""
     positives = pad_rows([data.nontrivial[q] for q in chunk])
     candidates = draw_negative_candidates(rng, data.num_db, [data.potential[q] for q in chunk], opt.nNegSample)
     candidates = unique_per_row(np.concatenate([candidates, hard_negatives[chunk]], axis=1))
     query_rows = data.num_db + chunk
     needed = np.unique(np.concatenate([query_rows, positives[positives >= 0], candidates[candidates >= 0]]))
-    cache = data.refresh_cache(model, needed, opt, device, rank, world)
+    cache = data.refresh_cache(model, source, needed, opt, device, rank, world)
     best_pos, negatives, usable = mine_triplets(cache, torch.from_numpy(query_rows), data.num_db,
                                                 torch.from_numpy(positives), torch.from_numpy(candidates),
                                                 opt.margin, opt.nNeg, opt.loss)
@@ -238,9 +240,9 @@ def make_optimizer(model, opt):
     return optimizer, scheduler
 
 
-def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer, step):
-    """One pass over the mined triplets of a chunk (this rank's share of them)."""
-    loader = DataLoader(TripletImages(data.whole, triplets), batch_size=opt.batchSize, shuffle=False,
+def train_chunk(model, source, triplets, optimizer, opt, device, progress, writer, step):
+    """One pass over the mined triplets of a chunk (this rank's share of them); source as in refresh_cache."""
+    loader = DataLoader(TripletImages(source, triplets), batch_size=opt.batchSize, shuffle=False,
                         num_workers=min(opt.threads, os.cpu_count() or 1), collate_fn=collate_triplets,
                         pin_memory=device.type == 'cuda')
     model.train()
@@ -265,8 +267,11 @@ def train_chunk(model, data, triplets, optimizer, opt, device, progress, writer,
     return step, losses
 
 
-def train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer, step):
-    """One epoch: queries in an order drawn from (seed, epoch), the cache refreshed and mined chunk by chunk."""
+def train_epoch(model, data, source, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer,
+                step):
+    """One epoch: queries in an order drawn from (seed, epoch), the cache refreshed and mined chunk by chunk.
+
+    `model` runs on `source`: the whole network on data.whole, or its trainable layers on the trunk cache."""
     rank, world = rank_world
     rng = np.random.default_rng([opt.seed, epoch])
     torch.manual_seed(opt.seed * 1000 + epoch)
@@ -276,10 +281,10 @@ def train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_
     with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
         for start in range(0, len(order), chunk_size):
             chunk = order[start:start + chunk_size]
-            triplets = chunk_triplets(data, model, chunk, hard_negatives, opt, device, rng, rank, world)
+            triplets = chunk_triplets(data, source, model, chunk, hard_negatives, opt, device, rng, rank, world)
             share = len(triplets) // world  # equal shares: every rank runs the same number of steps
             mine = triplets[rank * share:(rank + 1) * share]
-            step, chunk_losses = train_chunk(model, data, mine, optimizer, opt, device, bar, writer, step)
+            step, chunk_losses = train_chunk(model, source, mine, optimizer, opt, device, bar, writer, step)
             losses += chunk_losses
             bar.update(len(chunk) - len(mine))
     return step, losses
@@ -303,11 +308,12 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
     data, val_set = splits
     logging.info('%s; loss: %s', trainable_layers_text(model), opt.loss)
     model = model.to(device).to(memory_format=torch.channels_last)
+    network, source, train_opt = training_inputs(model, data, opt, device, run_dir, rank)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        network = torch.nn.parallel.DistributedDataParallel(network)
     elif opt.nGPU > 1 and device.type == 'cuda' and torch.cuda.device_count() > 1:
-        model = torch.nn.DataParallel(model, device_ids=list(range(opt.nGPU)))
-    optimizer, scheduler = make_optimizer(model, opt)
+        network = torch.nn.DataParallel(network, device_ids=list(range(opt.nGPU)))
+    optimizer, scheduler = make_optimizer(network, opt)
     state = dict(state or {})
     hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1, dtype=np.int64)
     if 'optimizer' in state:
@@ -324,43 +330,59 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
     step = state.get('step', 0)
     recalls = state.get('recalls', {})
     epoch_losses = list(state.get('epoch_losses', []))
-    while epoch < num_epochs:
-        epoch += 1
-        step, losses = train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, num_epochs,
-                                   (rank, world), writer, step)
-        scheduler.step()
-        epoch_losses.append(float(np.mean(losses)) if losses else float('nan'))
-        if writer is not None:
-            writer.add_scalar('Train/lr', optimizer.param_groups[0]['lr'], epoch)
-        validated = epoch % opt.evalEvery == 0 or epoch == num_epochs
-        is_best = False
-        if validated:
-            recalls = validate(model, val_set, opt, device, rank, world)
-            score = recalls.get(5, recalls[max(recalls)])
-            is_best = score > best_score
-            best_score, not_improved = (score, 0) if is_best else (best_score, not_improved + opt.evalEvery)
+    try:
+        while epoch < num_epochs:
+            epoch += 1
+            step, losses = train_epoch(network, data, source, optimizer, hard_negatives, train_opt, device, epoch,
+                                       num_epochs, (rank, world), writer, step)
+            scheduler.step()
+            epoch_losses.append(float(np.mean(losses)) if losses else float('nan'))
             if writer is not None:
-                for n, recall in recalls.items():
-                    writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
-            logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score, ' *' if is_best else '')
-        state = dict(epoch=epoch, recalls=recalls, best_score=best_score, not_improved=not_improved, step=step,
-                     epoch_losses=epoch_losses, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     hard_negatives=torch.from_numpy(hard_negatives), parallel=world > 1)
-        if save and rank == 0:  # every epoch: a killed run loses at most the epoch it was in
-            save_checkpoint(dict(model_state(unwrap(model)), **state), run_dir, is_best)
-        if validated and opt.patience and not_improved >= opt.patience:
-            logging.info('No better Recall@5 for %d epochs: stopping early.', not_improved)
-            break
+                writer.add_scalar('Train/lr', optimizer.param_groups[0]['lr'], epoch)
+            validated = epoch % opt.evalEvery == 0 or epoch == num_epochs
+            is_best = False
+            if validated:
+                recalls = validate(model, val_set, opt, device, rank, world)
+                score = recalls.get(5, recalls[max(recalls)])
+                is_best = score > best_score
+                best_score, not_improved = (score, 0) if is_best else (best_score, not_improved + opt.evalEvery)
+                if writer is not None:
+                    for n, recall in recalls.items():
+                        writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
+                logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score,
+                             ' *' if is_best else '')
+            state = dict(epoch=epoch, recalls=recalls, best_score=best_score, not_improved=not_improved,
+                         step=step, epoch_losses=epoch_losses, optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), hard_negatives=torch.from_numpy(hard_negatives),
+                         parallel=world > 1)
+            if save and rank == 0:  # every epoch: a killed run loses at most the epoch it was in
+                save_checkpoint(dict(model_state(model), **state), run_dir, is_best)
+            if validated and opt.patience and not_improved >= opt.patience:
+                logging.info('No better Recall@5 for %d epochs: stopping early.', not_improved)
+                break
+    finally:
+        if source is not data.whole:
+            source.release()
     if writer is not None:
         writer.close()
     return state
+
+
+def training_inputs(model, data, opt, device, run_dir, rank):
+    """What fit trains, on what, with which loader options: the whole model on the images, or (trunk cache, see
+    trunk_cache.py) its trainable layers on the frozen trunk's output, computed here once for every training image."""
+    if not trunk_cache.applies(model, opt):
+        return model, data.whole, opt
+    local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    source = trunk_cache.compute(model, data.whole, opt, device, run_dir, rank, local_world)
+    return trunk_cache.TrainableLayers(model), source, trunk_cache.loader_options(opt)
 
 
 def validate(model, val_set, opt, device, rank, world):
     """Recall@N on the val split, computed by rank 0 and shared with the other ranks."""
     recalls = [None]
     if rank == 0:
-        recalls[0] = evaluate(unwrap(model), val_set, opt, device)['recalls']
+        recalls[0] = evaluate(model, val_set, opt, device)['recalls']
         log_recalls(recalls[0])
     if world > 1:
         dist.broadcast_object_list(recalls, src=0)

@@ -53,10 +53,10 @@ def walk(tiny_data, imagenet_stand_in, tmp_path_factory):
         assert cli(data, '--mode=train', *TRAIN, '--savePath', root / 'straight') == 0
         real_epoch = training.train_epoch
 
-        def killed_in_epoch_2(model, data_, optimizer, hard_negatives, opt, device, epoch, *rest):
+        def killed_in_epoch_2(model, data_, source, optimizer, hard_negatives, opt, device, epoch, *rest):
             if epoch == 2:
                 raise RuntimeError('injected kill in epoch 2')
-            return real_epoch(model, data_, optimizer, hard_negatives, opt, device, epoch, *rest)
+            return real_epoch(model, data_, source, optimizer, hard_negatives, opt, device, epoch, *rest)
 
         patch.setattr(training, 'train_epoch', killed_in_epoch_2)
         with pytest.raises(RuntimeError, match='injected kill'):

@@ -94,8 +94,8 @@ def test_loss_falls_on_a_fixed_batch(clustered, make_opt):
     model = initialised_model(opt)
     data = training.TrainingData(opt)
     hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1)
-    triplets = training.chunk_triplets(data, model, data.queries[:4], hard_negatives, opt, torch.device('cpu'),
-                                    np.random.default_rng(0), 0, 1)
+    triplets = training.chunk_triplets(data, data.whole, model, data.queries[:4], hard_negatives, opt,
+                                       torch.device('cpu'), np.random.default_rng(0), 0, 1)
     assert triplets, 'no violating negatives on an untrained model'
     images, counts = training.collate_triplets([training.TripletImages(data.whole, triplets)[i]
                                              for i in range(len(triplets))])

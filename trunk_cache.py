@@ -1,0 +1,141 @@
+"""The frozen trunk's output for every training image, computed once per fit (--trunk_cache, SPEC section 6).
+
+With ImageNet weights the encoder layers before the first trainable one (conv5 / conv5_1) never change, so their
+output for a training image is the same at every descriptor-cache refresh and in every training step. fit computes
+it once for every image of the training split (database and queries), then refreshes the descriptor cache and
+trains through the trainable layers only: no image is decoded again during that fit.
+
+Where it is kept: in RAM when it fits RAM_FRACTION of the memory available (MemAvailable, shared among the ranks of
+one machine), otherwise in <run folder>/trunk_cache_rank<r>.npy, read back as a memory map and deleted when fit
+ends (a killed run leaves it; resuming recomputes and replaces it, so a file is never trusted across processes).
+--trunk_cache_dtype auto keeps float32 when float32 fits in RAM (descriptors, mining and losses then equal the
+uncached run's up to float rounding), and float16 otherwise (half the bytes, about 1e-3 relative error on the
+features, which can change a close mining decision); float16 / float32 force one.
+Under torchrun every rank computes the whole cache: its share of the triplets may use any image.
+"""
+import copy
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from pittsburgh import image_loader
+from retrieval import autocast
+
+RAM_FRACTION = 0.5  # of MemAvailable: the rest stays for the model, the loaders and the other processes
+DTYPES = {'float16': np.float16, 'float32': np.float32}
+
+
+class TrunkFeatures(Dataset):
+    """The cached trunk output of each whole-set image: (float32 tensor [C, h, w], index), as ImageList gives
+    (image, index). `features` is a tensor in RAM or a read-only memory map of the file at `path`."""
+
+    def __init__(self, features, path=None):
+        self.features = features
+        self.path = path
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return torch.as_tensor(np.asarray(self.features[index])).float(), index
+
+    def release(self):
+        """Free the memory and delete the file, if any."""
+        self.features = None
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class TrainableLayers(nn.Module):
+    """The layers of an EmbedNet after its frozen trunk, as a network whose input is the trunk's output (so that
+    DDP / DataParallel wrap what trains; the parameters are the EmbedNet's own, in the same order)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_dim(self):
+        return self.model.output_dim
+
+    def forward(self, trunk_output):
+        return self.model.forward_from_trunk(trunk_output)
+
+
+def applies(model, opt):
+    """Whether fit uses the trunk cache: --trunk_cache auto, frozen layers, and an encoder that can be cut."""
+    if opt.trunk_cache == 'off' or model.frozen_layers == 0:
+        return False
+    if not isinstance(model.encoder, nn.Sequential):
+        logging.info('Trunk cache off: the encoder is one exported program (QAT) whose frozen layers cannot be run '
+                     'apart; every refresh and step runs the whole encoder.')
+        return False
+    return True
+
+
+def available_memory():
+    """Bytes of memory available to new allocations (MemAvailable; free pages where /proc/meminfo is absent)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def storage(num_values, requested, local_world):
+    """(numpy dtype, in RAM?) of a cache of num_values values under --trunk_cache_dtype `requested`."""
+    budget = RAM_FRACTION * available_memory() / local_world
+    if requested == 'auto':
+        requested = 'float32' if 4 * num_values <= budget else 'float16'
+    dtype = DTYPES[requested]
+    return dtype, num_values * np.dtype(dtype).itemsize <= budget
+
+
+def trunk_shape(model, dataset, opt, device):
+    """[C, h, w] of the trunk output of one image of `dataset` (all images of a split have one size)."""
+    with torch.inference_mode(), autocast(opt.precision, device):
+        return tuple(model.trunk(dataset[0][0][None].to(device)).shape[1:])
+
+
+def allocate(shape, dtype, in_ram, run_dir, rank):
+    if in_ram:
+        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name)), None
+    path = os.path.join(run_dir, f'trunk_cache_rank{rank}.npy')
+    return np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape), path
+
+
+def compute(model, whole, opt, device, run_dir, rank=0, local_world=1):
+    """The trunk output of every image of `whole` (a TrunkFeatures), computed in one pass of the images."""
+    shape = (len(whole), *trunk_shape(model, whole, opt, device))
+    dtype, in_ram = storage(int(np.prod(shape)), opt.trunk_cache_dtype, local_world)
+    features, path = allocate(shape, dtype, in_ram, run_dir, rank)
+    logging.info('Trunk cache: output of the %d frozen encoder layers for %d training images, %s each, %s, %.2f GB '
+                 '%s', model.frozen_layers, len(whole), 'x'.join(map(str, shape[1:])), np.dtype(dtype).name,
+                 features.nbytes / 1e9, 'in RAM' if in_ram else f'on disk ({path})')
+    model.eval()
+    start = 0
+    with torch.inference_mode(), autocast(opt.precision, device):
+        for images, _ in tqdm(image_loader(whole, opt, opt.cacheBatchSize), desc='trunk cache', unit='batch'):
+            trunk = model.trunk(images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            trunk = trunk.float().cpu().contiguous()
+            features[start:start + len(images)] = trunk.to(features.dtype) if in_ram else trunk.numpy()
+            start += len(images)
+    if path is not None:
+        features.flush()
+        features = np.load(path, mmap_mode='r')
+    return TrunkFeatures(features, path)
+
+
+def loader_options(opt):
+    """The options of loaders that read the trunk cache: no DataLoader workers (rows are copied, not decoded)."""
+    cached_opt = copy.copy(opt)
+    cached_opt.threads = 0
+    return cached_opt
