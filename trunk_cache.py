@@ -42,7 +42,10 @@ class TrunkFeatures(Dataset):
         return len(self.features)
 
     def __getitem__(self, index):
-        return torch.as_tensor(np.asarray(self.features[index])).float(), index
+        row = self.features[index]
+        if isinstance(row, np.ndarray):  # a row of the read-only memory map: read into a float32 copy
+            row = torch.from_numpy(np.array(row, dtype=np.float32))
+        return row.float(), index
 
     def release(self):
         """Free the memory and delete the file, if any."""
@@ -108,6 +111,7 @@ def trunk_shape(model, dataset, opt, device):
 def allocate(shape, dtype, in_ram, run_dir, rank):
     if in_ram:
         return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name)), None
+    os.makedirs(run_dir, exist_ok=True)  # a rank on another machine may not have the run folder
     path = os.path.join(run_dir, f'trunk_cache_rank{rank}.npy')
     return np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape), path
 
