@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
-import trunk_cache
-from models import trainable_layers_text
 from datasets import load_dataset
+from models import trainable_layers_text
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
+import trunk_cache
 
 LOSSES = ('reference', 'paper')
 
@@ -371,7 +371,7 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
 def training_inputs(model, data, opt, device, run_dir, rank):
     """What fit trains, on what, with which loader options: the whole model on the images, or (trunk cache, see
     trunk_cache.py) its trainable layers on the frozen trunk's output, computed here once for every training image."""
-    if not trunk_cache.applies(model, opt):
+    if not trunk_cache.applies(model, data.whole, opt):
         return model, data.whole, opt
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     source = trunk_cache.compute(model, data.whole, opt, device, run_dir, rank, local_world)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pittsburgh import image_loader
+from images import image_loader, sizes_vary_from
 from retrieval import autocast
 
 RAM_FRACTION = 0.5  # of MemAvailable: the rest stays for the model, the loaders and the other processes
@@ -70,9 +70,13 @@ class TrainableLayers(nn.Module):
         return self.model.forward_from_trunk(trunk_output)
 
 
-def applies(model, opt):
-    """Whether fit uses the trunk cache: --trunk_cache auto, frozen layers, and an encoder that can be cut."""
+def applies(model, whole, opt):
+    """Whether fit uses the trunk cache for the training images `whole`: --trunk_cache auto, frozen layers, an
+    encoder that can be cut, and images of one size."""
     if opt.trunk_cache == 'off' or model.frozen_layers == 0:
+        return False
+    if sizes_vary_from(whole) is not None:
+        logging.info('Trunk cache off: the training images differ in size (give --resize to use it).')
         return False
     if not isinstance(model.encoder, nn.Sequential):
         logging.info('Trunk cache off: the encoder is one exported program (QAT) whose frozen layers cannot be run '

@@ -1,7 +1,12 @@
 """The frozen-trunk cache (trunk_cache.py, --trunk_cache): the same triplets and losses as without it, the trunk's
-output equal to torchvision's own layers on the decoded image, RAM or disk storage, and when it is off."""
+output equal to torchvision's own layers on the decoded image, RAM or disk storage, when it is off,
+and torchrun."""
 import copy
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +15,10 @@ import torchvision
 
 import training
 import trunk_cache
+from images import load_image
 from models import build_model, model_config
-from pittsburgh import load_image
 
+REPO = Path(__file__).resolve().parents[1]
 CONV5 = 10
 CHUNK_TRIPLETS = training.chunk_triplets
 
@@ -124,14 +130,19 @@ def test_a_float32_file_when_asked(stand_in_model, imagenet_home, make_opt, tiny
 def test_off_without_frozen_layers_with_the_flag_and_for_an_encoder_program(stand_in_model, make_opt, tiny_data,
                                                                            caplog):
     opt = train_options(make_opt, tiny_data)
-    assert trunk_cache.applies(stand_in_model, opt)
-    assert not trunk_cache.applies(stand_in_model, train_options(make_opt, tiny_data, '--trunk_cache=off'))
-    assert not trunk_cache.applies(copy.deepcopy(stand_in_model).set_first_trainable(0), opt)
+    whole = training.TrainingData(opt).whole
+    assert trunk_cache.applies(stand_in_model, whole, opt)
+    assert not trunk_cache.applies(stand_in_model, whole, train_options(make_opt, tiny_data, '--trunk_cache=off'))
+    assert not trunk_cache.applies(copy.deepcopy(stand_in_model).set_first_trainable(0), whole, opt)
     program = copy.deepcopy(stand_in_model)
     program.encoder = torch.fx.symbolic_trace(program.encoder)  # one graph, as QAT's exported encoder
     with caplog.at_level('INFO'):
-        assert not trunk_cache.applies(program, opt)
-    assert 'Trunk cache off' in caplog.text
+        assert not trunk_cache.applies(program, whole, opt)
+    assert 'Trunk cache off: the encoder is one exported program' in caplog.text
+    whole.sizes_vary_from = len(whole) - 1  # as Tokyo 24/7 queries without --resize
+    with caplog.at_level('INFO'):
+        assert not trunk_cache.applies(stand_in_model, whole, opt)
+    assert 'Trunk cache off: the training images differ in size' in caplog.text
 
 
 def test_training_removes_its_trunk_cache_file(imagenet_home, run_cli, tiny_data, tmp_path, monkeypatch):
@@ -146,3 +157,19 @@ def test_training_removes_its_trunk_cache_file(imagenet_home, run_cli, tiny_data
     log = (run / 'log.txt').read_text()
     assert 'Trunk cache: output of the 10 frozen encoder layers' in log and 'on disk' in log
     assert not list(run.glob('trunk_cache*'))
+
+
+def test_torchrun_two_processes_train_with_the_trunk_cache(imagenet_home, run_cli, tiny_data, tmp_path):
+    data, run = tmp_path / 'data', tmp_path / 'ddp'
+    shutil.copytree(tiny_data, data)
+    flags = ['--arch=alexnet', '--num_clusters=8', f'--dataPath={data}', '--nocuda', '--threads=0',
+             '--cacheBatchSize=8']
+    assert run_cli(['--mode=cluster', *flags]) == 0
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29541',
+               str(REPO / 'main.py'), '--mode=train', *flags, '--nEpochs=1', '--nNegSample=20', '--savePath', str(run)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert 'Trunk cache: output of the 10 frozen encoder layers' in (run / 'log.txt').read_text()
+    checkpoint = torch.load(run / 'checkpoints' / 'checkpoint.pth.tar', weights_only=True)
+    assert checkpoint['parallel'] is True and checkpoint['epoch'] == 1 and checkpoint['recalls']
