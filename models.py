@@ -1,4 +1,6 @@
 """Encoders (VGG16, AlexNet cut as in the NetVLAD paper) and the full image-to-descriptor network."""
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -147,22 +149,20 @@ class EmbedNet(nn.Module):
     def output_dim(self):
         return self.whiten.out_features if hasattr(self, 'whiten') else self.pool.output_dim
 
-    def trunk(self, images):
-        """Output of the frozen leading layers [B, C, h', w'] (the images themselves when nothing is frozen)."""
+    def frozen_trunk(self, images):
+        """Output [B, C, h', w'] of the input re-normalisation, if any, and the frozen leading encoder layers."""
+        if hasattr(self, 'input_norm'):
+            images = self.input_norm(images)
         return self.encoder[:self.frozen_layers](images)
 
     def features(self, images):
         """Local features [B, D, h, w]; frozen leading layers run without autograd."""
-        if hasattr(self, 'input_norm'):
-            images = self.input_norm(images)
-        if self.frozen_layers and torch.is_grad_enabled():
-            with torch.no_grad():
-                images = self.trunk(images)
-            return self.encoder[self.frozen_layers:](images)
-        return self.encoder(images)
+        with torch.no_grad() if self.frozen_layers else contextlib.nullcontext():
+            trunk_output = self.frozen_trunk(images)
+        return self.encoder[self.frozen_layers:](trunk_output)
 
     def forward_from_trunk(self, trunk_output):
-        """The descriptor from the output of the frozen layers (see `trunk`): the trainable layers only."""
+        """The descriptor from the output of `frozen_trunk`: the trainable layers only."""
         return self.describe(self.encoder[self.frozen_layers:](trunk_output))
 
     def aggregate(self, features):

@@ -109,7 +109,7 @@ def storage(num_values, requested, local_world):
 def trunk_shape(model, dataset, opt, device):
     """[C, h, w] of the trunk output of one image of `dataset` (all images of a split have one size)."""
     with torch.inference_mode(), autocast(opt.precision, device):
-        return tuple(model.trunk(dataset[0][0][None].to(device)).shape[1:])
+        return tuple(model.frozen_trunk(dataset[0][0][None].to(device)).shape[1:])
 
 
 def allocate(shape, dtype, in_ram, run_dir, rank):
@@ -132,8 +132,8 @@ def compute(model, whole, opt, device, run_dir, rank=0, local_world=1):
     start = 0
     with torch.inference_mode(), autocast(opt.precision, device):
         for images, _ in tqdm(image_loader(whole, opt, opt.cacheBatchSize), desc='trunk cache', unit='batch'):
-            trunk = model.trunk(images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-            trunk = trunk.float().cpu().contiguous()
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            trunk = model.frozen_trunk(images).float().cpu().contiguous()
             features[start:start + len(images)] = trunk.to(features.dtype) if in_ram else trunk.numpy()
             start += len(images)
     if path is not None:
