@@ -1,6 +1,4 @@
 """Encoders (VGG16, AlexNet cut as in the NetVLAD paper) and the full image-to-descriptor network."""
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,9 +155,13 @@ class EmbedNet(nn.Module):
 
     def features(self, images):
         """Local features [B, D, h, w]; frozen leading layers run without autograd."""
-        with torch.no_grad() if self.frozen_layers else contextlib.nullcontext():
-            trunk_output = self.frozen_trunk(images)
-        return self.encoder[self.frozen_layers:](trunk_output)
+        if self.frozen_layers and torch.is_grad_enabled():
+            with torch.no_grad():
+                images = self.frozen_trunk(images)
+            return self.encoder[self.frozen_layers:](images)
+        if hasattr(self, 'input_norm'):
+            images = self.input_norm(images)
+        return self.encoder(images)
 
     def forward_from_trunk(self, trunk_output):
         """The descriptor from the output of `frozen_trunk`: the trainable layers only."""
