@@ -117,8 +117,8 @@ def train_project(model, opt, device, epochs):
     times, step = [], 0
     for epoch in range(1, epochs + 1):
         started = time.time()
-        step, _ = training.train_epoch(model, data, optimizer, hard_negatives, opt, device, epoch, epochs, (0, 1),
-                                    None, step)
+        step, _ = training.train_epoch(model, data, data.whole, optimizer, hard_negatives, opt, device, epoch, epochs,
+                                       (0, 1), None, step)
         scheduler.step()
         times.append(time.time() - started)
     return times

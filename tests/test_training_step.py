@@ -114,7 +114,8 @@ def test_training_steps_match_independent_computation(tiny_data, make_opt, optim
 
     optimizer, _ = training.make_optimizer(model, opt)
     with tqdm(disable=True) as progress:
-        _, losses = training.train_chunk(model, data, triplets, optimizer, opt, torch.device('cpu'), progress, None, 0)
+        _, losses = training.train_chunk(model, data.whole, triplets, optimizer, opt, torch.device('cpu'), progress,
+                                         None, 0)
 
     paths = data.whole.paths
     batches = []
