@@ -1,4 +1,4 @@
-"""Images: loading and ImageNet normalisation, image lists by index, and the DataLoader every mode reads them through."""
+"""Images: loading and ImageNet normalisation, image lists by index, and the DataLoader every mode reads through."""
 import os
 
 import torch
@@ -76,5 +76,11 @@ def image_loader(dataset, opt, batch_size, shuffle=False, generator=None):
     singles_from = None if shuffle else sizes_vary_from(dataset)
     batching = (dict(batch_size=batch_size, shuffle=shuffle, generator=generator) if singles_from is None else
                 dict(batch_sampler=batches(len(dataset), batch_size, singles_from)))
-    return data.DataLoader(dataset, collate_fn=stack_images, num_workers=min(opt.threads, os.cpu_count() or 1),
-                           pin_memory=opt.cuda and torch.cuda.is_available(), persistent_workers=False, **batching)
+    return data.DataLoader(dataset, collate_fn=stack_images, **loading(opt), **batching)
+
+
+def loading(opt):
+    """How every DataLoader of the project reads: decoding in --threads workers (at most one per core), pinned
+    memory on CUDA."""
+    return dict(num_workers=min(opt.threads, os.cpu_count() or 1), pin_memory=opt.cuda and torch.cuda.is_available(),
+                persistent_workers=False)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
 from datasets import load_dataset
+from images import loading
 from models import trainable_layers_text
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
 import trunk_cache
@@ -243,8 +244,7 @@ def make_optimizer(model, opt):
 def train_chunk(model, source, triplets, optimizer, opt, device, progress, writer, step):
     """One pass over the mined triplets of a chunk (this rank's share of them); source as in refresh_cache."""
     loader = DataLoader(TripletImages(source, triplets), batch_size=opt.batchSize, shuffle=False,
-                        num_workers=min(opt.threads, os.cpu_count() or 1), collate_fn=collate_triplets,
-                        pin_memory=device.type == 'cuda')
+                        collate_fn=collate_triplets, **loading(opt))
     model.train()
     losses = []
     for images, neg_counts in loader:
