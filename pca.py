@@ -13,16 +13,14 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from descriptors import DescriptorFile, cache_folder
-from datasets import load_dataset
+from datasets import load_dataset, training_database_sample
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from runs import derived_run_folder, load_model
@@ -119,17 +117,10 @@ def whitening_dim(opt, descriptor_dim, num_images):
 
 def training_sample(opt):
     """--pca_images random training-database images (seeded): the only images the whitening is fitted on."""
-    try:
-        train_set = load_dataset(opt, 'train')
-    except UserError as error:
-        raise UserError(f'--mode=pca fits the whitening on training-database images, never on the evaluated split, '
-                        f'and the training split cannot be read. {error}') from None
-    num_db = train_set.db_struct.numDb
-    count = min(opt.pca_images, num_db)
-    if count < 2:
+    sample = training_database_sample(opt, opt.pca_images, '--mode=pca fits the whitening')
+    if len(sample) < 2:
         raise UserError(f'--pca_images {opt.pca_images}: PCA needs at least 2 training images.')
-    chosen = np.sort(np.random.default_rng(opt.seed).choice(num_db, count, replace=False))
-    return Subset(train_set, chosen.tolist())
+    return sample
 
 
 def check_source(model, checkpoint, run_dir):

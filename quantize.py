@@ -46,9 +46,9 @@ from runs import apply_backprop_flag, derived_run_folder, open_run
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
-# QAT fine-tunes at a tenth of --lr, as prune.FINETUNE_LR_FACTOR: a fresh optimizer at the training rate first undoes
-# the trained model (AlexNet, synthetic test, Adam, 1 epoch: Recall@1 0.647 at 1e-5, the training rate, 0.773 at
-# 1e-6; static int8 0.747, fp32 0.753).
+# QAT fine-tunes at a tenth of --lr (prune's fine-tuning measured best at --lr): a fresh optimizer at the
+# training rate first undoes the trained model (AlexNet, synthetic test, Adam, 1 epoch: Recall@1 0.647 at 1e-5,
+# the training rate, 0.773 at 1e-6; static int8 0.747, fp32 0.753).
 QAT_LR_FACTOR = 0.1
 
 
