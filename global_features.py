@@ -16,13 +16,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from commons import UserError, user_error_text
 from descriptors import DescriptorFile
 from retrieval import extract_descriptors
 from folder_dataset import images_in
-from images import ImageList
+from images import ImageList, image_size
 
 FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
 CHUNK_BATCHES = 16  # batches extracted between two writes to the file: what a killed run can lose
@@ -36,15 +35,6 @@ def find_images(image_dir, flag):
     names where the folder came from, for the error when it holds none."""
     root = Path(image_dir)
     return sorted(Path(path).relative_to(root).as_posix() for path in images_in(image_dir, flag))
-
-
-def image_size(path):
-    """[width, height] of an image, read from its header; a UserError naming an unreadable file."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError) as error:
-        raise UserError(f'Image {path} cannot be read: the file is corrupt or not an image ({error}).') from None
 
 
 def resized(size, resize_max):

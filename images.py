@@ -10,13 +10,23 @@ from commons import UserError
 from models import IMAGENET_MEAN, IMAGENET_STD  # the input every model takes
 
 
-def load_image(path, resize=None):
-    """An RGB image as a normalised [3, H, W] float tensor; a clear error for an unreadable file."""
+def read_image(path, read):
+    """read(opened PIL image) of the image file at path; a UserError naming an unreadable or corrupt file."""
     try:
         with Image.open(path) as image:
-            image = image.convert('RGB')
+            return read(image)
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f'Image {path} cannot be read: the file is corrupt or not an image ({error}).') from None
+
+
+def image_size(path):
+    """[width, height] of an image, read from its header."""
+    return read_image(path, lambda image: image.size)
+
+
+def load_image(path, resize=None):
+    """An RGB image as a normalised [3, H, W] float tensor; a clear error for an unreadable file."""
+    image = read_image(path, lambda opened: opened.convert('RGB'))
     if resize is not None:
         image = image.resize((resize[1], resize[0]), Image.BILINEAR)
     return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
