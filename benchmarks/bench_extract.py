@@ -4,7 +4,7 @@ Speed: images/s of retrieval.extract_descriptors on generated 480x640 JPEGs, ran
 initialised from the images' own local features. Recall: the CLI's cluster mode, then test mode in both precisions.
 
 Usage: python benchmarks/bench_extract.py [--archs alexnet vgg16] [--images 8] [--batch 4]
-       [--recall_archs alexnet vgg16] [--synth_queries 150] [--threads N]
+       [--recall_archs alexnet vgg16] [--synth_queries 150] [--threads N] [--device cuda --workers 12]
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ import main  # noqa: E402
 from centroids import new_model  # noqa: E402
 from images import ImageList  # noqa: E402
 from retrieval import extract_descriptors  # noqa: E402
+from runs import place_model  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16']
 
@@ -48,28 +49,33 @@ def init_netvlad_from_images(model, images, num_clusters):
     model.pool.init_from_clusters(local[chosen], local)
 
 
+def device_flags(args):
+    """The CLI flags of --device and --workers (DataLoader workers decoding the JPEGs)."""
+    return [f'--threads={args.workers}', *(['--nocuda'] if args.device == 'cpu' else [])]
+
+
 def extraction_speed(arch, paths, args):
     """images/s per precision, and the mean cosine between the fp32 and bf16 descriptors of the same images."""
     dataset = ImageList(paths)
     rates, descriptors = {}, {}
     for precision in PRECISIONS:
-        opt = main.parse_options(['--mode=test', f'--arch={arch}', '--fromscratch', '--nocuda', '--threads=0',
+        opt = main.parse_options(['--mode=test', f'--arch={arch}', '--fromscratch', *device_flags(args),
                                   f'--cacheBatchSize={args.batch}', f'--precision={precision}'])
         model = new_model(opt).eval()
         init_netvlad_from_images(model, torch.stack([dataset[i][0] for i in range(2)]), opt.num_clusters)
-        model = model.to(memory_format=torch.channels_last)
-        extract_descriptors(model, ImageList(paths[:args.batch]), opt, torch.device('cpu'), 'warm-up')
+        model, device = place_model(model, torch.device(args.device))
+        extract_descriptors(model, ImageList(paths[:args.batch]), opt, device, 'warm-up')
         started = time.perf_counter()
-        descriptors[precision] = extract_descriptors(model, dataset, opt, torch.device('cpu'), f'{arch} {precision}')
+        descriptors[precision] = extract_descriptors(model, dataset, opt, device, f'{arch} {precision}')
         rates[precision] = len(paths) / (time.perf_counter() - started)
     cosine = float(np.mean(np.sum(descriptors['fp32'] * descriptors['bf16'], axis=1)))
     return rates, cosine
 
 
-def recalls_by_precision(arch, folder, synth_queries):
+def recalls_by_precision(arch, folder, synth_queries, args):
     """Off-the-shelf (k-means initialised) Recall@N on the synthetic test split, fp32 and bf16."""
     data, runs = os.path.join(folder, 'synthetic'), os.path.join(folder, 'runs')
-    common = ['--dataset=synthetic', '--dataPath', data, f'--arch={arch}', '--fromscratch', '--nocuda',
+    common = ['--dataset=synthetic', '--dataPath', data, f'--arch={arch}', '--fromscratch', *device_flags(args),
               '--runsPath', runs, f'--synth_queries={synth_queries}']
     assert main.main(['--mode=cluster', *common]) == 0
     recalls = {}
@@ -87,6 +93,8 @@ def main_():
     p.add_argument('--batch', type=int, default=4, help='--cacheBatchSize')
     p.add_argument('--recall_archs', nargs='*', default=['alexnet', 'vgg16'], help='archs for the recall check')
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='where the models run')
+    p.add_argument('--workers', type=int, default=0, help='DataLoader workers decoding the JPEGs (0: in the loop)')
     p.add_argument('--synth_queries', type=int, default=150,
                    help='queries of the synthetic test split (150, the CLI default: one query is 0.0067 of recall)')
     args = p.parse_args()
@@ -101,7 +109,7 @@ def main_():
                            f'bf16 {rates["bf16"]:.2f} img/s, bf16 speed-up {rates["bf16"] / rates["fp32"]:.2f}x; '
                            f'descriptors: mean 1 - cosine(fp32, bf16) {1 - cosine:.1e}')
         for arch in args.recall_archs:
-            recalls = recalls_by_precision(arch, os.path.join(folder, arch), args.synth_queries)
+            recalls = recalls_by_precision(arch, os.path.join(folder, arch), args.synth_queries, args)
             worst = max(abs(recalls['fp32'][n] - recalls['bf16'][n]) for n in recalls['fp32'])
             table = ', '.join(f'R@{n} {recalls["fp32"][n]:.4f}/{recalls["bf16"][n]:.4f}' for n in recalls['fp32'])
             summary.append(f'{arch:8s} synthetic test ({args.synth_queries} queries), off-the-shelf, fp32/bf16: '

@@ -14,6 +14,7 @@ Each arm ends with val Recall@N, to compare at equal recall. --refresh_every set
 default 32 training queries and 8 queries per refresh there are 4 refreshes, each needing ~95% of the database
 (1000 negatives drawn per query), as a Pittsburgh refresh (1000 queries x 1000 negatives over 10,000 images) does.
 Usage: python benchmarks/bench_train.py --arch alexnet [--workdir DIR] [--db 1000] [--queries 16]
+       [--device cuda --threads 12]
        (the train split gets twice --db / --queries; needs scikit-learn: benchmarks/requirements.txt)
 """
 import argparse
@@ -39,18 +40,19 @@ import training  # noqa: E402
 from centroids import initialised_model  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
+from runs import place_model  # noqa: E402
 
 ARMS = ['trunk_cache', 'no_trunk_cache', 'reference']
 STAND_IN_FILES = {'alexnet': 'alexnet-owt-7be5be79.pth', 'vgg16': 'vgg16-397923af.pth'}
 
 
-def flags(workdir, arch):
-    return ['--dataset=synthetic', '--dataPath', os.path.join(workdir, 'data'), f'--arch={arch}', '--nocuda',
-            '--threads=2', '--num_clusters=16']
+def flags(args):
+    return ['--dataset=synthetic', '--dataPath', os.path.join(args.workdir, 'data'), f'--arch={args.arch}',
+            f'--threads={args.threads}', '--num_clusters=16', *(['--nocuda'] if args.device == 'cpu' else [])]
 
 
 def options(args, arm):
-    return cli.parse_options(['--mode=train', *flags(args.workdir, args.arch),
+    return cli.parse_options(['--mode=train', *flags(args),
                               f'--cacheRefreshRate={args.refresh_every}',
                               f'--trunk_cache={"off" if arm == "no_trunk_cache" else "auto"}'])
 
@@ -99,8 +101,7 @@ def run_arm(arm, args):
     opt = options(args, arm)
     opt.savePath = os.path.join(args.workdir, f'{args.arch}_{arm}')
     os.makedirs(opt.savePath, exist_ok=True)
-    device = torch.device('cpu')
-    model = initialised_model(opt)
+    model, device = place_model(initialised_model(opt), torch.device(args.device))
     data = training.TrainingData(opt)
     started = time.time()
     if arm == 'reference':
@@ -113,6 +114,8 @@ def run_arm(arm, args):
         hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1)
         training.train_epoch(network, data, source, optimizer, hard_negatives, train_opt, device, 1, 1, (0, 1),
                              None, 0)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
     epoch_s = time.time() - started - trunk_s
     recalls = evaluate(model, load_dataset(opt, 'val'), opt, device)['recalls']
     print(json.dumps(dict(arm=arm, trunk_s=trunk_s, epoch_s=epoch_s, recalls=recalls,
@@ -127,6 +130,8 @@ def main():
     parser.add_argument('--queries', type=int, default=16, help='Queries of val/test (train: twice).')
     parser.add_argument('--refresh_every', type=int, default=8, help='--cacheRefreshRate of every arm.')
     parser.add_argument('--arms', default=','.join(ARMS))
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='Where every arm trains.')
+    parser.add_argument('--threads', type=int, default=2, help='--threads (DataLoader workers) of every arm.')
     parser.add_argument('--arm', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workdir = args.workdir or tempfile.mkdtemp(prefix='bench_train_')
@@ -137,7 +142,7 @@ def main():
     data = os.path.join(args.workdir, 'data')
     if not synthetic.dataset_ready(data):
         synthetic.generate(data, args.db, args.queries, (240, 320), seed=123)
-    cli.main(['--mode=cluster', *flags(args.workdir, args.arch)])
+    cli.main(['--mode=cluster', *flags(args)])
     results = {}
     for arm in args.arms.split(','):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--workdir', args.workdir, '--arm', arm],
