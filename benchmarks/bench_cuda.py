@@ -90,17 +90,23 @@ def float_model(arch, device):
     return new_model(opt).eval().to(device).to(memory_format=torch.channels_last)
 
 
-def latency(args, log, device, jsonl):
-    for arch in args.archs:
-        model = float_model(arch, device)
-        for batch in (1, args.batch):
-            images = torch.randn(batch, 3, *IMAGE_SIZE, device=device).contiguous(memory_format=torch.channels_last)
-            for precision in PRECISIONS:
-                ms = per_image_ms(model, images, precision, device, args.repeats)
-                row = dict(arch=arch, batch=batch, precision=precision, ms_per_image=ms, images_per_s=1000 / ms)
-                jsonl.write(json.dumps(row) + '\n')
-                log(f'latency {arch:8s} batch {batch:3d} {precision:12s} {ms:8.3f} ms/img  {1000 / ms:8.1f} img/s')
-        int8_latency(arch, model, args, log, device, jsonl)
+def latency(args, log, device):
+    with open(os.path.join(args.out, 'bench_cuda.jsonl'), 'a', buffering=1) as jsonl:
+        for arch in args.archs:
+            latency_of_arch(arch, args, log, device, jsonl)
+
+
+def latency_of_arch(arch, args, log, device, jsonl):
+    """The rows of one arch: batch 1 and --batch in every precision, then the int8 program."""
+    model = float_model(arch, device)
+    for batch in (1, args.batch):
+        images = torch.randn(batch, 3, *IMAGE_SIZE, device=device).contiguous(memory_format=torch.channels_last)
+        for precision in PRECISIONS:
+            ms = per_image_ms(model, images, precision, device, args.repeats)
+            row = dict(arch=arch, batch=batch, precision=precision, ms_per_image=ms, images_per_s=1000 / ms)
+            jsonl.write(json.dumps(row) + '\n')
+            log(f'latency {arch:8s} batch {batch:3d} {precision:12s} {ms:8.3f} ms/img  {1000 / ms:8.1f} img/s')
+    int8_latency(arch, model, args, log, device, jsonl)
 
 
 def int8_latency(arch, model, args, log, device, jsonl):
@@ -162,8 +168,7 @@ def main():
     train_dir = tempfile.mkdtemp(prefix='bench_cuda_train_')  # one generated dataset for both archs
     steps = dict(
         environment=lambda: environment(log, device),
-        latency=lambda: latency(args, log, device, open(os.path.join(args.out, 'bench_cuda.jsonl'), 'a',
-                                                        buffering=1)),
+        latency=lambda: latency(args, log, device),
         extraction=lambda: run_script(log, 'bench_extract.py', [
             '--device', args.device, '--workers', str(args.workers), '--images', str(args.extract_images),
             '--batch', str(args.batch), '--archs', *args.archs, '--recall_archs', *args.archs],

@@ -146,7 +146,7 @@ def main():
     results = {}
     for arm in args.arms.split(','):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--workdir', args.workdir, '--arm', arm],
-                             capture_output=True, text=True, check=True).stdout
+                             stdout=subprocess.PIPE, text=True, check=True).stdout  # stderr: the arm's progress
         results[arm] = json.loads(out.strip().splitlines()[-1])
         print(results[arm], flush=True)
     for arm, r in results.items():
