@@ -4,8 +4,8 @@ import re
 
 from PIL import Image
 
-VARIANTS = ['off-the-shelf (k-means init)', 'trained', 'pruned structured 20%', 'pruned unstructured 20%',
-            'int8 static', 'int8 qat']
+VARIANTS = ['off-the-shelf (k-means init)', 'trained', 'pruned structured 20%', 'pruned structured 50%',
+            'pruned unstructured 20%', 'int8 static', 'int8 qat']
 
 
 def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
