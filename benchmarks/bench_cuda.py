@@ -74,14 +74,17 @@ def elapsed_ms(device, run):
 
 def per_image_ms(model, images, precision, device, repeats, warmup=5):
     """Median milliseconds per image of model(images) under `precision` (one of PRECISIONS)."""
-    torch.backends.cudnn.allow_tf32 = precision != 'fp32 strict'
-    torch.backends.cuda.matmul.allow_tf32 = False
     amp = {'bf16': 'bf16', 'fp16': 'fp16'}.get(precision, 'fp32')
-    with torch.inference_mode(), autocast(amp, device):
-        for _ in range(warmup):
-            model(images)
-        times = [elapsed_ms(device, lambda: model(images)) / len(images) for _ in range(repeats)]
-    torch.backends.cudnn.allow_tf32 = True
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = precision != 'fp32 strict'
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: the NetVLAD head's matmuls stay fp32
+    try:
+        with torch.inference_mode(), autocast(amp, device):
+            for _ in range(warmup):
+                model(images)
+            times = [elapsed_ms(device, lambda: model(images)) / len(images) for _ in range(repeats)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
     return statistics.median(times)
 
 
