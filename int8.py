@@ -15,6 +15,7 @@ import time
 import torch
 
 from commons import UserError
+from int8_archive import check_program_archive
 from models import EmbedNet, build_head
 
 PROGRAM_NAME = 'encoder_int8.pt2'
@@ -171,16 +172,33 @@ def compile_enabled():
     return True
 
 
-def load_quantized_model(checkpoint, run_dir):
-    """The QuantizedEmbedNet of a quantised run folder: its int8 program and float head, nothing recalibrated."""
-    folder = os.path.join(run_dir, 'checkpoints')
-    path = os.path.join(folder, checkpoint.get('encoder_program', PROGRAM_NAME))
+def program_path(checkpoint, folder):
+    """The int8 program a quantised checkpoint names: a file of its own checkpoints/ folder, never a path elsewhere
+    (a checkpoint that is safe to read must not point the loader at another file)."""
+    name = checkpoint.get('encoder_program', PROGRAM_NAME)
+    path = os.path.join(folder, str(name))
+    inside = os.path.realpath(folder) == os.path.dirname(os.path.realpath(path))
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ('', '.', '..') or not inside:
+        raise UserError(f'The quantized checkpoint in {folder} names its int8 encoder program {name!r}, which is not '
+                        f'a file of that folder. A quantised run reads its program from its own checkpoints/ folder '
+                        f'only ({PROGRAM_NAME}); run --mode=quantize again.')
     if not os.path.isfile(path):
         raise UserError(f'The quantized checkpoint in {folder} names its int8 encoder program {path}, which does not '
                         f'exist. Copy the whole checkpoints/ folder, or run --mode=quantize again.')
+    return path
+
+
+def load_quantized_model(checkpoint, run_dir, unsafe=False):
+    """The QuantizedEmbedNet of a quantised run folder: its int8 program and float head, nothing recalibrated.
+
+    The program is checked (int8_archive) before torch.export.load reads it, unless `unsafe` (--unsafe_load)."""
+    folder = os.path.join(run_dir, 'checkpoints')
+    path = program_path(checkpoint, folder)
     if 'config' not in checkpoint:
         raise UserError(f'The quantized checkpoint in {folder} has no "config" entry: it was not written by '
                         f'--mode=quantize.')
+    if not unsafe:
+        check_program_archive(path)
     register_x86_int8_lowering()
     try:
         program = torch.export.load(path)

@@ -82,7 +82,8 @@ def build_parser():
     model.add_argument('--ckpt', default='latest', choices=['latest', 'best'],
                        help='Which checkpoint of --resume to load.')
     model.add_argument('--unsafe_load', action='store_true',
-                       help='Load checkpoints with pickle (weights_only=False); only for files you trust.')
+                       help='Load checkpoints with pickle (weights_only=False) and int8 programs without checking '
+                            'them; only for files you trust.')
 
     run = p.add_argument_group('execution')
     run.add_argument('--nGPU', type=int, default=1, help='GPUs to use; 0 or no CUDA runs on the CPU.')

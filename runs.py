@@ -81,7 +81,7 @@ def open_run(opt, which=None):
     checkpoint = read_checkpoint(path, opt.unsafe_load)
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
-        return load_quantized_model(checkpoint, opt.resume), checkpoint
+        return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load), checkpoint
     if 'encoder.0.weight' not in state_dict:
         raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
     config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))

@@ -304,3 +304,117 @@ def test_missing_program_is_an_error(static_run, clustered_data, tmp_path, capsy
     os.remove(copy / 'checkpoints' / 'encoder_int8.pt2')
     assert main.main(['--mode=test', f'--resume={copy}', f'--dataPath={clustered_data}', *FAST]) == 2
     assert 'encoder_int8.pt2' in error_paragraph(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------- hostile programs
+
+class WritesMarker:
+    """Unpickling this object creates the file `marker`: proof that code of the archive ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def rewrite_program(source, target, change):
+    """Copy the .pt2 archive `source` to `target`, passing each (name, bytes) entry through change()."""
+    import zipfile
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, 'w') as new:
+        for name in old.namelist():
+            new.writestr(name, change(name, old.read(name)))
+
+
+def hostile_run(static_run, tmp_path, change):
+    copy = tmp_path / 'hostile_quantized'
+    shutil.copytree(static_run, copy)
+    program = copy / 'checkpoints' / PROGRAM_NAME
+    rewrite_program(static_run / 'checkpoints' / PROGRAM_NAME, program, change)
+    return copy, program
+
+
+def pickled_first_weight(marker):
+    """An archive change: its first weight marked `use_pickle`, its bytes a pickle that writes `marker`."""
+    import io
+
+    def change(name, data):
+        if name.endswith('model_weights_config.json'):
+            config = json.loads(data)
+            first = next(iter(config['config'].values()))
+            first['use_pickle'] = True
+            return json.dumps(config).encode()
+        if name.endswith('data/weights/weight_0'):
+            buffer = io.BytesIO()
+            torch.save(WritesMarker(marker), buffer)
+            return buffer.getvalue()
+        return data
+    return change
+
+
+def test_a_pickled_program_entry_is_refused_without_unsafe_load(static_run, clustered_data, tmp_path, capsys,
+                                                                uncompiled):
+    marker = tmp_path / 'ran.txt'
+    run, program = hostile_run(static_run, tmp_path, pickled_first_weight(marker))
+    try:
+        torch.export.load(str(program))  # the archive is hostile indeed: torch.export.load runs its pickle
+    except Exception:
+        pass
+    assert marker.exists()
+    marker.unlink()
+    for mode in ('test', 'extract'):
+        flags = [f'--image_dir={clustered_data / "000"}', f'--export_dir={tmp_path / "feats"}'] if mode == 'extract' \
+            else []
+        assert main.main([f'--mode={mode}', f'--resume={run}', f'--dataPath={clustered_data}', *FAST, *flags]) == 2
+        message = error_paragraph(capsys.readouterr().err)
+        assert PROGRAM_NAME in message and '--unsafe_load' in message and 'pickled' in message
+        assert not marker.exists()
+
+
+def test_code_in_guards_and_shape_expressions_is_refused(static_run, clustered_data, tmp_path, capsys):
+    marker = tmp_path / 'ran.txt'
+    code = f"open({str(marker)!r}, 'w')"
+    for key, hostile in (('guards_code', [code]), ('range_constraints', {code: {'min_val': 1, 'max_val': None}})):
+        def change(name, data):
+            if name.endswith('models/model.json'):
+                model = json.loads(data)
+                model[key] = hostile
+                return json.dumps(model).encode()
+            return data
+        run, _ = hostile_run(static_run, tmp_path / key, change)
+        assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST]) == 2
+        assert 'loading would run as code' in error_paragraph(capsys.readouterr().err)
+        assert not marker.exists()
+
+
+def test_a_checkpoint_cannot_point_at_a_program_outside_its_folder(static_run, clustered_data, tmp_path, capsys):
+    marker = tmp_path / 'ran.txt'
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    rewrite_program(static_run / 'checkpoints' / PROGRAM_NAME, elsewhere / PROGRAM_NAME, pickled_first_weight(marker))
+    for named in (str(elsewhere / PROGRAM_NAME), f'../../elsewhere/{PROGRAM_NAME}'):
+        run = tmp_path / 'redirecting'
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(static_run, run)
+        checkpoint = torch.load(run / 'checkpoints' / 'checkpoint.pth.tar', weights_only=True)
+        checkpoint['encoder_program'] = named
+        torch.save(checkpoint, run / 'checkpoints' / 'checkpoint.pth.tar')
+        assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', '--unsafe_load',
+                          *FAST]) == 2
+        assert 'not a file of that folder' in error_paragraph(capsys.readouterr().err)
+        assert not marker.exists()
+
+
+def test_unsafe_load_reads_an_unchecked_program(static_run, clustered_data, tmp_path, uncompiled):
+    def extra_entry(name, data):  # an entry --mode=quantize never writes, harmless to torch.export.load
+        return data
+    run, program = hostile_run(static_run, tmp_path, extra_entry)
+    import zipfile
+    with zipfile.ZipFile(program, 'a') as archive:
+        archive.writestr(f'{archive.namelist()[0].split("/")[0]}/extra/notes.txt', 'hello')
+    opt = options(run, clustered_data)
+    with pytest.raises(Exception, match='extra/notes.txt'):
+        open_run(opt)
+    opt = options(run, clustered_data, '--unsafe_load')
+    model, _ = open_run(opt)
+    assert isinstance(model, QuantizedEmbedNet)
