@@ -1,6 +1,8 @@
 """The results file every evaluating mode appends to, and --mode=report, which renders it as a Markdown table."""
 import copy
 import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -27,9 +29,32 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
                   latency_ms=latency_ms, latency_size='x'.join(map(str, opt.latency_size)),
                   date=datetime.date.today().isoformat(), command='python ' + ' '.join(sys.argv))
     os.makedirs(opt.runsPath, exist_ok=True)
-    with open(results_path(opt), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    append_line(results_path(opt), json.dumps(record) + '\n')
     return record
+
+
+def append_line(path, line):
+    """Append `line` (newline included) to `path` whole or not at all, flushed to disk (fsync). One os.write of the
+    whole line on a descriptor opened with O_APPEND puts it at the end of the file in one piece, so lines of two
+    processes appending at once never interleave (POSIX, for regular files). A write that fails (a full disk) is cut
+    back to the previous size; the lock keeps other appenders waiting meanwhile, so that only this line is cut."""
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by os.close
+        size = os.fstat(descriptor).st_size
+        damaged_tail = size > 0 and os.pread(descriptor, 1, size - 1) != b'\n'
+        data = (b'\n' if damaged_tail else b'') + line.encode()  # never glued onto a cut-short line
+        try:
+            if os.write(descriptor, data) < len(data):  # a short write: the disk filled up during it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(descriptor)
+        except OSError as error:
+            os.ftruncate(descriptor, size)
+            raise UserError(f'Could not append the results record to {path} ({error.strerror}): it needs '
+                            f'{len(data)} bytes. The file was left as it was; free some space there (or give '
+                            f'another --runsPath) and rerun the evaluation.') from None
+    finally:
+        os.close(descriptor)
 
 
 def record_result(opt, model, checkpoint, run_dir, result):
@@ -61,24 +86,39 @@ def record_key(record):
 
 
 def read_results(path):
+    """The records of the results file, in order. A damaged line (cut short by a full disk, or another tool's text)
+    is skipped with a warning naming it; the other records still count."""
     if not os.path.isfile(path):
         raise UserError(f'Results file {path} does not exist: run --mode=test, prune, quantize or demo first '
                         f'(they append to it), or point --runsPath at the folder that holds it.')
     records = []
-    with open(path) as f:
+    with open(path, 'rb') as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                record['recalls'], record['variant']  # the fields the table needs
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f'Results file {path} is corrupt at line {number}: expected one JSON record per '
-                                f'line with "variant" and "recalls". Remove or fix that line.') from None
+            record = parsed_record(line)
+            if record is None:
+                logging.warning('Warning: skipped line %d of results file %s: not a complete results record (one '
+                                'JSON object per line with the fields of the table). Remove or fix that line.',
+                                number, path)
+                continue
             records.append(record)
     if not records:
-        raise UserError(f'Results file {path} is empty: run --mode=test, prune, quantize or demo first.')
+        raise UserError(f'Results file {path} is empty or holds only damaged lines: run --mode=test, prune, '
+                        f'quantize or demo first.')
     return records
+
+
+def parsed_record(line):
+    """The record of one line of the results file, or None when the line is not JSON, not an object, or lacks a
+    field of the table or holds one of the wrong type: a line is good when its table row renders."""
+    try:
+        record = json.loads(line)
+        hash(record_key(record))  # the table keeps the newest record of each key
+        table_row(record)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return record
 
 
 def latest_per_variant(records):
@@ -92,12 +132,13 @@ def latest_per_variant(records):
 def markdown_table(records):
     header = ('| Model | Dataset / split | R@1 | R@5 | R@10 | R@20 | Descriptor | Size (MB) | Latency (ms/img) |\n'
               '|---|---|---|---|---|---|---|---|---|')
-    rows = []
-    for r in latest_per_variant(records):
-        recalls = ' | '.join(f'{r["recalls"][n]:.3f}' if n in r['recalls'] else '-' for n in RECALL_COLUMNS)
-        rows.append(f'| {r["arch"]} {r["variant"]} | {r["dataset"]} {r["split"]} | {recalls} | '
-                    f'{r["descriptor_dim"]} | {r["file_mb"]:.1f} | {latency_cell(r)} |')
-    return '\n'.join([header] + rows)
+    return '\n'.join([header] + [table_row(r) for r in latest_per_variant(records)])
+
+
+def table_row(r):
+    recalls = ' | '.join(f'{r["recalls"][n]:.3f}' if n in r['recalls'] else '-' for n in RECALL_COLUMNS)
+    return (f'| {r["arch"]} {r["variant"]} | {r["dataset"]} {r["split"]} | {recalls} | '
+            f'{r["descriptor_dim"]} | {r["file_mb"]:.1f} | {latency_cell(r)} |')
 
 
 def latency_cell(record):
