@@ -3,7 +3,9 @@ VPR-methods-evaluation: `<dataset>/images/{train,val,test}/{database,queries}/`,
 
 A name is `@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@latitude@longitude@pano_id@tile_num@heading@pitch@roll
 @height@timestamp@note@.jpg`; fields may be empty, only east and north are needed. Images are found recursively
-(.jpg, .jpeg, .png). `--database_folder D --queries_folder Q` (test mode) read two arbitrary folders instead.
+(.jpg, .jpeg, .png), hidden files and folders (names starting with '.', such as .thumbnails/ or macOS's ._ files)
+left out as the downloader's glob leaves them. `--database_folder D --queries_folder Q` (test mode) read two
+arbitrary folders instead.
 """
 import os
 
@@ -38,11 +40,16 @@ def utm_from_filename(path):
 
 
 def images_in(folder, flag):
-    """Sorted paths of the images under `folder` (recursively); `flag` names where the folder came from."""
+    """Sorted paths of the images under `folder` (recursively, hidden files and folders left out); `flag` names
+    where the folder came from."""
     if not os.path.isdir(folder):
         raise UserError(f'{flag}: folder {folder} does not exist.')
-    paths = sorted(os.path.join(parent, name) for parent, _, names in os.walk(folder) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    paths = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith('.')]  # os.walk descends into what is kept
+        paths += [os.path.join(parent, name) for name in names
+                  if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+    paths.sort()
     if not paths:
         raise UserError(f'{flag}: folder {folder} holds no image ({", ".join(IMAGE_EXTENSIONS)}).')
     return paths
@@ -59,6 +66,14 @@ def two_folders(opt):
         raise UserError(f'--database_folder/--queries_folder are read by --mode=test only, not --mode={opt.mode}; '
                         f'other modes read a split of --dataPath (--dataset folder).')
     return True
+
+
+def evaluation_name(opt):
+    """What an evaluation is called in logs, file names and the results table: the split, or, for two folders,
+    <database folder>+<queries folder> (their own names, not the --split default)."""
+    if not two_folders(opt):
+        return opt.split
+    return '+'.join(os.path.basename(os.path.normpath(folder)) for folder in (opt.database_folder, opt.queries_folder))
 
 
 def split_folders(opt, split):

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from commons import UserError
+from commons import UserError, atomic_write_text
 
 VAL_CITIES = ['cph', 'sf']
 TRAIN_CITIES = ['trondheim', 'london', 'boston', 'melbourne', 'amsterdam', 'helsinki', 'tokyo', 'toronto', 'saopaulo',
@@ -19,6 +19,9 @@ TRAIN_CITIES = ['trondheim', 'london', 'boston', 'melbourne', 'amsterdam', 'hels
                 'amman', 'nairobi', 'manila']
 SPLIT_CITIES = {'msls_val': VAL_CITIES, 'val': VAL_CITIES, 'train': TRAIN_CITIES}
 CITY_SPACING_M = 1e8  # cities are shifted this far apart in northing: UTM zones repeat, positives never cross cities
+# The booleans pandas.read_csv reads by default (its true_values/false_values), as mapillary_sls reads these files.
+TRUE_VALUES = ('True', 'TRUE', 'true')
+FALSE_VALUES = ('False', 'FALSE', 'false')
 
 
 def read_table(path, columns):
@@ -35,14 +38,26 @@ def read_table(path, columns):
         return list(reader)
 
 
+def read_flags(path, column):
+    """The booleans of one column of a CSV file, one per row."""
+    flags = []
+    for line, row in enumerate(read_table(path, [column]), 2):
+        value = row[column]
+        if value not in TRUE_VALUES + FALSE_VALUES:
+            found = repr(value) if value else 'nothing'
+            raise UserError(f'MSLS file {path}, line {line}: column {column} holds {found}; expected a boolean as '
+                            f'pandas reads it: {", ".join(TRUE_VALUES + FALSE_VALUES)}.')
+        flags.append(value in TRUE_VALUES)
+    return flags
+
+
 def frames(folder):
     """(image paths, [N, 2] easting/northing) of one city's database or query folder, panoramas excluded."""
     located = read_table(os.path.join(folder, 'postprocessed.csv'), ['easting', 'northing'])
-    panoramas = [row['pano'] == 'True' for row in read_table(os.path.join(folder, 'raw.csv'), ['pano'])]
+    panoramas = read_flags(os.path.join(folder, 'raw.csv'), 'pano')
     keys = [row['key'] for row in read_table(os.path.join(folder, 'seq_info.csv'), ['key'])]
     subtask_path = os.path.join(folder, 'subtask_index.csv')
-    in_subtask = ([row['all'] == 'True' for row in read_table(subtask_path, ['all'])]
-                  if os.path.isfile(subtask_path) else [True] * len(keys))
+    in_subtask = read_flags(subtask_path, 'all') if os.path.isfile(subtask_path) else [True] * len(keys)
     paths, utm = [], []
     for row in located:
         frame = int(next(iter(row.values())))  # the index column: the frame's row in raw.csv and seq_info.csv
@@ -88,8 +103,6 @@ def image_key(path):
 
 def write_predictions(path, query_paths, db_paths, predictions):
     """The predictions file mapillary_sls's evaluate.py reads: per line a query key, then its ranked database keys."""
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        for query_path, ranked in zip(query_paths, predictions):
-            f.write(' '.join([image_key(query_path)] + [image_key(db_paths[i]) for i in ranked if i >= 0]) + '\n')
-    os.replace(tmp_path, path)
+    lines = [' '.join([image_key(query_path)] + [image_key(db_paths[i]) for i in ranked if i >= 0]) + '\n'
+             for query_path, ranked in zip(query_paths, predictions)]
+    atomic_write_text(''.join(lines), path)

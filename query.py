@@ -12,11 +12,14 @@ has one (the top-1 in the usual case): an average of several retrievals could fa
 """
 import csv
 import hashlib
+import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from commons import UserError, make_deterministic, select_device
+from commons import UserError, atomic_write, atomic_write_text, make_deterministic, select_device
 from descriptors import load_descriptor_file
 from retrieval import top_k_by_dot
 from runs import load_model, place_model
@@ -27,6 +30,7 @@ from global_features import (cache_path, describe_images, descriptor_dim, extrac
 
 DEFAULT_TOP = 5
 CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
+SUMMARY = 'queries'  # <out>/queries.csv: each query's best match, beside the per-query answers
 
 
 def query(opt):
@@ -71,12 +75,32 @@ def query_photos(items):
             photos.append((os.path.basename(item), item))
         else:
             raise UserError(f'--query {item}: no such file or folder.')
-    names = [name for name, _ in photos]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f'Two query photos share the name {repeated[0]}: their results would overwrite each other. '
-                        f'Rename one, or query them in separate runs.')
+    check_answer_names(photos)
     return photos
+
+
+def check_answer_names(photos):
+    """A UserError, before any work, where two photos' answers would be written to the same files, or a photo's
+    to the summary's."""
+    answered = {}
+    for name, path in photos:
+        stem = answer_stem(name)
+        key = stem.casefold()  # names that differ only in case are one file on macOS and Windows
+        if key == SUMMARY:
+            raise UserError(f'Query photo {path} would be answered in {stem}.csv, the file that holds the summary of '
+                            f'all queries: rename it.')
+        if key in answered:
+            raise UserError(f'Query photos {answered[key]} and {path} would both be answered in {stem}.csv and '
+                            f'{stem}.png: an answer is named by the photo\'s path inside its --query folder (or its '
+                            f'file name), "/" written "__", without its extension, and names that differ only in case '
+                            f'are one file on macOS and Windows. Rename one, or query them in separate runs, each with '
+                            f'its own --export_dir.')
+        answered[key] = path
+
+
+def answer_stem(name):
+    """The file name, without extension, of a query's answers (<stem>.csv, <stem>.png) in the output folder."""
+    return str(Path(name).with_suffix('')).replace('/', '__')
 
 
 def check_database(opt):
@@ -122,9 +146,7 @@ def database_rows(path, names, dim, cache_root):
     os.makedirs(cache_root, exist_ok=True)
     read_descriptors(path, names, dim, rows_path + '.tmp')
     os.replace(rows_path + '.tmp', rows_path)
-    with open(key_path + '.tmp', 'w') as f:
-        f.write(key)
-    os.replace(key_path + '.tmp', key_path)
+    atomic_write_text(key, key_path)
     return load_descriptor_file(rows_path, len(names), dim, check_values=False)
 
 
@@ -185,23 +207,36 @@ def answer(photo, scores, found, db_names, positions):
 
 
 def write_answers(answers, columns, db_root, out):
-    """Per query: <name>.csv (its top N) and <name>.png (the query, then its retrievals); queries.csv: each query's
-    best match and estimated position."""
-    os.makedirs(out, exist_ok=True)
+    """Per query: <stem>.csv (its top N) and <stem>.png (the query, then its retrievals); queries.csv: each query's
+    best match and estimated position. Every file is written whole or not at all, and queries.csv last: the old
+    one is removed first, so a killed run leaves no summary that vouches for a mix of old and new answers."""
+    summary_path = os.path.join(out, SUMMARY + '.csv')
+    if os.path.exists(summary_path):
+        os.remove(summary_path)
     position_columns = list(columns) if columns else []
     summary = [['query', 'best_match', 'similarity'] + [f'estimated_{c}' for c in position_columns]]
     for item in answers:
-        stem = os.path.join(out, str(Path(item['name']).with_suffix('')).replace('/', '__'))
+        stem = os.path.join(out, answer_stem(item['name']))
         rows = [['rank', 'database_image', 'similarity'] + position_columns]
         rows += [[rank, name, f'{score:.6f}'] + position_cells(position, columns)
                  for rank, name, score, position in item['retrievals']]
         write_csv(stem + '.csv', rows)
         _, best, score, _ = item['retrievals'][0]
         summary.append([item['name'], best, f'{score:.6f}'] + position_cells(item['estimate'], columns))
-        query_strip(item['path'], [os.path.join(db_root, name) if db_root else None
-                                   for _, name, _, _ in item['retrievals']],
-                    [f'#{rank} {score:.3f}' for rank, _, score, _ in item['retrievals']], stem + '.png')
-    write_csv(os.path.join(out, 'queries.csv'), summary)
+        write_picture(item, db_root, stem + '.png')
+    write_csv(summary_path, summary)
+
+
+def write_picture(item, db_root, path):
+    """The query and its retrievals in a row, drawn in a scratch folder and copied into place by atomic_write:
+    figures.query_strip saves to a file name (the format follows its extension), not into an open file."""
+    retrieved = [os.path.join(db_root, name) if db_root else None for _, name, _, _ in item['retrievals']]
+    captions = [f'#{rank} {score:.3f}' for rank, _, score, _ in item['retrievals']]
+    with tempfile.TemporaryDirectory() as scratch:
+        drawn = os.path.join(scratch, os.path.basename(path))
+        query_strip(item['path'], retrieved, captions, drawn)
+        with open(drawn, 'rb') as picture:
+            atomic_write(path, lambda f: shutil.copyfileobj(picture, f))
 
 
 def position_cells(position, columns):
@@ -211,7 +246,6 @@ def position_cells(position, columns):
 
 
 def write_csv(path, rows):
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w', newline='') as f:
-        csv.writer(f).writerows(rows)
-    os.replace(tmp_path, path)
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
