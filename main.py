@@ -1,5 +1,6 @@
 """NetVLAD toolkit entry point: reads the flags and runs one mode. Everything else lives in the module of its concern."""
 import argparse
+import math
 import os
 import sys
 
@@ -14,8 +15,47 @@ MODEL_DEFAULTS = dict(arch='vgg16', pooling='netvlad', num_clusters=64)
 NOT_GIVEN = object()
 
 
+def _within(low, high, low_open=False, high_open=False):
+    """A check that a number lies in [low, high] (an end left open when asked; None: unbounded) and is finite."""
+    def check(value):
+        return math.isfinite(value) and (low is None or value > low or (value == low and not low_open)) and \
+            (high is None or value < high or (value == high and not high_open))
+    ends = ('(' if low_open else '[') + ('-inf' if low is None else str(low)) + ', ' + \
+        ('inf' if high is None else str(high)) + (')' if high_open or high is None else ']')
+    return check, ends
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = _within(0, None), _within(1, None), _within(0, None, low_open=True)
+# Every numeric flag's valid values, checked before any mode runs (None: the flag is unset).
+FLAG_RANGES = dict(
+    positive_dist_threshold=ABOVE_0, train_positives_dist_threshold=ABOVE_0, synth_db=_within(2, None),
+    synth_queries=AT_LEAST_1, num_clusters=_within(2, 16384), nGPU=AT_LEAST_0, threads=AT_LEAST_0,
+    seed=_within(0, 2 ** 32 - 1), cacheBatchSize=AT_LEAST_1, batchSize=AT_LEAST_1, cacheRefreshRate=AT_LEAST_0,
+    nEpochs=AT_LEAST_1, lr=ABOVE_0, lrStep=AT_LEAST_1, lrGamma=_within(0, 1, low_open=True), weightDecay=AT_LEAST_0,
+    momentum=_within(0, 1, high_open=True), margin=ABOVE_0, nNeg=AT_LEAST_1, nNegSample=AT_LEAST_1,
+    evalEvery=AT_LEAST_1, patience=AT_LEAST_0, finetune_epochs=AT_LEAST_0,
+    pruning_amount=_within(0, 1, low_open=True, high_open=True), calib_images=AT_LEAST_1, qat_epochs=AT_LEAST_1,
+    pca_dim=AT_LEAST_1, pca_images=_within(2, None), save_predictions=AT_LEAST_0, resize_max=_within(32, None),
+    num_matched=AT_LEAST_1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one paragraph (usage aside), as every other bad input of the toolkit."""
+
+    def error(self, message):
+        raise UserError(f'{message[0].upper()}{message[1:]}. See python main.py --help.')
+
+
+def check_flag_ranges(opt):
+    for flag, (valid, expected) in FLAG_RANGES.items():
+        value = getattr(opt, flag, None)
+        if value is not None and not valid(value):
+            raise UserError(f'--{flag}={value} is outside {expected}: give a finite number in that range. Nothing '
+                            f'was run.')
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description='NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo '
+    p = Parser(description='NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo '
                                             'Time Machine, MSLS and VPR-datasets-downloader folders).')
     p.add_argument('--mode', required=True, choices=MODES, help='What to run.')
     data = p.add_argument_group('data')
@@ -51,6 +91,9 @@ def build_parser():
     data.add_argument('--savePath', default=None,
                       help='Run folder of a new training run (default: <arch>_netvlad_checkpoint/'
                            '<arch>_netvlad_checkpoint under --runsPath).')
+    data.add_argument('--overwrite', action='store_true',
+                      help='prune, pca, quantize, import: replace an existing output run folder as a whole (without '
+                           'it, an existing one is refused).')
     data.add_argument('--split', default='val', choices=SPLITS,
                       help='Split to evaluate in test mode (train and val are the training splits of every mode). '
                            'dbStruct datasets: test/val/train (pitts30k), test250k/..., tokyo247 (Tokyo 24/7 '
@@ -254,6 +297,7 @@ def parse_options(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     opt.explicit = explicit_flags(parser, argv)
+    check_flag_ranges(opt)
     for flag, default in MODEL_DEFAULTS.items():
         if getattr(opt, flag) is None:
             setattr(opt, flag, default)

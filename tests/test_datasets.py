@@ -108,7 +108,7 @@ def test_folder_errors(tmp_path, make_opt):
         load_dataset(opt_for(make_opt, '--database_folder', empty, '--queries_folder', empty), 'test')
     with pytest.raises(UserError, match='go together'):
         load_dataset(opt_for(make_opt, '--database_folder', empty), 'test')
-    with pytest.raises(UserError, match='--save_predictions -2'):
+    with pytest.raises(UserError, match='--save_predictions=-2'):
         evaluate.test(opt_for(make_opt, '--dataset=folder', '--dataPath', tmp_path, '--save_predictions=-2'))
 
 
