@@ -85,9 +85,20 @@ def save_checkpoint(state, run_dir, is_best):
 
 
 def write_checkpoint_files(state, folder, is_best):
-    atomic_torch_save(state, os.path.join(folder, CHECKPOINT_NAMES['latest']))
+    # model_best first: a kill between the two writes leaves the previous latest checkpoint beside a newer best, and
+    # never a latest checkpoint that says it is the best without its model_best
     if is_best:
         atomic_torch_save(state, os.path.join(folder, CHECKPOINT_NAMES['best']))
+    atomic_torch_save(state, os.path.join(folder, CHECKPOINT_NAMES['latest']))
+
+
+def is_best_state(checkpoint):
+    """Whether a training checkpoint is its run's best: its epoch is the recorded best epoch (or, in files that do
+    not record it, its own val Recall@5 is the best score)."""
+    if 'best_epoch' in checkpoint:
+        return checkpoint['best_epoch'] == checkpoint.get('epoch')
+    recall5 = (checkpoint.get('recalls') or {}).get(5)
+    return recall5 is not None and checkpoint.get('best_score', 0) > 0 and recall5 == checkpoint['best_score']
 
 
 def model_state(model):

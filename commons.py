@@ -1,10 +1,13 @@
 """Small helpers every mode uses: user-facing errors, seeding, device choice, logging, atomic file writes."""
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -81,17 +84,46 @@ def log_exception_to_file(error):
 
 
 def atomic_write(path, write, mode='wb'):
-    """write(f) into a temporary file, flushed to disk (fsync), then renamed over `path`: a killed run or a power
-    cut leaves either the old file or the new one, never a half-written one."""
+    """write(f) into a temporary file beside `path`, flushed to disk (fsync), then renamed over `path`: a killed run
+    or a power cut leaves either the old file or the new one, never a half-written one. Each writer has its own
+    temporary name (two processes never write into one), removed when writing fails; a full disk is a UserError."""
     folder = os.path.dirname(path) or '.'
+    check_output_path(path)
     os.makedirs(folder, exist_ok=True)
-    tmp_path = path + '.tmp'
-    with open(tmp_path, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    descriptor, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(descriptor, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise_if_disk_full(error, path)
+        raise
     fsync_folder(folder)
+
+
+def check_output_path(path):
+    """An output file's path must not be a folder, nor lie under a file."""
+    if os.path.isdir(path):
+        raise UserError(f'The output path {path} is a folder; give the path of a file to write.')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f'The output path {path} lies under {parent}, which is a file, not a folder.')
+
+
+def raise_if_disk_full(error, path, needed_bytes=None):
+    """A full disk (or quota) while writing `path` as a UserError naming the path (and the bytes needed, if known)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = f' about {needed_bytes / 1e6:.1f} MB are needed;' if needed_bytes else ''
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UserError(f'The disk is full while writing {path}:{needed} {free / 1e6:.1f} MB are free there. '
+                        f'Nothing was left under that name (the previous file, if any, is intact); free some '
+                        f'space and run the command again.') from None
 
 
 def fsync_folder(folder):

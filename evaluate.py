@@ -3,6 +3,7 @@
 The extraction, search and recall are retrieval.py's. Under torchrun each process writes its share of the
 descriptors (extract_part), and `--descriptors PART...` merges the parts and searches them in one process.
 """
+import argparse
 import csv
 import logging
 import os
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from commons import UserError, atomic_write_json, make_deterministic, select_device, torchrun_process
+from commons import UserError, atomic_write, atomic_write_json, make_deterministic, select_device, torchrun_process
 from datasets import load_dataset
+from folder_dataset import evaluation_name, two_folders
 from descriptors import open_parts, part_name, part_rows
 from figures import retrieval_strips
 from msls import write_predictions
@@ -58,9 +60,6 @@ def extract_part(model, dataset, opt, device, rank, world):
 
 
 def test(opt):
-    if opt.save_predictions < 0:
-        raise UserError(f'--save_predictions {opt.save_predictions}: give the number of top database images to '
-                        f'write per query (0: none).')
     make_deterministic(opt.seed)
     device = select_device(opt)
     rank, world = torchrun_process()
@@ -71,7 +70,9 @@ def test(opt):
     model, device = place_model(model, device)
     if world > 1:
         return extract_part(model, dataset, opt, device, rank, world)
-    logging.info('Testing %s on %s split %s (%s): %d database images, %d queries', run_dir, opt.dataset, opt.split,
+    split = evaluation_name(opt)
+    named = argparse.Namespace(**dict(vars(opt), split=split, dataset='folder' if two_folders(opt) else opt.dataset))
+    logging.info('Testing %s on %s split %s (%s): %d database images, %d queries', run_dir, named.dataset, split,
                  dataset.db_struct.name, dataset.db_struct.numDb, dataset.db_struct.numQ)
     if opt.descriptors:
         result = evaluate_parts(opt.descriptors, dataset, model.output_dim, opt)
@@ -80,15 +81,14 @@ def test(opt):
     predictions, distances = result.pop('predictions'), result.pop('distances')
     log_recalls(result['recalls'])
     if opt.save_predictions:
-        save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, opt.split,
+        save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, split,
                          picture=not opt.descriptors)
     if opt.dataset == 'msls' and not opt.database_folder:
-        save_msls_predictions(dataset, predictions, run_dir, opt.split)
-    result.update(split=opt.split, dataset=opt.dataset, run=run_dir, precision=opt.precision,
-                  device=str(device))
-    path = os.path.join(run_dir, f'test_{opt.split}.json')
+        save_msls_predictions(dataset, predictions, run_dir, split)
+    result.update(split=split, dataset=named.dataset, run=run_dir, precision=opt.precision, device=str(device))
+    path = os.path.join(run_dir, f'test_{split}.json')
     atomic_write_json(result, path)
-    record_result(opt, model, checkpoint, run_dir, result)
+    record_result(named, model, checkpoint, run_dir, result)
     logging.info('Tested %d images%s; results in %s', len(dataset),
                  f' at {result["images_per_s"]:.1f} images/s' if result['images_per_s'] else '', path)
     return dict(result, predictions=predictions)
@@ -99,8 +99,8 @@ def save_predictions(dataset, predictions, distances, top_n, run_dir, split, pic
     picture=False (no images at hand: --descriptors), .png."""
     struct = dataset.db_struct
     path = os.path.join(run_dir, f'predictions_{split}.csv')
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path + '.tmp', 'w', newline='') as f:
+
+    def write(f):
         writer = csv.writer(f)
         writer.writerow(['query_index', 'query_image', 'rank', 'database_index', 'database_image',
                          'descriptor_distance', 'metres', 'within_threshold'])
@@ -110,7 +110,7 @@ def save_predictions(dataset, predictions, distances, top_n, run_dir, split, pic
             for rank, (db_index, distance, m) in enumerate(zip(found, distances[query], metres), 1):
                 writer.writerow([query, struct.query_paths[query], rank, db_index, struct.db_paths[db_index],
                                  f'{distance:.6f}', f'{m:.2f}', int(m <= struct.posDistThr)])
-    os.replace(path + '.tmp', path)
+    atomic_write(path, write, mode='w')
     logging.info('Top-%d predictions of every query in %s', top_n, path)
     if picture:
         picture_path = os.path.join(run_dir, f'predictions_{split}.png')

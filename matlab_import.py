@@ -30,7 +30,7 @@ import torch
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, setup_logging
 from models import ARCHS, build_model, config_from_state_dict, layer_index
-from runs import holds_something
+from runs import building_folder, check_derived_target
 
 VLAD_LAYER = 30
 WHITENING_LAYER = 33
@@ -165,20 +165,19 @@ def import_network(opt):
     if not opt.matlab:
         raise UserError('--mode=import needs --matlab FILE: a NetVLAD network in ' + LAYOUT + '.')
     run_dir = import_folder(opt)
-    if holds_something(run_dir) or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
-        raise UserError(f'--savePath={run_dir} already exists and is not an empty folder; the import writes a new run '
-                        f'folder: give another --savePath. Nothing was written.')
+    check_derived_target(run_dir, opt)
     state_dict = read_network(opt.matlab)
     config = config_from_state_dict(state_dict, 'netvlad')
     # fine-tuning it (prune, QAT) follows the reference's rule for ImageNet-initialised VGG16: conv5_1 onwards
     config['first_trainable'] = layer_index('vgg16', ARCHS['vgg16']['imagenet_first_trainable'])
     model = build_model(config)
     model.load_state_dict(state_dict)
-    setup_logging(run_dir)
     state = dict(model_state(model), epoch=0, recalls={}, best_score=0.0, parallel=False,
                  variant=f'MATLAB {os.path.basename(opt.matlab)}',
                  imported=dict(source=os.path.abspath(opt.matlab), preprocessing=model.input_norm.record()))
-    save_checkpoint(state, run_dir, is_best=False)  # one copy: the whitening alone is 512 MB
+    with building_folder(run_dir) as folder:
+        setup_logging(folder)
+        save_checkpoint(state, folder, is_best=False)  # one copy: the whitening alone is 512 MB
     logging.info('Imported %s: VGG16%s, NetVLAD K=%d D=%d, whitening %d -> %d, input 0-255 RGB minus %s',
                  opt.matlab, '' if config['encoder_channels'] is None else f' widths {config["encoder_channels"]}',
                  config['num_clusters'], model.pool.dim, model.pool.output_dim, config['pca_dim'],

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from commons import UserError
+from commons import UserError, atomic_write
 from descriptors import cache_folder
 from retrieval import top_k_by_dot
 from global_features import descriptor_dim, h5_names, read_descriptors
@@ -99,13 +99,14 @@ def name_ids(query_names, db_names):
 
 def write_pairs(path, query_names, db_names, found):
     """One "query db" line per pair, each query's pairs together, best first, no newline after the last (as hloc);
-    written line by line through a temporary file. Returns the number of pairs."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    count, separator = 0, ''
-    with open(path + '.tmp', 'w') as f:
+    written line by line (commons.atomic_write). Returns the number of pairs."""
+    count = [0]
+
+    def write(f):
+        separator = ''
         for query, row in zip(query_names, found):
             for db_index in row[row >= 0]:
                 f.write(f'{separator}{query} {db_names[db_index]}')
-                count, separator = count + 1, '\n'
-    os.replace(path + '.tmp', path)
-    return count
+                count[0], separator = count[0] + 1, '\n'
+    atomic_write(path, write, mode='w')
+    return count[0]

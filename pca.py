@@ -23,7 +23,7 @@ from descriptors import DescriptorFile, cache_folder
 from datasets import load_dataset, training_database_sample
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
-from runs import derived_run_folder, load_model
+from runs import building_folder, check_derived_target, derived_run_folder, load_model
 
 WHITENING_EPS = 1e-9       # added to each eigenvalue before 1/sqrt, as in the MATLAB release
 COLUMN_BLOCK = 2048        # descriptor dimensions per block of the float64 products
@@ -156,8 +156,21 @@ def pca(opt):
     raw_dim = model.output_dim
     dim = whitening_dim(opt, raw_dim, len(sample_set))
     out_dir = derived_run_folder(run_dir, f'pca{dim}')
+    check_derived_target(out_dir, opt)
     eval_set = load_dataset(opt, opt.split)
-    setup_logging(out_dir)
+    with building_folder(out_dir) as folder:
+        setup_logging(folder)
+        results, state, path = whiten_into(folder, model, checkpoint, run_dir, sample_set, eval_set, dim, opt, device)
+    record_result(opt, model, state, out_dir, results['whitened'])
+    logging.info('Whitened model in %s; raw and whitened results in %s',
+                 os.path.join(out_dir, 'checkpoints', 'checkpoint.pth.tar'), os.path.join(out_dir, path))
+    return dict(results, run=out_dir, pca_dim=dim)
+
+
+def whiten_into(out_dir, model, checkpoint, run_dir, sample_set, eval_set, dim, opt, device):
+    """Fit the whitening, evaluate raw and whitened, save the whitened model into out_dir: (results, its checkpoint,
+    the results file's name)."""
+    raw_dim = model.output_dim
     model = model.to(device).to(memory_format=torch.channels_last)
     started = time.time()
     with cache_folder(opt.cachePath) as folder:
@@ -184,13 +197,10 @@ def pca(opt):
                  best_score=checkpoint.get('best_score', 0.0) if checkpoint else 0.0, parallel=False,
                  variant=f'{source_variant(checkpoint)} + PCA-whitening {dim}', pca=info)
     save_checkpoint(state, out_dir, is_best=False)
-    record_result(opt, model, state, out_dir, results['whitened'])
     report(results, raw_dim, dim)
-    path = os.path.join(out_dir, f'pca_{opt.split}.json')
-    atomic_write_json(dict(results, split=opt.split, dataset=opt.dataset, pca=info), path)
-    logging.info('Whitened model in %s; raw and whitened results in %s',
-                 os.path.join(out_dir, 'checkpoints', 'checkpoint.pth.tar'), path)
-    return dict(results, run=out_dir, pca_dim=dim)
+    name = f'pca_{opt.split}.json'
+    atomic_write_json(dict(results, split=opt.split, dataset=opt.dataset, pca=info), os.path.join(out_dir, name))
+    return results, state, name
 
 
 def report(results, raw_dim, dim):

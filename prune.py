@@ -55,7 +55,7 @@ from measure import compare, count_macs, count_parameters, directory_size, inter
 from models import conv_indices
 from datasets import load_dataset, training_database_sample
 from results import append_result
-from runs import apply_backprop_flag, derived_run_folder, open_run
+from runs import apply_backprop_flag, building_folder, check_derived_target, derived_run_folder, open_run
 from training import fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
@@ -324,23 +324,25 @@ def prune(opt):
     ranks_by_activation = opt.pruning_type == 'structured' and opt.pruning_criterion == 'activation'
     criterion_set = criterion_images(opt) if ranks_by_activation else None
     run_dir = output_folder(opt)
-    setup_logging(run_dir)  # only now: bad flags or data write nothing
-    logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
-                 100 * opt.pruning_amount, run_dir, opt.split)
-    pruned = copy.deepcopy(model)
-    apply_pruning(pruned, opt, layers, device, criterion_set)
-    before, _ = measure_model(model, dataset, opt, device)
-    before['file_bytes'] = model_bytes(model, checkpoint, opt.resume)  # without optimizer state, as saved here
-    tuned = fine_tune(pruned, splits, opt, device, run_dir)
-    extra = make_masks_permanent(pruned, layers, opt.pruning_scope) if opt.pruning_type == 'unstructured' else {}
-    after, result = measure_model(pruned, dataset, opt, device)
-    after.update(extra)
-    save_pruned(pruned, opt, run_dir, layers, tuned)
-    after['file_bytes'] = directory_size(run_dir)
-    before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
-    report = compare(before, after, os.path.join(run_dir, 'prune_report.json'),
-                     f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
-                     f'{opt.latency_size[0]}x{opt.latency_size[1]})')
+    check_derived_target(run_dir, opt)
+    with building_folder(run_dir) as folder:
+        setup_logging(folder)  # only now: bad flags or data write nothing
+        logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
+                     100 * opt.pruning_amount, run_dir, opt.split)
+        pruned = copy.deepcopy(model)
+        apply_pruning(pruned, opt, layers, device, criterion_set)
+        before, _ = measure_model(model, dataset, opt, device)
+        before['file_bytes'] = model_bytes(model, checkpoint, opt.resume)  # without optimizer state, as saved here
+        tuned = fine_tune(pruned, splits, opt, device, folder)
+        extra = make_masks_permanent(pruned, layers, opt.pruning_scope) if opt.pruning_type == 'unstructured' else {}
+        after, result = measure_model(pruned, dataset, opt, device)
+        after.update(extra)
+        save_pruned(pruned, opt, folder, layers, tuned)
+        after['file_bytes'] = directory_size(folder)
+        before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
+        report = compare(before, after, os.path.join(folder, 'prune_report.json'),
+                         f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
+                         f'{opt.latency_size[0]}x{opt.latency_size[1]})')
     append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'], run_dir)
     log_summary(report, run_dir)
     return report

@@ -17,8 +17,8 @@ NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: a slow float simulat
 On a CUDA machine int8 inference runs on the CPU (QAT fine-tuning itself uses the GPU).
 
 Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pt2 (the program) and
-checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), written
-together as one folder (checkpoints.partial/, then renamed: a killed quantize never leaves the program of one
+checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), the folder
+built whole beside it and swapped in (runs.building_folder: a killed quantize never leaves the program of one
 quantization beside the head of another), which
 --mode=test --resume=<that folder> runs without recalibration and without the training code; and
 quantize_report.json: file size, median CPU latency per image at --latency_size and Recall@N on --split, fp32 before
@@ -27,14 +27,13 @@ and int8 after, with ratios (also printed, and appended to the results file).
 import copy
 import logging
 import os
-import shutil
 import time
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
-from commons import UserError, make_deterministic, replace_folder, select_device, setup_logging
+from commons import UserError, make_deterministic, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
@@ -42,7 +41,7 @@ from measure import compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict, trunk
 from results import append_result
 from retrieval import evaluate, log_recalls
-from runs import apply_backprop_flag, derived_run_folder, open_run
+from runs import apply_backprop_flag, building_folder, check_derived_target, derived_run_folder, open_run
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -143,13 +142,11 @@ def measure_model(model, dataset, opt, device):
 
 def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
     """checkpoints/ with encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config,
-    provenance), replaced as one unit: written into checkpoints.partial/, then renamed (commons.replace_folder)."""
+    provenance)."""
     folder = os.path.join(out_dir, 'checkpoints')
-    partial = folder + '.partial'
-    shutil.rmtree(partial, ignore_errors=True)  # left by a killed quantize
-    os.makedirs(partial)
-    torch.export.save(program, os.path.join(partial, PROGRAM_NAME))  # the archive is named after its file
-    with open(os.path.join(partial, PROGRAM_NAME), 'rb') as f:
+    os.makedirs(folder, exist_ok=True)
+    torch.export.save(program, os.path.join(folder, PROGRAM_NAME))  # the archive is named after its file
+    with open(os.path.join(folder, PROGRAM_NAME), 'rb') as f:
         os.fsync(f.fileno())
     checkpoint = dict(quantized=opt.quantization_type, variant=f'int8 {opt.quantization_type}',
                       state_dict=head_state(head_model), config=config, pooling=config['pooling'],
@@ -159,8 +156,7 @@ def save_quantized(program, head_model, config, source, opt, out_dir, calib_coun
                       weights='int8 per-channel symmetric', activations='uint8 per-tensor affine',
                       versions=dict(torch=str(torch.__version__), torchao=_torchao_version()),
                       **trainable_state(head_model))
-    write_checkpoint_files(checkpoint, partial, is_best=True)  # model_best too: --ckpt=best finds the same model
-    replace_folder(partial, folder)
+    write_checkpoint_files(checkpoint, folder, is_best=True)  # model_best too: --ckpt=best finds the same model
     return checkpoint
 
 
@@ -177,13 +173,28 @@ def quantize(opt):
     eval_set = load_dataset(opt, opt.split)
     splits = qat_splits(opt) if opt.quantization_type == 'qat' else None
     out_dir = output_dir(opt)
+    check_derived_target(out_dir, opt)
+    with building_folder(out_dir) as folder:
+        report, before, after, result, checkpoint = quantize_into(folder, model, source, config, calib_set, eval_set,
+                                                                  splits, opt, device)
+    append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
+                  after['latency_ms'], out_dir)
+    logging.info('====> int8 model (%s) in %s: file %.2fx smaller, %.2fx faster on the CPU, Recall@1 %.4f -> %.4f',
+                 opt.quantization_type, out_dir, before['file_bytes'] / after['file_bytes'],
+                 before['latency_ms'] / after['latency_ms'], before.get('recall@1', float('nan')),
+                 after.get('recall@1', float('nan')))
+    return report
+
+
+def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, opt, device):
+    """Quantize, save into out_dir, evaluate and time: (report, before, after, evaluation, checkpoint)."""
     setup_logging(out_dir)  # only now: bad flags or data write nothing
     if device.type != 'cpu':
         logging.info('int8 models run on the CPU (x86 oneDNN int8 kernels): calibration, conversion and int8 '
                      'evaluation run on the CPU%s.',
                      f'; QAT fine-tunes on {device}' if opt.quantization_type == 'qat' else '')
     logging.info('Quantizing %s (%s) to int8 (%s) into %s: calibration on %d training-database images, '
-                 'evaluation on %s %s', opt.resume, config['arch'], opt.quantization_type, out_dir, len(calib_set),
+                 'evaluation on %s %s', opt.resume, config['arch'], opt.quantization_type, output_dir(opt), len(calib_set),
                  opt.dataset, opt.split)
 
     before, _ = measure_model(model.to(device).to(memory_format=torch.channels_last), eval_set, opt, device)
@@ -210,13 +221,7 @@ def quantize(opt):
     report = compare(before, after, os.path.join(out_dir, 'quantize_report.json'),
                      f'int8 quantization ({opt.quantization_type}) of {opt.resume} ({opt.split} split, CPU latency '
                      f'at {opt.latency_size[0]}x{opt.latency_size[1]})')
-    append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
-                  after['latency_ms'], out_dir)
-    logging.info('====> int8 model (%s) in %s: file %.2fx smaller, %.2fx faster on the CPU, Recall@1 %.4f -> %.4f',
-                 opt.quantization_type, out_dir, before['file_bytes'] / after['file_bytes'],
-                 before['latency_ms'] / after['latency_ms'], before.get('recall@1', float('nan')),
-                 after.get('recall@1', float('nan')))
-    return report
+    return report, before, after, result, checkpoint
 
 
 def _options(opt, **changes):

@@ -6,15 +6,19 @@ A run's frozen layers belong to it: its checkpoint stores the first encoder laye
 here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 
 import torch
 
-from checkpoint import checkpoint_path, read_checkpoint
+from checkpoint import checkpoint_path, is_best_state, read_checkpoint
 from centroids import initialised_model
-from commons import UserError
+from commons import UserError, atomic_write, replace_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
 
@@ -29,15 +33,82 @@ def holds_something(path):
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
+# What a training start writes before its first checkpoint: the log, tensorboard, the trunk cache and checkpoints/.
+START_FILES = re.compile(r'log\.txt|tensorboard|trunk_cache_rank\d+\.npy|checkpoints|.*\.tmp')
+
+
+def is_dead_start(path):
+    """A run folder that a start killed or failed before its first checkpoint left: only the files of START_FILES,
+    and no checkpoint.pth.tar (a model_best.pth.tar alone is the first save, killed before its second file)."""
+    return os.path.isdir(path) and all(START_FILES.fullmatch(name) for name in os.listdir(path)) and \
+        not os.path.exists(checkpoint_path(path))
+
+
+@contextlib.contextmanager
+def locked_folder(path, rank=0):
+    """Hold an exclusive lock on the folder `path` while the block runs: a second process that
+    writes the same run stops with one paragraph instead of mixing its files with this one's. Rank 0 locks for all
+    ranks of a torchrun job."""
+    if rank != 0 or not os.path.isdir(path):  # a folder that does not exist is reported by the block's own checks
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f'Another process is writing the run folder {path} (it holds the folder\'s lock). Wait '
+                            f'for it to end, or give another folder (--savePath for a new training run).') from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def check_new_run_folder(path):
-    """A new training run never writes into a folder that already holds something."""
+    """A new training run never writes into a folder that already holds a run; the files of a start that ended
+    before its first checkpoint are removed (the same command then starts clean). Call it holding the lock."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'--savePath={path} is a file, not a folder: give another folder with --savePath.')
+    if holds_something(path) and is_dead_start(path):
+        logging.info('%s holds only the start of a run that ended before its first checkpoint (%s): removing it '
+                     'and starting again.', path, ', '.join(sorted(os.listdir(path))))
+        for name in os.listdir(path):
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     if holds_something(path):
         raise UserError(f'The run folder {path} already exists and holds {", ".join(sorted(os.listdir(path)))}; '
                         f'a new training run would replace its checkpoints. To continue that run, add '
                         f'--resume={path}; to start a new run, give another folder with --savePath. Nothing was '
                         f'written.')
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f'--savePath={path} is a file, not a folder: give another folder with --savePath.')
+
+
+def check_derived_target(target, opt):
+    """The output run folder of prune, pca, quantize or import: an existing one is replaced only with --overwrite
+    (checked before any work)."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UserError(f'The output run folder {target} is a file: move it away. Nothing was written.')
+    if holds_something(target) and not opt.overwrite:
+        raise UserError(f'The output run folder {target} already exists (from an earlier --mode={opt.mode}). Add '
+                        f'--overwrite to replace it as a whole, or move it away. Nothing was written.')
+
+
+@contextlib.contextmanager
+def building_folder(target):
+    """Build the run folder `target` whole: the block writes into <target>.incomplete (locked against a second
+    build), which replaces `target` as a unit only when the block succeeds. A failed build removes its files and a
+    killed one leaves them in .incomplete, which the next build clears; `target` is always the old folder or the new."""
+    staging = target.rstrip('/' + os.sep) + '.incomplete'
+    os.makedirs(staging, exist_ok=True)
+    with locked_folder(staging):
+        for name in os.listdir(staging):  # a killed build's files
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_folder(staging, target)
 
 
 def stored_flags(run_dir):
@@ -78,6 +149,9 @@ def check_config_against_flags(config, opt, path):
 def open_run(opt, which=None):
     """The model and checkpoint dict stored in run folder opt.resume (--ckpt, or `which`: latest / best)."""
     path = checkpoint_path(opt.resume, which or opt.ckpt)
+    if (which or opt.ckpt) == 'best' and not os.path.isfile(path) and latest_is_best(opt.resume, opt.unsafe_load):
+        logging.info('%s is missing and the latest checkpoint is the best one: reading that.', path)
+        path = checkpoint_path(opt.resume, 'latest')
     checkpoint = read_checkpoint(path, opt.unsafe_load)
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
@@ -94,6 +168,21 @@ def open_run(opt, which=None):
         raise UserError(f'Checkpoint {path} does not match the model it describes: '
                         f'{" ".join(str(error).split())}') from None
     return model, checkpoint
+
+
+def latest_is_best(run_dir, unsafe=False):
+    latest = checkpoint_path(run_dir, 'latest')
+    return os.path.isfile(latest) and is_best_state(read_checkpoint(latest, unsafe))
+
+
+def restore_missing_best(run_dir, checkpoint):
+    """model_best.pth.tar from the latest checkpoint when that one is the best and the file is missing (a kill
+    between the two writes of an older version left it so)."""
+    best = checkpoint_path(run_dir, 'best')
+    if not os.path.isfile(best) and is_best_state(checkpoint):
+        logging.info('%s is missing and the latest checkpoint is the best one: writing it from that.', best)
+        with open(checkpoint_path(run_dir, 'latest'), 'rb') as source:
+            atomic_write(best, lambda f: shutil.copyfileobj(source, f))
 
 
 def load_model(opt):

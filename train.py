@@ -12,7 +12,8 @@ import torch.distributed as dist
 from centroids import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from models import layer_index, layer_name
-from runs import check_new_run_folder, open_run, stored_flags
+from runs import (check_new_run_folder, is_dead_start, locked_folder, open_run, restore_missing_best,
+                  stored_flags)
 from training import fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
@@ -51,17 +52,51 @@ def check_same_trainable_layers(model, opt, run_dir):
                         f'state holds the parameters that train). Drop the flag, or start a new run with --savePath.')
 
 
+def check_same_optimizer(state, opt, run_dir):
+    """Resuming keeps the run's optimizer: its stored state holds SGD's momentum buffers or Adam's moments."""
+    groups = state.get('optimizer', {}).get('param_groups') or [{}]
+    stored = 'ADAM' if 'betas' in groups[0] else 'SGD' if 'momentum' in groups[0] else None
+    if stored is not None and stored != opt.optim:
+        raise UserError(f'Run {run_dir} was trained with --optim {stored}; --optim {opt.optim} cannot change that on '
+                        f'--resume (the stored optimizer state is {stored}\'s). Drop the flag, or start a new run '
+                        f'with --savePath.')
+
+
+def resumed_run(opt, run_dir):
+    """Model and training state of the run to resume, checked before anything is written."""
+    if is_dead_start(run_dir):
+        raise UserError(f'{run_dir} holds only the start of a run that ended before its first checkpoint: there is '
+                        f'nothing to resume. Run the same command without --resume: it removes those files and '
+                        f'starts again.')
+    model, state = open_run(opt, 'latest')
+    check_same_trainable_layers(model, opt, run_dir)
+    check_same_optimizer(state, opt, run_dir)
+    restore_missing_best(run_dir, state)
+    return model, state
+
+
 def train(opt):
     rank, _ = init_distributed(opt)
     run_dir = opt.resume or opt.savePath
+    if not opt.resume and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f'--savePath={run_dir} is a file, not a folder: give another folder with --savePath.')
+    created = not os.path.exists(run_dir)
+    if created and rank == 0 and not opt.resume:
+        os.makedirs(run_dir)
+    try:
+        with locked_folder(run_dir, rank):
+            return train_in_folder(opt, rank, run_dir)
+    finally:
+        if created and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)  # a run that stopped on its input leaves no empty folder behind
+
+
+def train_in_folder(opt, rank, run_dir):
+    """The training run in its locked folder: every check first, then the first write."""
     if not opt.resume:
         check_new_run_folder(run_dir)
     flag_changes = restore_flags(opt, run_dir) if opt.resume else []
-    if opt.resume:
-        model, state = open_run(opt, 'latest')
-        check_same_trainable_layers(model, opt, run_dir)
-    else:
-        model, state = initialised_model(opt), None
+    model, state = resumed_run(opt, run_dir) if opt.resume else (initialised_model(opt), None)
     splits = training_splits(opt, rank)
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
@@ -70,12 +105,12 @@ def train(opt):
         logging.info(change)
     make_deterministic(opt.seed)
     device = select_device(opt)
-    if rank == 0:
-        write_flags(opt, run_dir, model)
     logging.info('Training %s into %s: %s, lr %g, batch %d, %d epochs', opt.arch, run_dir, opt.optim, opt.lr,
                  opt.batchSize, opt.nEpochs)
     started = time.time()
-    state = fit(model, splits, opt, device, run_dir, opt.nEpochs, state)
+    # flags.json is written beside each checkpoint: a resumed run's flags change only once its state has loaded
+    state = fit(model, splits, opt, device, run_dir, opt.nEpochs, state,
+                on_checkpoint=(lambda: write_flags(opt, run_dir, model)) if rank == 0 else None)
     logging.info('====> Training done in %.1f min: epoch %d, best val Recall@5 %.4f; checkpoints in %s',
                  (time.time() - started) / 60, state.get('epoch', 0), state.get('best_score', 0.0),
                  os.path.join(run_dir, 'checkpoints'))

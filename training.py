@@ -297,12 +297,12 @@ def training_splits(opt, rank=0):
     return data, val_set
 
 
-def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
+def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, on_checkpoint=None):
     """Train `model` for epochs state['epoch']+1 .. num_epochs on `splits` (see training_splits), validating every
     --evalEvery epochs and at the last one, and checkpointing into run_dir at the end of every epoch.
 
     Also used to fine-tune pruned (prune.py) and fake-quantised (quantize.py) models, with save=False.
-    Returns the final training state (epoch, best score, recalls, ...).
+    on_checkpoint() runs after each checkpoint is written. Returns the final training state (epoch, best score, recalls, ...).
     """
     rank, world = init_distributed(opt)
     data, val_set = splits
@@ -326,6 +326,7 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
         hard_negatives[:, :min(opt.nNeg, stored.shape[1])] = stored[:, :opt.nNeg]
     epoch = state.get('epoch', 0)
     best_score, not_improved = state.get('best_score', 0.0), state.get('not_improved', 0)
+    best_epoch = state.get('best_epoch', 0)
     writer = tensorboard_writer(run_dir) if rank == 0 and save else None
     step = state.get('step', 0)
     recalls = state.get('recalls', {})
@@ -346,17 +347,21 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True):
                 score = recalls.get(5, recalls[max(recalls)])
                 is_best = score > best_score
                 best_score, not_improved = (score, 0) if is_best else (best_score, not_improved + opt.evalEvery)
+                best_epoch = epoch if is_best else best_epoch
                 if writer is not None:
                     for n, recall in recalls.items():
                         writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
                 logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score,
                              ' *' if is_best else '')
-            state = dict(epoch=epoch, recalls=recalls, best_score=best_score, not_improved=not_improved,
+            state = dict(epoch=epoch, recalls=recalls, best_score=best_score, best_epoch=best_epoch,
+                         not_improved=not_improved,
                          step=step, epoch_losses=epoch_losses, optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), hard_negatives=torch.from_numpy(hard_negatives),
                          parallel=world > 1)
             if save and rank == 0:  # every epoch: a killed run loses at most the epoch it was in
                 save_checkpoint(dict(model_state(model), **state), run_dir, is_best)
+                if on_checkpoint is not None:
+                    on_checkpoint()
             if validated and opt.patience and not_improved >= opt.patience:
                 logging.info('No better Recall@5 for %d epochs: stopping early.', not_improved)
                 break

@@ -169,3 +169,29 @@ def matlab_forward(net, rgb255):
     projection, bias = net['layers'][33]['weights']
     whitened = vlad @ as64(projection).reshape(vlad.shape[1], -1) + as64(bias)
     return unit(whitened, 1)
+
+
+def run_killed(argv, module, function, call, after=False, cwd=None):
+    """Run main.main(argv) in a child process that kills itself (SIGKILL) at the `call`-th call of module.function,
+    before that call runs (or right after it returns, with after=True). Returns the child's exit status."""
+    import subprocess
+    import sys
+    import textwrap
+    repo = str(Path(__file__).resolve().parents[1])
+    code = textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path.insert(0, {repo!r})
+        import {module} as target, main
+        original, calls = target.{function}, [0]
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == {call} and not {after}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            if calls[0] == {call} and {after}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        target.{function} = wrapped
+        sys.exit(main.main({[str(a) for a in argv]!r}))
+    ''')
+    return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True).returncode

@@ -176,7 +176,7 @@ def test_a_second_quantize_replaces_program_and_head_together(float_run, cluster
 
     monkeypatch.setattr(torch.export, 'save', killed_after_the_program)
     with pytest.raises(KeyboardInterrupt):
-        main.main(argv + ['--calib_images=4'])
+        main.main(argv + ['--calib_images=4', '--overwrite'])
     assert {name: (folder / name).read_bytes() for name in files_under(folder)} == before
 
 
