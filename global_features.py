@@ -6,8 +6,15 @@ to the image folder in POSIX form (a `/` nests groups, as h5py does), holding `g
 the parent groups of the datasets (list_h5_names); `h5_names` below does the same.
 
 A run writes to `<file>.partial` and renames it to the file when every image is done. A killed run leaves the
-.partial; the same command then continues it, skipping images whose group is complete (both datasets there).
+.partial; the same command then continues it, skipping images whose group is complete (both datasets there). A
+.partial that HDF5 cannot open (a run killed while writing it leaves it marked open for writing; a copy cut short
+leaves it truncated) is replaced by a new one.
+
+Before each write, the room it needs is allocated at the end of the file (HDF5 writes into it and trims the rest on
+closing): a full disk then stops the run with a UserError and a .partial that can be continued, instead of inside
+HDF5, which crashes the process after a failed write.
 """
+import errno
 import hashlib
 import logging
 import os
@@ -26,6 +33,8 @@ from images import ImageList, image_size
 FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
 CHUNK_BATCHES = 16  # batches extracted between two writes to the file: what a killed run can lose
 READ_CHUNK_BYTES = 256 * 2 ** 20
+GROUP_BYTES = 4096  # an upper bound of the HDF5 bookkeeping of one image's group and its two datasets
+ROOM_MARGIN = 2 ** 20  # room allocated beyond the estimate of a write, for the growing index of the groups
 
 
 # ---------------------------------------------------------------------------------------------- image folders
@@ -152,7 +161,8 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
     skip_existing (a cache). Images of one (original) size are extracted in batches, each size group on its own.
     """
     partial = path + '.partial'
-    done = resume_state(path, partial, model.output_dim, names, skip_existing)
+    image_bytes = model.output_dim * (2 if opt.as_half else 4) + GROUP_BYTES
+    done = resume_state(path, partial, model.output_dim, names, skip_existing, len(names) * image_bytes)
     todo = [name for name in names if name not in done]
     if not todo:
         if os.path.exists(partial):
@@ -165,36 +175,113 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
     for size, group in size_groups([os.path.join(image_dir, n) for n in todo], opt.skip_unreadable).items():
         for start in range(0, len(group), step):
             chunk = [todo[i] for i in group[start:start + step]]
+            bytes_left = (len(todo) - finished) * image_bytes + ROOM_MARGIN
             finished += len(chunk)
             kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk],
                                                resized(size, opt.resize_max), opt, device,
                                                f'images {finished}/{len(todo)}')
-            write_groups(partial, [chunk[i] for i in kept], descriptors, [size] * len(kept), opt.as_half)
+            if kept:
+                write_chunk(partial, path, [chunk[i] for i in kept], descriptors, size, opt.as_half,
+                            len(kept) * image_bytes + ROOM_MARGIN, bytes_left)
     if not os.path.exists(partial):
         raise UserError(f'None of the {len(todo)} images of {image_dir} could be read.')
     os.replace(partial, path)
     return path
 
 
-def resume_state(path, partial, dim, names, skip_existing):
+def write_chunk(partial, path, names, descriptors, size, as_half, room, bytes_left):
+    """write_groups into the .partial (a new one if there is none yet), after allocating `room` bytes for it; a
+    failure (a full disk) becomes a UserError that names bytes_left, about what the rest of the run needs."""
+    if not os.path.exists(partial):
+        start_partial(partial, path, [], bytes_left)
+    try:
+        make_room(partial, room)
+    except OSError as error:
+        raise write_error(partial, error, bytes_left, f'the images written so far stay in {partial}: make room and '
+                                                      f'run the same command again to continue.') from None
+    try:
+        write_groups(partial, names, descriptors, [size] * len(names), as_half)
+    except OSError as error:
+        os.remove(partial)
+        raise write_error(partial, error, bytes_left, f'{partial} was removed, as the failed write may have left it '
+                                                      f'inconsistent; {path} is as it was.') from None
+
+
+def resume_state(path, partial, dim, names, skip_existing, new_bytes):
     """Names already done: those complete in the .partial of a killed run (or, with skip_existing, in the file).
-    A new run starts its .partial from a copy of the existing file, so that a kill leaves the file as it was."""
+    A new run starts its .partial from the groups of the existing file that it keeps, so that a kill leaves the
+    file as it was; new_bytes is about what the images to extract need, for the error of a full disk."""
     if os.path.exists(partial):
-        done = complete_groups(partial, dim)
-        logging.info('Continuing the interrupted extraction in %s: %d images done.', partial, len(done))
-        return done if skip_existing else done & set(names)
+        problem = open_problem(partial)
+        if problem is None:
+            done = complete_groups(partial, dim)
+            logging.info('Continuing the interrupted extraction in %s: %d images done.', partial, len(done))
+            return done if skip_existing else done & set(names)
+        logging.warning('Replacing %s, which cannot be continued (%s): the run writing it was killed or failed '
+                        'while writing; its images are extracted again.', partial, problem)
+        os.remove(partial)
     if not os.path.exists(path):
         return set()
     existing = complete_groups(path, dim)
     if skip_existing and set(names) <= existing:
         return existing
-    shutil.copyfile(path, partial)
-    if skip_existing:
-        return existing
-    with open_h5(partial, 'a') as f:  # so that a resumed run does not take the old groups for finished ones
-        for name in existing & set(names):
-            del f[name]
-    return set()
+    # The kept groups go into a new file: replacing groups in place would leave the old ones' space unused, and
+    # the file would grow by its size at every re-extraction.
+    kept = h5_names(path) if skip_existing else sorted(set(h5_names(path)) - set(names))
+    if kept:
+        start_partial(partial, path, kept, new_bytes)
+    return existing if skip_existing else set()
+
+
+def open_problem(path):
+    """Why HDF5 cannot open the file at `path` (marked open for writing, truncated, not HDF5), or None."""
+    try:
+        h5py.File(path, 'r', libver='latest').close()
+    except OSError as error:
+        return str(error)
+    return None
+
+
+def start_partial(partial, path, kept, bytes_left):
+    """A new .partial holding the groups `kept` copied from the file at `path` (none: an empty file), made under a
+    temporary name and renamed when complete, so that a kill never leaves a truncated .partial; a failure (a full
+    disk) becomes a UserError that names bytes_left."""
+    tmp_path = partial + '.tmp'
+    room = os.path.getsize(path) + len(kept) * GROUP_BYTES + ROOM_MARGIN if kept else 0
+    try:
+        h5py.File(tmp_path, 'w', libver='latest').close()
+        if kept:
+            make_room(tmp_path, room)
+            with open_h5(path) as f, h5py.File(tmp_path, 'r+', libver='latest') as target:
+                for name in kept:
+                    f.copy(f[name], target, name=name)
+    except OSError as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise write_error(tmp_path, error, room + bytes_left, f'{path} is as it was.') from None
+    os.replace(tmp_path, partial)
+
+
+def make_room(path, size):
+    """Allocate `size` bytes of disk at the end of the HDF5 file at `path`, for HDF5's next writes into it; an
+    OSError (a full disk) leaves the file as it was."""
+    end = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        try:
+            if hasattr(os, 'posix_fallocate'):
+                os.posix_fallocate(f.fileno(), end, size)
+            elif shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError:
+            f.truncate(end)
+            raise
+
+
+def write_error(path, error, bytes_needed, state):
+    """The UserError of a failed write to `path`, a full disk most often: the cause, about how many bytes the rest
+    of the run needs, and what is left on disk (`state`)."""
+    return UserError(f'Cannot write {path}: {error.strerror or error}. The rest of the extraction needs about '
+                     f'{bytes_needed / 2 ** 20:.0f} MB free there; {state}')
 
 
 def size_groups(paths, skip_unreadable):
