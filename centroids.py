@@ -79,6 +79,10 @@ def check_shapes(path, centroids, descriptors, layer):
         raise UserError(f'Cluster file {path} holds centroids of shape {centroids.shape} and descriptors of shape '
                         f'{descriptors.shape}; this model needs {expected[0]} centroids of dimension {expected[1]} '
                         f'and at least two descriptors of that dimension (--num_clusters, --arch).')
+    for name, values in (('centroids', centroids), ('descriptors', descriptors)):
+        if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+            raise UserError(f'Cluster file {path}: its {name} are not all finite numbers ({values.dtype}); the file '
+                            f'is damaged. Delete it and cluster again.')
 
 
 def check_fits_encoder(path, attributes, opt, encoder):

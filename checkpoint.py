@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import torch
 
-from commons import UserError, atomic_torch_save
+from commons import UserError, atomic_torch_save, error_summary
 from models import layer_name
 
 CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
@@ -40,16 +40,36 @@ def read_checkpoint(path, unsafe=False):
     except pickle.UnpicklingError as error:
         raise UserError(
             f'Checkpoint {path} holds Python objects that the safe loader (torch.load weights_only=True) refuses '
-            f'({str(error).splitlines()[0]}). If you trust the file, run again with --unsafe_load.') from None
-    except (RuntimeError, EOFError, OSError) as error:
+            f'({error_summary(error)}). If you trust the file, run again with --unsafe_load.') from None
+    except Exception as error:  # any other failure to read: truncated, empty, not a PyTorch file
         raise UserError(f'Checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint '
-                        f'({type(error).__name__}: {str(error).splitlines()[0]}).') from None
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise UserError(f'Checkpoint {path} is not in the expected layout: a dict with a "state_dict" entry.')
+                        f'({error_summary(error)}).') from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
+        raise UserError(f'Checkpoint {path} is not in the expected layout: a dict with a "state_dict" entry that '
+                        f'maps parameter names to tensors.')
     if 'packed_state_dict' in checkpoint:
-        checkpoint['state_dict'] = unpack_state_dict(checkpoint['state_dict'], checkpoint.pop('packed_state_dict'))
-    checkpoint['state_dict'] = {key.replace('module.', ''): value for key, value in checkpoint['state_dict'].items()}
+        try:
+            checkpoint['state_dict'] = unpack_state_dict(checkpoint['state_dict'], checkpoint.pop('packed_state_dict'))
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise UserError(f'Checkpoint {path} has a damaged packed_state_dict ({error_summary(error)}).') from None
+    checkpoint['state_dict'] = {str(key).replace('module.', ''): value
+                                for key, value in checkpoint['state_dict'].items()}
+    check_state_dict(checkpoint, path)
     return plain_numbers(checkpoint)
+
+
+def check_state_dict(checkpoint, path):
+    """Every entry a tensor, every float weight finite, the first trainable layer (if stored) an encoder index."""
+    for key, value in checkpoint['state_dict'].items():
+        if not torch.is_tensor(value):
+            raise UserError(f'Checkpoint {path}: state_dict entry {key} is a {type(value).__name__}, not a tensor.')
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f'Checkpoint {path}: state_dict entry {key} holds NaN or infinite values; the run it '
+                            f'comes from diverged or the file is damaged. Use an earlier checkpoint.')
+    first = checkpoint.get('first_trainable', 0)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise UserError(f'Checkpoint {path}: first_trainable is {first!r}; it must be the encoder index (a whole '
+                        f'number from 0) of the first layer that trains.')
 
 
 def unpack_state_dict(state_dict, packed):

@@ -52,10 +52,14 @@ def cluster(opt):
     dataset = load_dataset(opt, 'train')
     model = new_model(opt).to(device).eval()
     descriptors = sample_local_descriptors(model, dataset, opt, device)
+    if len(descriptors) < opt.num_clusters:
+        raise UserError(f'--num_clusters={opt.num_clusters} is more than the {len(descriptors)} local descriptors '
+                        f'sampled from the training database: give fewer clusters.')
     logging.info('Clustering %d descriptors of dimension %d into %d centroids', *descriptors.shape,
                  opt.num_clusters)
+    # every descriptor, as the authors' yael_kmeans: faiss would otherwise subsample to 256 per centroid
     kmeans = faiss.Kmeans(descriptors.shape[1], opt.num_clusters, niter=KMEANS_ITERATIONS, seed=opt.seed,
-                          verbose=False)
+                          verbose=False, max_points_per_centroid=math.ceil(len(descriptors) / opt.num_clusters))
     kmeans.train(descriptors)
     path = centroids_path(opt)
     write_centroids(path, descriptors, kmeans.centroids, encoder_attributes(opt, model.encoder))

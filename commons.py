@@ -24,6 +24,12 @@ def user_error_text(error):
     return text[text.rindex(marker) + len(marker):].strip() if marker in text else text
 
 
+def error_summary(error):
+    """An exception as one short line: its type and the first line of its message (which may be empty)."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
 def parse_size(text):
     try:
         height, width = (int(v) for v in text.lower().split('x'))

@@ -46,6 +46,21 @@ class GroundTruth:
     only_queries_with_positives: bool = False  # queries without a positive are not scored (MSLS)
     query_sizes_vary: bool = False     # queries come in different sizes (Tokyo 24/7): extracted one at a time
 
+    def __post_init__(self):
+        if not self.db_paths or not self.query_paths:
+            raise UserError(f'{self.name} has {len(self.db_paths)} database images and {len(self.query_paths)} '
+                            f'queries: a split needs at least one of each.')
+        for side, utm, count in (('database', self.utmDb, len(self.db_paths)), ('query', self.utmQ,
+                                                                             len(self.query_paths))):
+            utm = np.asarray(utm)
+            if utm.shape != (count, 2) or not np.issubdtype(utm.dtype, np.number):
+                raise UserError(f'{self.name}: the {side} positions have shape {utm.shape}; expected {count} rows '
+                                f'of (easting, northing) numbers, one per {side} image.')
+            if not np.isfinite(utm).all():
+                bad = int(np.flatnonzero(~np.isfinite(utm).all(axis=1))[0])
+                raise UserError(f'{self.name}: the position of {side} image {bad} is not finite ({utm[bad].tolist()}); '
+                                f'every image needs a real easting and northing in metres.')
+
     @property
     def numDb(self):
         return len(self.db_paths)

@@ -294,7 +294,7 @@ def size_groups(paths, skip_unreadable):
         except UserError as error:
             if not skip_unreadable:
                 raise UserError(f'{error} Remove it, or pass --skip_unreadable to leave such images out.') from None
-            logging.warning('Skipped: %s', error)
+            logging.warning('Skipped: %s', user_error_text(error))
             continue
         groups.setdefault(size, []).append(index)
     return groups
@@ -327,7 +327,7 @@ def extract_images(model, paths, resize, opt, device, description='images'):
             descriptors.append(extract_descriptors(model, ImageList([path], resize), opt, device, path)[0])
             kept.append(index)
         except UserError as error:
-            logging.warning('Skipped: %s', error)
+            logging.warning('Skipped: %s', user_error_text(error))
     return kept, np.stack(descriptors) if descriptors else np.empty((0, model.output_dim), np.float32)
 
 

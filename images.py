@@ -1,35 +1,80 @@
-"""Images: loading and ImageNet normalisation, image lists by index, and the DataLoader every mode reads through."""
-import os
+"""Images: loading and ImageNet normalisation, image lists by index, and the DataLoader every mode reads through.
 
+An image is read as hloc's reader (OpenCV's imread) reads it: turned upright by its EXIF orientation, 16-bit grey
+kept to its top byte, alpha dropped.
+"""
+import os
+import warnings
+
+import numpy as np
 import torch
 import torch.utils.data as data
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from commons import UserError
 from models import IMAGENET_MEAN, IMAGENET_STD  # the input every model takes
 
+# The shortest side an image may be loaded at: below it AlexNet's trunk (up to conv5) has no output left; VGG16's
+# needs less.
+MIN_SIDE = 31
+SIDEWAYS = {5, 6, 7, 8}  # EXIF orientations whose upright image swaps width and height
+
 
 def read_image(path, read):
-    """read(opened PIL image) of the image file at path; a UserError naming an unreadable or corrupt file."""
+    """read(opened PIL image) of the image file at path; a UserError naming a file that is unreadable, corrupt, or
+    over PIL's decompression-bomb limit (then it is not decoded)."""
     try:
-        with Image.open(path) as image:
-            return read(image)
-    except (OSError, UnidentifiedImageError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return read(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f'Image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels, the limit PIL sets against '
+                        f'decompression bombs (PIL.Image.MAX_IMAGE_PIXELS): it is not read. Downscale it to '
+                        f'read it.') from None
+    # PIL raises SyntaxError and ValueError, not only OSError, for some broken or oversized PNG chunks.
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
         raise UserError(f'Image {path} cannot be read: the file is corrupt or not an image ({error}).') from None
 
 
 def image_size(path):
-    """[width, height] of an image, read from its header."""
-    return read_image(path, lambda image: image.size)
+    """(width, height) of an image once turned upright by its EXIF orientation, as load_image gives it."""
+    return read_image(path, upright_size)
+
+
+def upright_size(image):
+    """(width, height) of an opened image turned upright; for a PNG without EXIF before its pixels PIL decodes them,
+    looking for EXIF after them, as ImageOps.exif_transpose does when loading: the two sizes always agree."""
+    width, height = image.size
+    sideways = image.getexif().get(ExifTags.Base.Orientation) in SIDEWAYS
+    return (height, width) if sideways else (width, height)
+
+
+def upright_rgb(image):
+    """An opened image as 8-bit RGB, turned upright by its EXIF orientation; 16-bit grey (modes I;16 and I) keeps
+    its top byte, where PIL's own conversion would clip every value above 255 to white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith('I'):
+        image = Image.fromarray(np.clip(np.asarray(image) >> 8, 0, 255).astype(np.uint8))
+    return image.convert('RGB')
 
 
 def load_image(path, resize=None):
-    """An RGB image as a normalised [3, H, W] float tensor; a clear error for an unreadable file."""
-    image = read_image(path, lambda opened: opened.convert('RGB'))
-    if resize is not None:
-        image = image.resize((resize[1], resize[0]), Image.BILINEAR)
-    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+    """An RGB image as a normalised [3, H, W] float tensor; a UserError for an unreadable file or one whose loaded
+    (resized) size is too small for the encoders."""
+    image = read_image(path, upright_rgb)
+    loaded = image if resize is None else image.resize((resize[1], resize[0]), Image.BILINEAR)
+    check_large_enough(path, image.size, loaded.size)
+    return TF.normalize(TF.to_tensor(loaded), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def check_large_enough(path, size, loaded_size):
+    """A UserError naming an image loaded at (width, height) loaded_size with a side under MIN_SIDE."""
+    if min(loaded_size) < MIN_SIDE:
+        resized = f', resized to {loaded_size[0]}x{loaded_size[1]}' if loaded_size != size else ''
+        raise UserError(f'Image {path} is too small: {size[0]}x{size[1]} pixels (width x height){resized}; the '
+                        f'encoders need at least {MIN_SIDE} pixels on each side.')
 
 
 def check_images_exist(paths, hint):

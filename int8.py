@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from commons import UserError
+from commons import UserError, error_summary
 from int8_archive import check_program_archive
 from models import EmbedNet, build_head
 
@@ -135,8 +135,8 @@ class Int8Encoder(torch.nn.Module):
             with torch._inductor.config.patch(freezing=True):  # options={'freezing': True} fails to lower qconv
                 features = self.compiled(images)
         except Exception as error:  # no C++ compiler, or a lowering the installed versions lack
-            logging.warning('Compiling the int8 encoder failed (%s: %s); running the program uncompiled (slow).',
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else '')
+            logging.warning('Compiling the int8 encoder failed (%s); running the program uncompiled (slow).',
+                            error_summary(error))
             object.__setattr__(self, 'compiled', None)
             return self.program(images)
         if shape not in self.compiled_shapes:
@@ -203,8 +203,7 @@ def load_quantized_model(checkpoint, run_dir, unsafe=False):
     try:
         program = torch.export.load(path)
     except Exception as error:
-        raise UserError(f'int8 encoder program {path} cannot be read ({type(error).__name__}: '
-                        f'{str(error).splitlines()[0] if str(error) else ""}).') from None
+        raise UserError(f'int8 encoder program {path} cannot be read ({error_summary(error)}).') from None
     pool, whiten = build_head(checkpoint['config'])
     head = torch.nn.ModuleDict(dict(pool=pool) if whiten is None else dict(pool=pool, whiten=whiten))
     try:

@@ -55,7 +55,8 @@ from measure import compare, count_macs, count_parameters, directory_size, inter
 from models import conv_indices
 from datasets import load_dataset, training_database_sample
 from results import append_result
-from runs import apply_backprop_flag, building_folder, check_derived_target, derived_run_folder, open_run
+from runs import (apply_backprop_flag, building_folder, check_derived_target, check_float_run, derived_run_folder,
+                  open_run)
 from training import fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
@@ -316,6 +317,7 @@ def prune(opt):
     make_deterministic(opt.seed)
     device = select_device(opt)
     model, checkpoint = open_run(opt)
+    check_float_run(checkpoint, opt.resume, 'prune')
     apply_backprop_flag(model, opt)
     layers = selected_layers(model.encoder, opt.pruning_layers)
     check_prunable(model, layers, opt.pruning_type)

@@ -185,6 +185,14 @@ def restore_missing_best(run_dir, checkpoint):
             atomic_write(best, lambda f: shutil.copyfileobj(source, f))
 
 
+def check_float_run(checkpoint, run_dir, action):
+    """`action` (prune, train) changes float weights; an int8 run has none to change."""
+    if 'quantized' in checkpoint:
+        raise UserError(f'{run_dir} holds an int8 model (--mode=quantize), whose encoder is a fixed int8 program: '
+                        f'{action} the float run it was made from ({checkpoint.get("source_run", "its source run")}) '
+                        f'instead.')
+
+
 def load_model(opt):
     """Model, checkpoint and run folder of --resume or, without it, of the cluster-initialised untrained network."""
     if opt.resume:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from centroids import initialised_model
 from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from models import layer_index, layer_name
-from runs import (check_new_run_folder, is_dead_start, locked_folder, open_run, restore_missing_best,
+from runs import (check_float_run, check_new_run_folder, is_dead_start, locked_folder, open_run, restore_missing_best,
                   stored_flags)
 from training import fit, init_distributed, training_splits
 
@@ -69,6 +69,7 @@ def resumed_run(opt, run_dir):
                         f'nothing to resume. Run the same command without --resume: it removes those files and '
                         f'starts again.')
     model, state = open_run(opt, 'latest')
+    check_float_run(state, run_dir, 'train')
     check_same_trainable_layers(model, opt, run_dir)
     check_same_optimizer(state, opt, run_dir)
     restore_missing_best(run_dir, state)
