@@ -14,6 +14,7 @@ Before each write, the room it needs is allocated at the end of the file (HDF5 w
 closing): a full disk then stops the run with a UserError and a .partial that can be continued, instead of inside
 HDF5, which crashes the process after a failed write.
 """
+import contextlib
 import errno
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from commons import UserError, user_error_text
+from commons import UserError, error_summary, user_error_text
 from descriptors import DescriptorFile
 from retrieval import extract_descriptors
 from folder_dataset import images_in
@@ -71,7 +72,7 @@ def dataset_paths(path):
         if info.type == h5py.h5o.TYPE_DATASET:
             parent, _, dataset = name.decode().rpartition('/')
             found.append((parent, dataset))
-    with open_h5(path) as f:
+    with reading_h5(path) as f:
         h5py.h5o.visit(f.id, visit, info=True)
     return found
 
@@ -83,6 +84,16 @@ def open_h5(path, mode='r'):
         raise UserError(f'{path} cannot be opened as an HDF5 file ({error}).') from None
 
 
+@contextlib.contextmanager
+def reading_h5(path):
+    """Open a global-feats file for reading; a damaged one (HDF5 read errors, wrong kinds of objects) is a UserError."""
+    try:
+        with open_h5(path) as f:
+            yield f
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f'{path} is damaged: reading it failed ({error_summary(error)}). Extract it again.') from None
+
+
 def complete_groups(path, dim):
     """Names of the groups of a global-feats file that hold both datasets; a UserError if its descriptors are not
     dim-D (a file of another model cannot be mixed with this one's descriptors). Only the first descriptor's
@@ -91,7 +102,7 @@ def complete_groups(path, dim):
     descriptors = [parent for parent, dataset in paths if dataset == 'global_descriptor']
     sizes = {parent for parent, dataset in paths if dataset == 'image_size'}
     if descriptors:
-        with open_h5(path) as f:
+        with reading_h5(path) as f:
             check_dims(path, {descriptors[0]: f[descriptors[0]]['global_descriptor'].shape}, dim)
     return {name for name in descriptors if name in sizes}
 
@@ -104,6 +115,14 @@ def check_dims(path, shapes, dim):
         raise UserError(f'{path} holds descriptors of shape {shape} (e.g. image "{name}"), not ({dim},) as this '
                         f'model gives: it was written by another model or settings. Write to another file, or use '
                         f'the model that wrote it.')
+
+
+def check_float(path, names, rows):
+    """Descriptors must be finite float16/float32/float64 numbers."""
+    for name, row in zip(names, rows):
+        if row.dtype.kind != 'f' or not np.isfinite(row).all():
+            raise UserError(f'{path}: the global_descriptor of "{name}" is not finite floating-point numbers '
+                            f'(dtype {row.dtype}); the file was not written by an extraction or is damaged.')
 
 
 def write_groups(path, names, descriptors, sizes, as_half):
@@ -124,15 +143,16 @@ def read_descriptors(path, names, dim, target_path):
     contiguous rows instead of one HDF5 group per image."""
     target = None
     step = max(1, READ_CHUNK_BYTES // (4 * dim))
-    with open_h5(path) as f:
+    with reading_h5(path) as f:
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
             missing = [name for name in chunk if f'{name}/global_descriptor' not in f]
             if missing:
                 raise UserError(f'{path} has no global_descriptor for image "{missing[0]}" ({len(missing)} of the '
                                 f'names asked for are missing here).')
-            rows = [f[name]['global_descriptor'][()] for name in chunk]
+            rows = [np.asarray(f[name]['global_descriptor'][()]) for name in chunk]
             check_dims(path, {name: row.shape for name, row in zip(chunk, rows)}, dim)
+            check_float(path, chunk, rows)
             if target is None:
                 dtype = 'float16' if rows[0].dtype == np.float16 else 'float32'
                 target = DescriptorFile.create(target_path, len(names), dim, dtype)
@@ -142,7 +162,7 @@ def read_descriptors(path, names, dim, target_path):
 
 def descriptor_dim(path, name):
     """The descriptor dimension of a global-feats file, read from the group of image `name`."""
-    with open_h5(path) as f:
+    with reading_h5(path) as f:
         if f'{name}/global_descriptor' not in f:
             raise UserError(f'{path} has no global_descriptor for image "{name}".')
         shape = f[name]['global_descriptor'].shape
