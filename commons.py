@@ -111,15 +111,17 @@ def atomic_write(path, write, mode='wb'):
     fsync_folder(folder)
 
 
-def check_output_path(path):
-    """An output file's path must not be a folder, nor lie under a file."""
-    if os.path.isdir(path):
-        raise UserError(f'The output path {path} is a folder; give the path of a file to write.')
+def check_output_path(path, folder=False, flag=None):
+    """An output file's path must not be a folder (an output folder's not a file), nor lie under a file."""
+    name = f'{flag}={path}' if flag else path
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f'The output path {name} is a {"file" if folder else "folder"}; give the path of a '
+                        f'{"folder" if folder else "file"} to write.')
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f'The output path {path} lies under {parent}, which is a file, not a folder.')
+        raise UserError(f'The output path {name} lies under {parent}, which is a file, not a folder.')
 
 
 def raise_if_disk_full(error, path, needed_bytes=None):

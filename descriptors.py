@@ -8,6 +8,7 @@ resident set, and a 32k-D pitts250k database is 5.5 GB (float16) or 11 GB (float
 open the files, e.g. `np.load(path, mmap_mode='r')`.
 """
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -152,14 +153,36 @@ def check_unit_rows(descriptors):
 
 @contextlib.contextmanager
 def cache_folder(cache_path=None, prefix='netvlad_descriptors_'):
-    """A fresh folder (inside cache_path, or the system's temporary folder) removed with its files on exit."""
-    if cache_path:
-        os.makedirs(cache_path, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=prefix, dir=cache_path or None)
+    """A fresh folder (inside cache_path, or the system's temporary folder) removed with its files on exit. Its name
+    holds this process's id, so that the folders of killed processes are found and removed the next time."""
+    root = cache_path or tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    remove_orphan_folders(root, prefix)
+    folder = tempfile.mkdtemp(prefix=f'{prefix}{os.getpid()}_', dir=root)
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphan_folders(root, prefix):
+    """Remove the cache folders under `root` whose process (the id in their name) no longer runs."""
+    for name in os.listdir(root):
+        owner = name[len(prefix):].split('_')[0]
+        if not name.startswith(prefix) or not owner.isdigit() or process_runs(int(owner)):
+            continue
+        logging.info('Removing %s, left by a process that was killed.', os.path.join(root, name))
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def process_runs(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def part_name(split, dim, rank, world):

@@ -4,7 +4,7 @@ import math
 import os
 import sys
 
-from commons import UserError, log_exception_to_file, parse_size, setup_logging, torchrun_process, user_error_text
+from commons import UserError, check_output_path, log_exception_to_file, parse_size, setup_logging, torchrun_process, user_error_text
 
 MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'extract', 'pairs', 'query', 'synth', 'demo',
          'report', 'import', 'export']
@@ -39,11 +39,22 @@ FLAG_RANGES = dict(
     num_matched=AT_LEAST_1)
 
 
+# Flags that name what a mode writes: checked before any work, so that a bad path never wastes a computation.
+OUTPUT_FILES = ('output', 'export_path')
+OUTPUT_FOLDERS = ('export_dir', 'runsPath', 'cachePath', 'savePath')
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one paragraph (usage aside), as every other bad input of the toolkit."""
 
     def error(self, message):
         raise UserError(f'{message[0].upper()}{message[1:]}. See python main.py --help.')
+
+
+def check_output_paths(opt):
+    for flag in OUTPUT_FILES + OUTPUT_FOLDERS:
+        if getattr(opt, flag, None):
+            check_output_path(getattr(opt, flag), folder=flag in OUTPUT_FOLDERS, flag=f'--{flag}')
 
 
 def check_flag_ranges(opt):
@@ -306,6 +317,7 @@ def parse_options(argv=None):
     if opt.savePath is None:
         opt.savePath = os.path.join(opt.runsPath, f'{opt.arch}_netvlad_checkpoint', f'{opt.arch}_netvlad_checkpoint')
     opt.cuda = not opt.nocuda and opt.nGPU > 0
+    check_output_paths(opt)
     return opt
 
 
