@@ -39,7 +39,7 @@ from checkpoint import checkpoint_path, read_checkpoint
 from commons import UserError, make_deterministic
 from datasets import load_dataset, training_database_sample
 from images import image_loader
-from measure import interleaved_latency
+from measure import LATENCY_THREADS, interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
 from results import append_result
 from retrieval import evaluate, log_recalls
@@ -118,14 +118,14 @@ def onnxruntime_difference(model, path, images):
 
 class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by onnxruntime on the CPU, shaped as this project's models (image batch -> descriptors), so
-    that evaluation and latency measurement take it. Threads: as many as torch uses, for like-for-like timings."""
+    that evaluation and latency measurement take it. Threads: `threads`, or as many as torch uses."""
 
     cpu_only = True
 
-    def __init__(self, path, output_dim):
+    def __init__(self, path, output_dim, threads=None):
         super().__init__()
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         self.output_dim = output_dim
 
@@ -180,7 +180,8 @@ def export_int8(model, float_path, opt, calib_set, eval_set):
     result = evaluate(int8, eval_set, opt, torch.device('cpu'))
     result.pop('predictions')
     log_recalls(result['recalls'])
-    float_ms, int8_ms = interleaved_latency([model, int8], opt.latency_size)
+    timed = OnnxRuntimeModel(path, model.output_dim, threads=LATENCY_THREADS)  # a session's threads are fixed
+    float_ms, int8_ms = interleaved_latency([model, timed], opt.latency_size)
     size = os.path.getsize(path)
     append_result(opt, 'onnxruntime int8 static', result, size, int8_ms, run_dir=opt.resume)
     logging.info('====> onnxruntime int8 model %s: %.1f MB (float ONNX %.1f MB), %.1f ms per %s image on the CPU '

@@ -1,13 +1,32 @@
-"""NetVLAD toolkit entry point: reads the flags and runs one mode. Everything else lives in the module of its concern."""
+"""NetVLAD toolkit entry point: reads the flags and runs one mode; everything else lives in the module of its concern."""
 import argparse
+import importlib
 import math
 import os
+import shlex
 import sys
 
-from commons import UserError, check_output_path, log_exception_to_file, parse_size, setup_logging, torchrun_process, user_error_text
+from commons import (UserError, check_output_path, log_exception_to_file, parse_size, setup_logging, torchrun_process,
+                     user_error_text)
 
-MODES = ['cluster', 'train', 'test', 'prune', 'quantize', 'pca', 'extract', 'pairs', 'query', 'synth', 'demo',
-         'report', 'import', 'export']
+# Every mode: the module and function that run it, and one line for --help. The list of modes is this table's keys.
+MODE_TABLE = {
+    'cluster': ('cluster', 'cluster', 'k-means centroids of local descriptors, which NetVLAD is initialised from'),
+    'train': ('train', 'train', 'weakly supervised triplet training (or --resume a run)'),
+    'test': ('evaluate', 'test', 'Recall@N of a run (or of the untrained network) on a split'),
+    'prune': ('prune', 'prune', 'structured or unstructured pruning, fine-tuned and compared'),
+    'quantize': ('quantize', 'quantize', 'int8 quantization (static or QAT), compared'),
+    'pca': ('pca', 'pca', 'PCA whitening of the descriptor fitted on training images, compared'),
+    'extract': ('extract', 'extract', "descriptors of an image folder in hloc's global-feats HDF5 layout"),
+    'pairs': ('pairs', 'pairs', "hloc's retrieval pairs from global-feats files"),
+    'query': ('query', 'query', 'where were these photos taken: answers from a database of geotagged images'),
+    'synth': ('synthetic', 'synth', 'write the built-in synthetic dataset (Pittsburgh layout) into --dataPath'),
+    'demo': ('demo', 'demo', "the user's whole pipeline on the synthetic dataset, with the results table"),
+    'report': ('results', 'report', 'the results table of --runsPath/results.jsonl'),
+    'import': ('matlab_import', 'import_network', "a network of the NetVLAD authors' MATLAB release as a run folder"),
+    'export': ('export_onnx', 'export', 'a run folder as an ONNX model'),
+}
+MODES = list(MODE_TABLE)
 SPLITS = ['test', 'val', 'train', 'test250k', 'val250k', 'train250k', 'tokyo247', 'tokyoTM_train', 'tokyoTM_val',
           'msls_val']
 # Model-shape flags: when a checkpoint is loaded its own values are used, unless the user gave the flag.
@@ -308,12 +327,13 @@ def parse_options(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     opt.explicit = explicit_flags(parser, argv)
+    opt.command = 'python main.py ' + ' '.join(shlex.quote(str(a)) for a in (sys.argv[1:] if argv is None else argv))
     check_flag_ranges(opt)
     for flag, default in MODEL_DEFAULTS.items():
         if getattr(opt, flag) is None:
             setattr(opt, flag, default)
     if opt.dataPath is None:
-        opt.dataPath = 'synthetic_data' if opt.dataset == 'synthetic' else '.'
+        opt.dataPath = 'synthetic_data' if opt.dataset == 'synthetic' or opt.mode == 'synth' else '.'
     if opt.savePath is None:
         opt.savePath = os.path.join(opt.runsPath, f'{opt.arch}_netvlad_checkpoint', f'{opt.arch}_netvlad_checkpoint')
     opt.cuda = not opt.nocuda and opt.nGPU > 0
@@ -330,49 +350,12 @@ def explicit_flags(parser, argv):
 
 
 def run(opt):
-    if opt.dataset == 'synthetic' and opt.mode not in ('report', 'import', 'export'):
+    if opt.dataset == 'synthetic' and opt.mode not in ('report', 'import', 'export', 'synth'):
         from synthetic import ensure_synthetic
         ensure_synthetic(opt)
-    if opt.mode == 'synth':
-        return None
-    if opt.mode == 'cluster':
-        from cluster import cluster
-        return cluster(opt)
-    if opt.mode == 'test':
-        from evaluate import test
-        return test(opt)
-    if opt.mode == 'train':
-        from train import train
-        return train(opt)
-    if opt.mode == 'prune':
-        from prune import prune
-        return prune(opt)
-    if opt.mode == 'quantize':
-        from quantize import quantize
-        return quantize(opt)
-    if opt.mode == 'pca':
-        from pca import pca
-        return pca(opt)
-    if opt.mode == 'import':
-        from matlab_import import import_network
-        return import_network(opt)
-    if opt.mode == 'export':
-        from export_onnx import export
-        return export(opt)
-    if opt.mode == 'extract':
-        from extract import extract
-        return extract(opt)
-    if opt.mode == 'pairs':
-        from pairs import pairs
-        return pairs(opt)
-    if opt.mode == 'query':
-        from query import query
-        return query(opt)
-    if opt.mode == 'demo':
-        from demo import demo
-        return demo(opt, parse_options, run)
-    from results import report
-    return report(opt)
+    module_name, function_name, _ = MODE_TABLE[opt.mode]
+    mode = getattr(importlib.import_module(module_name), function_name)
+    return mode(opt, parse_options, run) if opt.mode == 'demo' else mode(opt)
 
 
 def main(argv=None):

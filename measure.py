@@ -1,4 +1,5 @@
 """What compression is judged by: parameters, MACs, file size and CPU latency of a model, before against after."""
+import contextlib
 import io
 import logging
 import os
@@ -49,22 +50,40 @@ def count_macs(model, image_size):
     return sum(macs)
 
 
+# Every latency the toolkit reports: on this many CPU threads, in process CPU time (which other processes' load on a
+# shared machine does not inflate, as it does wall time).
+LATENCY_THREADS = 1
+LATENCY_CLOCK = 'process CPU time'
+LATENCY_TEXT = f'{LATENCY_THREADS} CPU thread{"s" if LATENCY_THREADS > 1 else ""}, {LATENCY_CLOCK}'
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's intra-op thread count set to `count` while the block runs, then restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def latency_ms(model, image_size, repeats=20, warmup=3, batch=1):
-    """Median CPU wall time of one forward pass per image, in milliseconds."""
+    """Median time of one forward pass per image, in milliseconds (LATENCY_TEXT: threads and clock)."""
     images = torch.randn(batch, 3, *image_size).contiguous(memory_format=torch.channels_last)
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(LATENCY_THREADS):
         for i in range(warmup + repeats):
-            started = time.perf_counter()
+            started = time.process_time()
             model(images)
             if i >= warmup:
-                times.append((time.perf_counter() - started) * 1000 / batch)
+                times.append((time.process_time() - started) * 1000 / batch)
     return statistics.median(times)
 
 
 def interleaved_latency(models, image_size, rounds=5, repeats=4):
-    """Median CPU latency per image of each model, timed in alternating rounds so that load from other
-    processes falls on all models alike."""
+    """Median latency per image of each model (latency_ms), timed in alternating rounds so that whatever else the
+    machine does falls on all models alike."""
     times = [[] for _ in models]
     for _ in tqdm(range(rounds), desc='latency', unit='round'):
         for model, samples in zip(models, times):

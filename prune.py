@@ -51,7 +51,8 @@ from tqdm import tqdm
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
-from measure import compare, count_macs, count_parameters, directory_size, interleaved_latency, model_bytes
+from measure import (LATENCY_TEXT, compare, count_macs, count_parameters, directory_size, interleaved_latency,
+                     model_bytes)
 from models import conv_indices
 from datasets import load_dataset, training_database_sample
 from results import append_result
@@ -344,7 +345,7 @@ def prune(opt):
         before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
         report = compare(before, after, os.path.join(folder, 'prune_report.json'),
                          f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
-                         f'{opt.latency_size[0]}x{opt.latency_size[1]})')
+                         f'{opt.latency_size[0]}x{opt.latency_size[1]}, {LATENCY_TEXT})')
     append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'], run_dir)
     log_summary(report, run_dir)
     return report

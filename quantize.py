@@ -37,7 +37,7 @@ from commons import UserError, make_deterministic, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
-from measure import compare, directory_size, interleaved_latency, model_bytes
+from measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict, trunk
 from results import append_result
 from retrieval import evaluate, log_recalls
@@ -220,7 +220,7 @@ def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, o
     before['latency_ms'], after['latency_ms'] = interleaved_latency([original, quantized], opt.latency_size)
     report = compare(before, after, os.path.join(out_dir, 'quantize_report.json'),
                      f'int8 quantization ({opt.quantization_type}) of {opt.resume} ({opt.split} split, CPU latency '
-                     f'at {opt.latency_size[0]}x{opt.latency_size[1]})')
+                     f'at {opt.latency_size[0]}x{opt.latency_size[1]}, {LATENCY_TEXT})')
     return report, before, after, result, checkpoint
 
 

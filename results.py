@@ -3,13 +3,18 @@ import copy
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
+import platform
+import subprocess
 import sys
 
+import torch
+
 from commons import UserError, atomic_write_text
-from measure import latency_ms, model_bytes
+from measure import LATENCY_CLOCK, LATENCY_THREADS, latency_ms, model_bytes
 
 RESULTS_FILE = 'results.jsonl'
 TABLE_FILE = 'results.md'
@@ -27,10 +32,43 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
                   recalls={str(n): r for n, r in evaluation['recalls'].items()}, curve=evaluation['curve'],
                   descriptor_dim=evaluation['descriptor_dim'], file_mb=file_bytes / 2 ** 20,
                   latency_ms=latency_ms, latency_size='x'.join(map(str, opt.latency_size)),
-                  date=datetime.date.today().isoformat(), command='python ' + ' '.join(sys.argv))
+                  latency_threads=LATENCY_THREADS, latency_clock=LATENCY_CLOCK,
+                  date=datetime.date.today().isoformat(), **provenance(opt))
     os.makedirs(opt.runsPath, exist_ok=True)
     append_line(results_path(opt), json.dumps(record) + '\n')
     return record
+
+
+def provenance(opt):
+    """Where a record comes from: the stage's own command line, the code's git commit (None outside a checkout), the
+    CPU and GPU it ran on, and the torch version."""
+    command = getattr(opt, 'command', None) or 'python main.py ' + ' '.join(sys.argv[1:])
+    return dict(command=command, commit=code_commit(), cpu=cpu_model(),
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch=torch.__version__)
+
+
+@functools.lru_cache(maxsize=1)
+def code_commit():
+    folder = os.path.dirname(os.path.abspath(__file__))
+    try:
+        result = subprocess.run(['git', '-C', folder, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform reports)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def append_line(path, line):
@@ -144,7 +182,9 @@ def table_row(r):
 def latency_cell(record):
     if record['latency_ms'] is None:
         return '-'
-    return f'{record["latency_ms"]:.1f} (at {record["latency_size"]})'
+    threads, clock = record.get('latency_threads'), record.get('latency_clock')
+    how = f', {threads} thread{"s" if threads != 1 else ""}, {clock}' if threads and clock else ''
+    return f'{record["latency_ms"]:.1f} (at {record["latency_size"]}{how})'
 
 
 def report(opt):

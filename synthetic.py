@@ -46,6 +46,14 @@ def ensure_synthetic(opt):
     generate(opt.dataPath, opt.synth_db, opt.synth_queries, parse_size(opt.synth_imsize), opt.seed)
 
 
+def synth(opt):
+    """--mode=synth: the synthetic dataset in --dataPath, whatever --dataset says (the other modes read it with
+    --dataset synthetic)."""
+    ensure_synthetic(opt)
+    logging.info('====> Synthetic dataset in %s; read it with --dataset synthetic --dataPath %s', opt.dataPath,
+                 opt.dataPath)
+
+
 def generate(path, num_db, num_queries, image_size, seed):
     """Write all three splits; files are first written under a temporary name, the .mat files last."""
     logging.info('Generating the synthetic dataset in %s (%d db / %d queries for val and test, twice that for '

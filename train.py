@@ -17,8 +17,8 @@ from runs import (check_float_run, check_new_run_folder, is_dead_start, locked_f
 from training import fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
-NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath', 'runsPath',
-                'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
+NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
+                'runsPath', 'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
 
 
 def restore_flags(opt, run_dir):

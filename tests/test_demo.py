@@ -15,6 +15,9 @@ def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
     records = [json.loads(line) for line in (runs / 'results.jsonl').read_text().splitlines()]
     assert [r['variant'] for r in records] == VARIANTS  # one record per evaluating stage, in order
     assert all(r['latency_ms'] > 0 and r['latency_size'] == '64x80' for r in records)  # all timed in one run
+    # each record carries the command line of its own stage, as the user would type it
+    assert all(r['command'].startswith('python main.py --mode=') and '--mode=demo' not in r['command']
+               for r in records)
     table = (runs / 'results.md').read_text()
     assert table in capsys.readouterr().out
     for variant in VARIANTS:

@@ -68,7 +68,8 @@ def test_a_cut_short_last_line_gets_the_next_record_on_its_own_line(tmp_path, ma
     assert [json.loads(lines[i])['variant'] for i in (0, 2)] == ['trained', 'int8 static']
     out = report_lines(run_cli, runs, capsys)
     recalls = '0.500 | 0.750 | 0.875 | 1.000'
-    assert f'| alexnet trained | synthetic test | {recalls} | 2048 | 3.0 | 12.5 (at 480x640) |' in out
+    timed = '12.5 (at 480x640, 1 thread, process CPU time)'
+    assert f'| alexnet trained | synthetic test | {recalls} | 2048 | 3.0 | {timed} |' in out
     assert f'| alexnet int8 static | synthetic test | {recalls} | 2048 | 1.0 | - |' in out
     warnings = [line for line in out if 'skipped' in line]
     assert len(warnings) == 1 and 'line 2 ' in warnings[0] and str(results) in warnings[0]
@@ -107,3 +108,21 @@ def test_report_on_only_damaged_lines_is_a_clear_error(tmp_path, run_cli, capsys
     assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
     error = error_paragraph(capsys.readouterr().err)
     assert 'only damaged lines' in error and str(tmp_path / 'results.jsonl') in error
+
+
+def test_a_record_says_where_it_came_from(clustered_data, float_run, tmp_path, run_cli):
+    import subprocess
+    import torch
+    runs = tmp_path / 'runs'
+    argv = ['--mode=test', '--dataset=synthetic', '--dataPath', str(clustered_data), '--split=test', '--resume',
+            str(float_run), '--nocuda', '--threads=0', '--runsPath', str(runs)]
+    assert run_cli(argv) == 0
+    record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['command'] == 'python main.py ' + ' '.join(argv)
+    assert record['run'] == str(float_run)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(['git', '-C', repo, 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    assert record['commit'] == (head or None)
+    with open('/proc/cpuinfo') as f:
+        cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    assert record['cpu'] == cpu and record['torch'] == torch.__version__ and record['gpu'] is None
