@@ -1,6 +1,7 @@
 """Small helpers every mode uses: user-facing errors, seeding, device choice, logging, atomic file writes."""
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -148,6 +149,12 @@ def fsync_folder(folder):
         os.close(descriptor)
 
 
+def atomic_copy(source_path, path):
+    """The file at source_path copied to `path` through atomic_write."""
+    with open(source_path, 'rb') as source:
+        atomic_write(path, lambda f: shutil.copyfileobj(source, f))
+
+
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -171,3 +178,42 @@ def replace_folder(new, target):
     os.replace(new, target)
     fsync_folder(os.path.dirname(target) or '.')
     shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked_folder(path, rank=0):
+    """Hold an exclusive lock on the folder `path` while the block runs: a second process that
+    writes the same run stops with one paragraph instead of mixing its files with this one's. Rank 0 locks for all
+    ranks of a torchrun job."""
+    if rank != 0 or not os.path.isdir(path):  # a folder that does not exist is reported by the block's own checks
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f'Another process is writing the run folder {path} (it holds the folder\'s lock). Wait '
+                            f'for it to end, or give another folder (--savePath for a new training run).') from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def building_folder(target):
+    """Build the run folder `target` whole: the block writes into <target>.incomplete (locked against a second
+    build), which replaces `target` as a unit only when the block succeeds. A failed build removes its files and a
+    killed one leaves them in .incomplete, which the next build clears; `target` is always the old folder or the new."""
+    staging = target.rstrip('/' + os.sep) + '.incomplete'
+    os.makedirs(staging, exist_ok=True)
+    with locked_folder(staging):
+        for name in os.listdir(staging):  # a killed build's files
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_folder(staging, target)

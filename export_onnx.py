@@ -26,6 +26,7 @@ checked with onnx.checker, and onnxruntime's output is compared with PyTorch's o
 import json
 import logging
 import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch.nn as nn
 from onnxruntime import quantization as ort_quantization
 
 from checkpoint import checkpoint_path, read_checkpoint
-from commons import UserError, make_deterministic
+from commons import UserError, atomic_copy, make_deterministic
 from datasets import load_dataset, training_database_sample
 from images import image_loader
 from measure import LATENCY_THREADS, interleaved_latency
@@ -84,29 +85,26 @@ def metadata(model, checkpoint, opt):
 
 
 def write_onnx(model, path, props):
-    """torch.onnx export with dynamic batch, height and width, then the metadata, written atomically."""
-    tmp_path = path + '.tmp'
+    """torch.onnx export with dynamic batch, height and width, then the metadata, checked against PyTorch in a
+    scratch folder and written to `path` atomically (commons.atomic_write)."""
     example = torch.rand(CHECK_SIZE, generator=torch.Generator().manual_seed(0))
-    try:
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_path = os.path.join(scratch, os.path.basename(path))
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
             warnings.filterwarnings('ignore', message='.*feature will be removed', category=DeprecationWarning)
-            torch.onnx.export(model, (example,), tmp_path, dynamo=False, opset_version=OPSET,
+            torch.onnx.export(model, (example,), scratch_path, dynamo=False, opset_version=OPSET,
                               input_names=['image'], output_names=['descriptor'],
                               dynamic_axes={'image': {0: 'batch', 2: 'height', 3: 'width'},
                                             'descriptor': {0: 'batch'}})
-        graph = onnx.load(tmp_path)
+        graph = onnx.load(scratch_path)
         onnx.helper.set_model_props(graph, props)
         onnx.checker.check_model(graph)
-        onnx.save(graph, tmp_path)
-        difference = onnxruntime_difference(model, tmp_path, example)
+        onnx.save(graph, scratch_path)
+        difference = onnxruntime_difference(model, scratch_path, example)
         if difference > CHECK_TOLERANCE:
             raise RuntimeError(f'onnxruntime and PyTorch differ by {difference:.2e} on a random batch')
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    os.replace(tmp_path, path)
+        atomic_copy(scratch_path, path)
     return graph, difference
 
 
@@ -157,18 +155,14 @@ def int8_path(path):
 def quantize_onnx(float_path, out_path, calib_loader):
     """onnxruntime static quantisation of the convs (QDQ; int8 per-channel weights, uint8 activations, min-max
     ranges on the calibration images), as torchao's int8 of --mode=quantize: NetVLAD and whitening stay float."""
-    prepared, tmp_path = out_path + '.pre.tmp', out_path + '.tmp'
-    try:
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared, quantized = os.path.join(scratch, 'prepared.onnx'), os.path.join(scratch, 'int8.onnx')
         ort_quantization.quant_pre_process(float_path, prepared)
         ort_quantization.quantize_static(
-            prepared, tmp_path, CalibrationImages(calib_loader), quant_format=ort_quantization.QuantFormat.QDQ,
+            prepared, quantized, CalibrationImages(calib_loader), quant_format=ort_quantization.QuantFormat.QDQ,
             op_types_to_quantize=['Conv'], per_channel=True, activation_type=ort_quantization.QuantType.QUInt8,
             weight_type=ort_quantization.QuantType.QInt8)  # the calibration graph outputs only per-tensor min/max
-        os.replace(tmp_path, out_path)
-    finally:
-        for leftover in (prepared, tmp_path):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        atomic_copy(quantized, out_path)
 
 
 def export_int8(model, float_path, opt, calib_set, eval_set):

@@ -28,9 +28,9 @@ import scipy.io
 import torch
 
 from checkpoint import model_state, save_checkpoint
-from commons import UserError, setup_logging
+from commons import UserError, building_folder, setup_logging
 from models import ARCHS, build_model, config_from_state_dict, layer_index
-from runs import building_folder, check_derived_target
+from runs import check_derived_target
 
 VLAD_LAYER = 30
 WHITENING_LAYER = 33

@@ -18,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import model_state, save_checkpoint
-from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
+from commons import UserError, atomic_write_json, building_folder, make_deterministic, select_device, setup_logging
 from descriptors import DescriptorFile, cache_folder
 from datasets import load_dataset, training_database_sample
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
-from runs import building_folder, check_derived_target, derived_run_folder, load_model
+from runs import check_derived_target, derived_run_folder, load_model
 
 WHITENING_EPS = 1e-9       # added to each eigenvalue before 1/sqrt, as in the MATLAB release
 COLUMN_BLOCK = 2048        # descriptor dimensions per block of the float64 products

@@ -49,15 +49,14 @@ import torch.nn.utils.prune as torch_prune
 from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
-from commons import UserError, make_deterministic, select_device, setup_logging
+from commons import UserError, building_folder, make_deterministic, select_device, setup_logging
 from retrieval import evaluate, log_recalls
 from measure import (LATENCY_TEXT, compare, count_macs, count_parameters, directory_size, interleaved_latency,
                      model_bytes)
 from models import conv_indices
 from datasets import load_dataset, training_database_sample
 from results import append_result
-from runs import (apply_backprop_flag, building_folder, check_derived_target, check_float_run, derived_run_folder,
-                  open_run)
+from runs import apply_backprop_flag, check_derived_target, check_float_run, derived_run_folder, open_run
 from training import fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
-from commons import UserError, make_deterministic, select_device, setup_logging
+from commons import UserError, building_folder, make_deterministic, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
@@ -41,7 +41,7 @@ from measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, 
 from models import config_from_state_dict, trunk
 from results import append_result
 from retrieval import evaluate, log_recalls
-from runs import apply_backprop_flag, building_folder, check_derived_target, derived_run_folder, open_run
+from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -194,8 +194,8 @@ def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, o
                      'evaluation run on the CPU%s.',
                      f'; QAT fine-tunes on {device}' if opt.quantization_type == 'qat' else '')
     logging.info('Quantizing %s (%s) to int8 (%s) into %s: calibration on %d training-database images, '
-                 'evaluation on %s %s', opt.resume, config['arch'], opt.quantization_type, output_dir(opt), len(calib_set),
-                 opt.dataset, opt.split)
+                 'evaluation on %s %s', opt.resume, config['arch'], opt.quantization_type, output_dir(opt),
+                 len(calib_set), opt.dataset, opt.split)
 
     before, _ = measure_model(model.to(device).to(memory_format=torch.channels_last), eval_set, opt, device)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -174,21 +175,12 @@ def read_positions_csv(path, names):
     """Positions of the database images from a CSV with a header: name,east,north or name,lat,lon."""
     if not os.path.isfile(path):
         raise UserError(f'--positions {path}: no such file.')
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        header = [field.strip() for field in reader.fieldnames or []]
-        columns = next((pair for pair in (('east', 'north'), ('lat', 'lon')) if set(pair) <= set(header)), None)
-        if 'name' not in header or columns is None:
-            raise UserError(f'--positions {path} has the header {",".join(header)}; expected name,east,north '
-                            f'(metres) or name,lat,lon.')
-        positions = {}
-        for line, row in enumerate(reader, 2):
-            row = {key.strip(): value for key, value in row.items()}
-            try:
-                positions[row['name'].strip()] = (float(row[columns[0]]), float(row[columns[1]]))
-            except (TypeError, ValueError):
-                raise UserError(f'--positions {path}, line {line}: {columns[0]} and {columns[1]} must be numbers.') \
-                    from None
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            positions, columns = read_position_rows(csv.DictReader(f), path)
+    except UnicodeDecodeError as error:
+        raise UserError(f'--positions {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as a '
+                        f'UTF-8 CSV.') from None
     known = [name for name in names if name in positions]
     if not known:
         raise UserError(f'--positions {path} names none of the {len(names)} database images (names are paths '
@@ -197,6 +189,30 @@ def read_positions_csv(path, names):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+
+def read_position_rows(reader, path):
+    """({name: (a, b)}, (column a, column b)) of a positions CSV's rows; the header names the columns."""
+    header = [field.strip() for field in reader.fieldnames or []]
+    columns = next((pair for pair in (('east', 'north'), ('lat', 'lon')) if set(pair) <= set(header)), None)
+    if 'name' not in header or columns is None:
+        raise UserError(f'--positions {path} has the header {",".join(header)}; expected name,east,north '
+                        f'(metres) or name,lat,lon.')
+    positions = {}
+    for line, row in enumerate(reader, 2):
+        if None in row:
+            raise UserError(f'--positions {path}, line {line}: more values than the header has columns '
+                            f'({",".join(header)}).')
+        row = {key.strip(): value for key, value in row.items()}
+        try:
+            position = (float(row[columns[0]]), float(row[columns[1]]))
+        except (TypeError, ValueError):
+            position = None
+        if position is None or not all(map(math.isfinite, position)):
+            raise UserError(f'--positions {path}, line {line}: {columns[0]} and {columns[1]} must be finite '
+                            f'numbers.')
+        positions[row['name'].strip()] = position
+    return positions, columns
+
 
 def answer(photo, scores, found, db_names, positions):
     """One query's retrievals (rank, name, similarity, position or None) and its estimated position."""

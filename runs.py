@@ -6,8 +6,6 @@ A run's frozen layers belong to it: its checkpoint stores the first encoder laye
 here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,7 +16,7 @@ import torch
 
 from checkpoint import checkpoint_path, is_best_state, read_checkpoint
 from centroids import initialised_model
-from commons import UserError, atomic_write, replace_folder
+from commons import UserError, atomic_copy
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
 
@@ -42,26 +40,6 @@ def is_dead_start(path):
     and no checkpoint.pth.tar (a model_best.pth.tar alone is the first save, killed before its second file)."""
     return os.path.isdir(path) and all(START_FILES.fullmatch(name) for name in os.listdir(path)) and \
         not os.path.exists(checkpoint_path(path))
-
-
-@contextlib.contextmanager
-def locked_folder(path, rank=0):
-    """Hold an exclusive lock on the folder `path` while the block runs: a second process that
-    writes the same run stops with one paragraph instead of mixing its files with this one's. Rank 0 locks for all
-    ranks of a torchrun job."""
-    if rank != 0 or not os.path.isdir(path):  # a folder that does not exist is reported by the block's own checks
-        yield
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f'Another process is writing the run folder {path} (it holds the folder\'s lock). Wait '
-                            f'for it to end, or give another folder (--savePath for a new training run).') from None
-        yield
-    finally:
-        os.close(descriptor)
 
 
 def check_new_run_folder(path):
@@ -90,25 +68,6 @@ def check_derived_target(target, opt):
     if holds_something(target) and not opt.overwrite:
         raise UserError(f'The output run folder {target} already exists (from an earlier --mode={opt.mode}). Add '
                         f'--overwrite to replace it as a whole, or move it away. Nothing was written.')
-
-
-@contextlib.contextmanager
-def building_folder(target):
-    """Build the run folder `target` whole: the block writes into <target>.incomplete (locked against a second
-    build), which replaces `target` as a unit only when the block succeeds. A failed build removes its files and a
-    killed one leaves them in .incomplete, which the next build clears; `target` is always the old folder or the new."""
-    staging = target.rstrip('/' + os.sep) + '.incomplete'
-    os.makedirs(staging, exist_ok=True)
-    with locked_folder(staging):
-        for name in os.listdir(staging):  # a killed build's files
-            path = os.path.join(staging, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        try:
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        replace_folder(staging, target)
 
 
 def stored_flags(run_dir):
@@ -181,8 +140,7 @@ def restore_missing_best(run_dir, checkpoint):
     best = checkpoint_path(run_dir, 'best')
     if not os.path.isfile(best) and is_best_state(checkpoint):
         logging.info('%s is missing and the latest checkpoint is the best one: writing it from that.', best)
-        with open(checkpoint_path(run_dir, 'latest'), 'rb') as source:
-            atomic_write(best, lambda f: shutil.copyfileobj(source, f))
+        atomic_copy(checkpoint_path(run_dir, 'latest'), best)
 
 
 def check_float_run(checkpoint, run_dir, action):

@@ -16,7 +16,7 @@ import scipy.io
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from commons import UserError, parse_size
+from commons import UserError, building_folder, parse_size
 
 PIXELS_PER_METRE = 8
 FACADE_HEIGHT = 120          # pixels: 15 m of facade
@@ -36,14 +36,15 @@ def dataset_ready(path):
 
 
 def ensure_synthetic(opt):
-    """Generate the synthetic dataset into opt.dataPath unless it is already there."""
+    """Generate the synthetic dataset into opt.dataPath unless it is already there: built whole beside it and
+    swapped in (a killed generation leaves no half dataset; the next one starts clean)."""
     if dataset_ready(opt.dataPath):
         return
-    if os.path.isdir(opt.dataPath) and os.listdir(opt.dataPath) and not os.path.isdir(
-            os.path.join(opt.dataPath, 'datasets')):
-        raise UserError(f'--dataPath {opt.dataPath} is not empty and holds no synthetic dataset; '
+    if os.path.isdir(opt.dataPath) and os.listdir(opt.dataPath):
+        raise UserError(f'--dataPath {opt.dataPath} is not empty and holds no complete synthetic dataset; '
                         f'give an empty or new folder for --dataset synthetic.')
-    generate(opt.dataPath, opt.synth_db, opt.synth_queries, parse_size(opt.synth_imsize), opt.seed)
+    with building_folder(opt.dataPath) as folder:
+        generate(folder, opt.synth_db, opt.synth_queries, parse_size(opt.synth_imsize), opt.seed)
 
 
 def synth(opt):
@@ -55,7 +56,7 @@ def synth(opt):
 
 
 def generate(path, num_db, num_queries, image_size, seed):
-    """Write all three splits; files are first written under a temporary name, the .mat files last."""
+    """Write all three splits into `path`, each split's .mat file after its images."""
     logging.info('Generating the synthetic dataset in %s (%d db / %d queries for val and test, twice that for '
                  'train, %dx%d images)', path, num_db, num_queries, *image_size)
     templates = make_templates(np.random.default_rng(seed))
@@ -111,8 +112,7 @@ def write_split(path, split, rng, templates, num_db, num_queries, image_size, fi
                   posDistThr=25.0, posDistSqThr=625.0, nonTrivPosDistSqThr=100.0)
     mat_path = os.path.join(path, 'datasets', f'pitts30k_{split}.mat')
     os.makedirs(os.path.dirname(mat_path), exist_ok=True)
-    scipy.io.savemat(mat_path + '.tmp.mat', {'dbStruct': struct})
-    os.replace(mat_path + '.tmp.mat', mat_path)
+    scipy.io.savemat(mat_path, {'dbStruct': struct})
     return struct
 
 

@@ -10,10 +10,9 @@ import time
 import torch.distributed as dist
 
 from centroids import initialised_model
-from commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
+from commons import UserError, atomic_write_json, locked_folder, make_deterministic, select_device, setup_logging
 from models import layer_index, layer_name
-from runs import (check_float_run, check_new_run_folder, is_dead_start, locked_folder, open_run, restore_missing_best,
-                  stored_flags)
+from runs import check_float_run, check_new_run_folder, is_dead_start, open_run, restore_missing_best, stored_flags
 from training import fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.

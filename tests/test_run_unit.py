@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
+import commons
 import main
-import runs
 from helpers import error_paragraph, files_under, run_killed
 
 
@@ -47,7 +47,7 @@ def test_a_failing_resume_leaves_the_run_as_it_was(clustered, tmp_path, capsys):
 def test_a_second_train_into_a_locked_run_folder_stops(clustered, tmp_path, capsys):
     run = tmp_path / 'run'
     run.mkdir()
-    with runs.locked_folder(str(run)):  # another process's training holds it
+    with commons.locked_folder(str(run)):  # another process's training holds it
         assert main.main(train_argv(clustered, run)) == 2
         assert 'Another process is writing the run folder' in error_paragraph(capsys.readouterr().err)
     assert os.listdir(run) == []
