@@ -140,3 +140,64 @@ def test_training_steps_match_independent_computation(tiny_data, make_opt, optim
 def update_tolerance(start, expected):
     """1e-3 of the update's norm, plus the float32 rounding of the parameters (before and after)."""
     return 1e-3 * (expected - start.double()).norm() + 2 * 2 ** -23 * (start.double().norm() + expected.norm())
+
+
+def port_mining(descriptors, num_db, queries, nontrivial, candidates, margin, num_neg):
+    """The port's QueryDatasetFromStruct.__getitem__, for each query in order, on float64 descriptors [N, D]: the
+    positive nearest in descriptor space among the non-trivial ones; the nNeg*10 nearest of the candidate negatives;
+    of those, the violating ones (d(q,n) < d(q,p) + sqrt(margin)), at most nNeg, nearest first; a query without a
+    violating negative is skipped."""
+    triplets = []
+    for q, query_candidates in zip(queries, candidates):
+        query = descriptors[num_db + q]
+        positives = np.asarray(nontrivial[q])
+        d_pos = np.linalg.norm(descriptors[positives] - query, axis=1)
+        sample = np.unique(query_candidates[query_candidates >= 0])
+        d_neg = np.linalg.norm(descriptors[sample] - query, axis=1)
+        nearest = np.argsort(d_neg, kind='stable')[:num_neg * 10]
+        violating = nearest[d_neg[nearest] < d_pos.min() + math.sqrt(margin)][:num_neg]
+        if len(violating):
+            triplets.append((num_db + int(q), int(positives[d_pos.argmin()]), [int(n) for n in sample[violating]]))
+    return triplets
+
+
+def test_the_users_train_command_mines_batches_and_steps_as_the_port(tiny_data, make_opt, monkeypatch):
+    """The user's command (Adam, lr 1e-4, reference loss, batch 4, nNeg 10): from one cache refresh, the mined
+    triplets, their batches, the losses and the parameters after the first steps equal the port's procedure written
+    out in float64 here (mining per query, batches of 4 in query order, TripletMarginLoss over the negatives, Adam)."""
+    opt = make_opt(['--mode=train', '--dataset=synthetic', '--dataPath', tiny_data, '--arch=alexnet', '--fromscratch',
+                    '--nocuda', '--threads=0', '--optim', 'ADAM', '--lr', '0.0001', '--nNegSample', '40',
+                    *TRAIN_FROM_CONV5])
+    data = training.TrainingData(opt)
+    model = fixed_model(opt, data.whole)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    chunk = data.queries[:12]
+    rng = np.random.default_rng(5)
+    drawn = training.draw_negative_candidates(np.random.default_rng(5), data.num_db,
+                                              [data.potential[q] for q in chunk], opt.nNegSample)
+    hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1)
+    triplets = training.chunk_triplets(data, data.whole, model, chunk, hard_negatives, opt, torch.device('cpu'), rng,
+                                       0, 1)
+
+    paths = data.whole.paths
+    with torch.no_grad():
+        reference = reference_forward(torch.stack([read_image(p) for p in paths]), start).numpy()
+    expected = port_mining(reference, data.num_db, chunk, data.nontrivial, drawn, opt.margin, opt.nNeg)
+    assert len(expected) >= 8 and triplets == expected
+
+    steps = 2
+    optimizer, _ = training.make_optimizer(model, opt)
+    with tqdm(disable=True) as progress:
+        _, losses = training.train_chunk(model, data.whole, triplets[:4 * steps], optimizer, opt,
+                                         torch.device('cpu'), progress, None, 0)
+    batches = []
+    for first in range(0, 4 * steps, 4):
+        batch = expected[first:first + 4]
+        rows = [r for q, p, negs in batch for r in (q, p, *negs)]
+        batches.append((torch.stack([read_image(paths[r]) for r in rows]), [len(t[2]) for t in batch]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected_losses, expected_params = reference_steps(start, trainable, batches, 'ADAM', 1e-4, 0.0, opt.margin)
+    np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-5)
+    trained = model.state_dict()
+    for name, value in expected_params.items():
+        assert (trained[name].double() - value).norm() <= update_tolerance(start[name], value), name
