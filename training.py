@@ -137,13 +137,17 @@ def triplet_indices(neg_counts):
 
 
 def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
-    """The batch's triplet loss (--loss, see the module docstring) from its descriptors [sum(2 + n), D]."""
-    anchor, positive, negative = triplet_indices(neg_counts)
-    query, pos, neg = descriptors[anchor], descriptors[positive], descriptors[negative]
+    """The batch's triplet loss (--loss, see the module docstring) from its descriptors [sum(2 + n), D].
+
+    The rows are gathered with index_select: the backward of advanced indexing with repeated rows (each query and
+    positive stands in every triplet of its negatives) accumulates with atomic adds on several CPU threads, in an
+    order that varies from run to run, so the same seed would not give the same training."""
+    rows = [torch.tensor(r, device=descriptors.device) for r in triplet_indices(neg_counts)]
+    query, pos, neg = (descriptors.index_select(0, r) for r in rows)
     if loss == 'paper':
         hinge = F.relu((query - pos).square().sum(1) + margin - (query - neg).square().sum(1))
         return hinge.sum() / (hinge > 0).sum().clamp_min(1)
-    return F.triplet_margin_loss(query, pos, neg, margin=margin ** 0.5, p=2, reduction='sum') / len(negative)
+    return F.triplet_margin_loss(query, pos, neg, margin=margin ** 0.5, p=2, reduction='sum') / len(rows[2])
 
 
 # ---------------------------------------------------------------------------------------------- distributed
