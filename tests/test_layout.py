@@ -1,4 +1,5 @@
-"""The module graph: no import cycle, and every module imports only modules below it in the README's layout table."""
+"""The module graph: no import cycle, and every module imports only modules below it in the layout table
+(docs/architecture.md)."""
 import ast
 import re
 
@@ -22,9 +23,9 @@ def imported_project_modules(module, known):
 
 
 def layout_levels():
-    """{module: row} from the README's layout table: row 0 is the top; modules named in one row share a level."""
-    readme = (REPO / 'README.md').read_text()
-    section = readme[readme.index('## Layout'):]
+    """{module: row} from docs/architecture.md's layout table: row 0 is the top; modules in one row share a level."""
+    page = (REPO / 'docs' / 'architecture.md').read_text()
+    section = page[page.index('## Layout'):]
     section = section[:section.index('\n## ', 1)]
     levels = {}
     rows = [line for line in section.splitlines() if line.startswith('|') and '.py`' in line.split('|')[1]]
