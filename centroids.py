@@ -1,4 +1,4 @@
-"""The centroids file NetVLAD is initialised from (SPEC section 3), and the encoder it belongs to.
+"""The centroids file NetVLAD is initialised from, and the encoder it belongs to.
 
 HDF5 datasets `descriptors` [N, D] and `centroids` [K, D] float32, as the reference port writes them. Centroids fit
 only the encoder whose local features they cluster, and with --fromscratch that encoder's weights come from --seed,

@@ -1,4 +1,4 @@
-"""Checkpoint files in the reference port's layout (SPEC section 4): reading and writing them (runs.py builds the
+"""Checkpoint files in the reference port's layout: reading and writing them (runs.py builds the
 model a run folder holds)."""
 import os
 import pickle

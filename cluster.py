@@ -1,4 +1,4 @@
-"""--mode=cluster: k-means centroids of local descriptors, the file NetVLAD is initialised from (SPEC section 3)."""
+"""--mode=cluster: k-means centroids of local descriptors, the file NetVLAD is initialised from."""
 import logging
 import math
 import time

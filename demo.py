@@ -1,4 +1,4 @@
-"""--mode=demo: the whole chain on the synthetic dataset, as the user's own commands would run it (SPEC section 1).
+"""--mode=demo: the whole chain on the synthetic dataset, as the user's own commands would run it.
 
 Every stage is a command line parsed and run by main.py exactly as if typed, so each stage reads what the one
 before wrote: cluster -> test (untrained) -> train -> test -> prune (structured 0.2 and 0.5, unstructured) -> quantize
@@ -26,7 +26,7 @@ DEMO_SIZES = {
     'tiny': dict(synth_db=30, synth_queries=16, synth_imsize='64x80', nEpochs=1, finetune_epochs=1,
                  qat_epochs=1, calib_images=8, latency_size='64x80'),
 }
-# The user's command (SPEC section 1) is Adam at 1e-4 and trains conv5 of an ImageNet-initialised encoder; the demo
+# The user's train command is Adam at 1e-4 and trains conv5 of an ImageNet-initialised encoder; the demo
 # trains every layer of a random one (--fromscratch), where 1e-4 overshoots. Measured on the default demo
 # (2026-11-28, Adam without weight decay): at 1e-4 val Recall@5 went 0.753 -> 0.387 -> 0.400 over the three epochs
 # and test Recall@1 ended at 0.207, under the untrained 0.420; at 1e-5 training gains (README, results of the demo).

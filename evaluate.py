@@ -1,4 +1,4 @@
-"""--mode=test: Recall@N of a run (or of the untrained, cluster-initialised network) on a split (SPEC section 5).
+"""--mode=test: Recall@N of a run (or of the untrained, cluster-initialised network) on a split.
 
 The extraction, search and recall are retrieval.py's. Under torchrun each process writes its share of the
 descriptors (extract_part), and `--descriptors PART...` merges the parts and searches them in one process.

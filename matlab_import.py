@@ -13,7 +13,7 @@ TokyoTM_struct.mat). Read with scipy.io.loadmat(..., struct_as_record=False, squ
     layers[34]               final L2 normalisation
     meta.normalization.averageImage: the RGB mean subtracted from 0-255 pixels (a 3-vector or an H x W x 3 image
                              after squeeze_me; as hloc, its pixel [0, 0])
-The run folder holds a normal checkpoint (SPEC section 4): `encoder.*`, `pool.conv.weight`, `pool.centroids`
+The run folder holds a normal checkpoint in the port's layout: `encoder.*`, `pool.conv.weight`, `pool.centroids`
 (negated back), `whiten.weight/bias` with the columns permuted to this project's cluster-major order (k*D + d), and
 `input_norm.mean/std`: the model re-normalises its usual ImageNet-normalised input to the authors' 0-255 minus
 averageImage (models.InputNormalization), so test, pca, prune, quantize, extract and export apply it unasked.

@@ -42,8 +42,8 @@ def parse_db_struct(path):
     """Read the `dbStruct` of a .mat file by field name, checking every field the NetVLAD authors' dbBase needs."""
     if not os.path.isfile(path):
         raise UserError(f'Dataset file {path} does not exist. --dataPath must hold datasets/<split>.mat '
-                        f'(pitts30k_*.mat, pitts250k_*.mat, tokyo247.mat, tokyoTM_*.mat); see the README for where '
-                        f'to get them.')
+                        f'(pitts30k_*.mat, pitts250k_*.mat, tokyo247.mat, tokyoTM_*.mat); see docs/datasets.md for '
+                        f'where to get them.')
     try:
         struct = scipy.io.loadmat(path)['dbStruct']
         names = struct.dtype.names or ()

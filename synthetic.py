@@ -1,4 +1,4 @@
-"""A small, seeded, synthetic place-recognition dataset written in the Pittsburgh on-disk layout (SPEC section 2).
+"""A small, seeded, synthetic place-recognition dataset written in the Pittsburgh on-disk layout.
 
 Each split is a set of straight streets (geographically apart, like Pittsburgh's splits). A street is one long
 facade strip: buildings drawn from a few shared templates (so different places look alike: perceptual

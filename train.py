@@ -1,4 +1,4 @@
-"""--mode=train: the run folder of a weakly supervised triplet training (SPEC section 6): a new run, or --resume.
+"""--mode=train: the run folder of a weakly supervised triplet training: a new run, or --resume.
 
 The training itself (mining, losses, optimiser, fit) lives in training.py, shared with prune fine-tuning and QAT.
 A new run never writes into an existing run folder; a resumed run takes its stored flags and its frozen layers.

@@ -1,4 +1,4 @@
-"""Triplet training machinery shared by --mode=train, prune fine-tuning and QAT (SPEC section 6).
+"""Triplet training machinery shared by --mode=train, prune fine-tuning and QAT.
 
 The descriptor cache of the training images lives in memory (float16) in the main process; a refresh computes
 only the images the next chunk of queries can use. Mining is one batched similarity product per chunk: for each
@@ -306,7 +306,8 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, 
     --evalEvery epochs and at the last one, and checkpointing into run_dir at the end of every epoch.
 
     Also used to fine-tune pruned (prune.py) and fake-quantised (quantize.py) models, with save=False.
-    on_checkpoint() runs after each checkpoint is written. Returns the final training state (epoch, best score, recalls, ...).
+    on_checkpoint() runs after each checkpoint is written. Returns the final training state (epoch, best score,
+    recalls, ...).
     """
     rank, world = init_distributed(opt)
     data, val_set = splits

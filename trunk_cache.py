@@ -1,4 +1,4 @@
-"""The frozen trunk's output for every training image, computed once per fit (--trunk_cache, SPEC section 6).
+"""The frozen trunk's output for every training image, computed once per fit (--trunk_cache).
 
 With ImageNet weights the encoder layers before the first trainable one (conv5 / conv5_1) never change, so their
 output for a training image is the same at every descriptor-cache refresh and in every training step. fit computes

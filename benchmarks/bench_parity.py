@@ -1,6 +1,7 @@
 """Training parity: this project's training against a re-implementation of the reference port's, over many seeds.
 
-The re-implementation is written here from SPEC sections 6 and 7, not from the project's code:
+The re-implementation is written here from the port's description (its training defaults and known faults), not
+from the project's code:
 - NetVLAD with the reference's loop over clusters (bench_netvlad.loop_netvlad);
 - each cache refresh recomputes the descriptors of the whole training set (a stale cache until the next refresh);
   the queries are split into --cacheRefreshRate subsets in a fixed order, shuffled within a subset;
@@ -40,7 +41,7 @@ from centroids import initialised_model  # noqa: E402
 from retrieval import evaluate, extract_descriptors  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 
-TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.0001']  # the user's command (SPEC section 1)
+TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.0001']  # the user's train command, from the port's README
 
 
 def options(data_path, seed, extra=()):

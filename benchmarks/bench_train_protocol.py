@@ -169,7 +169,8 @@ def main():
             with open(args.results, 'a') as f:
                 f.write(json.dumps(result) + '\n')
     values = np.array(recall1)
-    print(f'commit {commit}: val Recall@1 mean {values.mean():.3f} +- {values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0:.3f} '
+    error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    print(f'commit {commit}: val Recall@1 mean {values.mean():.3f} +- {error:.3f} '
           f'(standard error) over seeds {args.seeds}: {" ".join(f"{v:.2f}" for v in values)}')
 
 
