@@ -80,15 +80,26 @@ def train(opt):
     run_dir = opt.resume or opt.savePath
     if not opt.resume and os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f'--savePath={run_dir} is a file, not a folder: give another folder with --savePath.')
-    created = not os.path.exists(run_dir)
-    if created and rank == 0 and not opt.resume:
+    created = [] if opt.resume or rank != 0 else missing_folders(run_dir)
+    if created:
         os.makedirs(run_dir)
     try:
         with locked_folder(run_dir, rank):
             return train_in_folder(opt, rank, run_dir)
     finally:
-        if created and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)  # a run that stopped on its input leaves no empty folder behind
+        for folder in created:  # a run that stopped on its input leaves no empty folders behind
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, innermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def train_in_folder(opt, rank, run_dir):
