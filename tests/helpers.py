@@ -171,6 +171,14 @@ def matlab_forward(net, rgb255):
     return unit(whitened, 1)
 
 
+def free_port():
+    """A TCP port on the loopback interface that nothing listens on now (for a torchrun rendezvous)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
 def run_killed(argv, module, function, call, after=False, cwd=None):
     """Run main.main(argv) in a child process that kills itself (SIGKILL) at the `call`-th call of module.function,
     before that call runs (or right after it returns, with after=True). Returns the child's exit status."""

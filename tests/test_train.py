@@ -11,6 +11,7 @@ import torch
 
 import training
 from checkpoint import read_checkpoint
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,11 +59,15 @@ def test_negative_candidates_exclude_positives_and_never_repeat():
 
 
 @pytest.fixture(scope='module')
-def clustered(tiny_data):
+def clustered(tiny_data, tmp_path_factory):
+    """A private copy of the tiny dataset with its centroids (the session's tiny_data stays as generated)."""
+    import shutil
     import main
-    assert main.main(['--mode=cluster', '--dataset=synthetic', '--dataPath', str(tiny_data), '--arch=alexnet',
+    path = tmp_path_factory.mktemp('train_clustered') / 'data'
+    shutil.copytree(tiny_data, path)
+    assert main.main(['--mode=cluster', '--dataset=synthetic', '--dataPath', str(path), '--arch=alexnet',
                       '--fromscratch', '--nocuda', '--threads=0']) == 0
-    return tiny_data
+    return path
 
 
 def train_argv(data, save_path, epochs, *extra):
@@ -148,7 +153,8 @@ def test_missing_cluster_file_names_the_command(tiny_copy, run_cli, capsys, tmp_
 
 def test_torchrun_two_processes_on_gloo(clustered, tmp_path):
     run = tmp_path / 'ddp'
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+               f'--master_port={free_port()}',
                str(REPO / 'main.py'), *map(str, train_argv(clustered, run, 1))]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
                                env=dict(os.environ, OMP_NUM_THREADS='1'))

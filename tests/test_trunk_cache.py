@@ -15,6 +15,7 @@ import torchvision
 
 import training
 import trunk_cache
+from helpers import free_port
 from images import load_image
 from models import build_model, model_config
 
@@ -165,7 +166,8 @@ def test_torchrun_two_processes_train_with_the_trunk_cache(imagenet_home, run_cl
     flags = ['--arch=alexnet', '--num_clusters=8', f'--dataPath={data}', '--nocuda', '--threads=0',
              '--cacheBatchSize=8']
     assert run_cli(['--mode=cluster', *flags]) == 0
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29541',
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+               f'--master_port={free_port()}',
                str(REPO / 'main.py'), '--mode=train', *flags, '--nEpochs=1', '--nNegSample=20', '--savePath', str(run)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
                                env=dict(os.environ, OMP_NUM_THREADS='1'))
