@@ -40,8 +40,9 @@ def test_report_on_missing_empty_or_corrupt_results(run_cli, tmp_path, capsys):
     assert 'is empty' in capsys.readouterr().err
     (tmp_path / 'results.jsonl').write_text('{"variant": "trained", "recalls": {"1": 0.5}}\n{not json\n')
     assert run_cli(['--mode=report', '--runsPath', tmp_path]) == 2
-    error = capsys.readouterr().err
-    assert 'only damaged lines' in error and 'line 2' in error and 'Traceback' not in error
+    captured = capsys.readouterr()
+    assert 'only damaged lines' in captured.err and 'Traceback' not in captured.err
+    assert 'line 1 ' in captured.out and 'line 2 ' in captured.out  # each damaged line named in a warning
 
 
 def test_demo_refuses_a_runs_folder_that_holds_its_run(run_cli, tmp_path, capsys):
