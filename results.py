@@ -43,8 +43,15 @@ def provenance(opt):
     """Where a record comes from: the stage's own command line, the code's git commit (None outside a checkout), the
     CPU and GPU it ran on, and the torch version."""
     command = getattr(opt, 'command', None) or 'python main.py ' + ' '.join(sys.argv[1:])
-    return dict(command=command, commit=code_commit(), cpu=cpu_model(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, torch=torch.__version__)
+    return dict(command=command, commit=code_commit(), cpu=cpu_model(), gpu=gpu_model(), torch=torch.__version__)
+
+
+def gpu_model():
+    """The first CUDA device's name, or None (no CUDA, or a driver that does not answer)."""
+    try:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except (RuntimeError, AssertionError):
+        return None
 
 
 @functools.lru_cache(maxsize=1)
