@@ -1,6 +1,5 @@
 """The demo end to end at its tiny size, and --mode=report on bad results files."""
 import json
-import re
 
 from PIL import Image
 
