@@ -200,6 +200,13 @@ def locked_folder(path, rank=0):
         os.close(descriptor)
 
 
+def empty_folder(path):
+    """Remove everything inside the folder `path`, keeping the folder."""
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
+
+
 @contextlib.contextmanager
 def building_folder(target):
     """Build the run folder `target` whole: the block writes into <target>.incomplete (locked against a second
@@ -208,9 +215,7 @@ def building_folder(target):
     staging = target.rstrip('/' + os.sep) + '.incomplete'
     os.makedirs(staging, exist_ok=True)
     with locked_folder(staging):
-        for name in os.listdir(staging):  # a killed build's files
-            path = os.path.join(staging, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        empty_folder(staging)  # a killed build's files
         try:
             yield staging
         except BaseException:

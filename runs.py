@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import re
-import shutil
 
 import torch
 
 from checkpoint import checkpoint_path, is_best_state, read_checkpoint
 from centroids import initialised_model
-from commons import UserError, atomic_copy
+from commons import UserError, atomic_copy, empty_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
 
@@ -44,15 +43,12 @@ def is_dead_start(path):
 
 def check_new_run_folder(path):
     """A new training run never writes into a folder that already holds a run; the files of a start that ended
-    before its first checkpoint are removed (the same command then starts clean). Call it holding the lock."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f'--savePath={path} is a file, not a folder: give another folder with --savePath.')
+    before its first checkpoint are removed (the same command then starts clean). Call it holding the lock; that
+    --savePath is not a file was checked with the other output paths (main.check_output_paths)."""
     if holds_something(path) and is_dead_start(path):
         logging.info('%s holds only the start of a run that ended before its first checkpoint (%s): removing it '
                      'and starting again.', path, ', '.join(sorted(os.listdir(path))))
-        for name in os.listdir(path):
-            target = os.path.join(path, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        empty_folder(path)
     if holds_something(path):
         raise UserError(f'The run folder {path} already exists and holds {", ".join(sorted(os.listdir(path)))}; '
                         f'a new training run would replace its checkpoints. To continue that run, add '

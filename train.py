@@ -78,8 +78,6 @@ def resumed_run(opt, run_dir):
 def train(opt):
     rank, _ = init_distributed(opt)
     run_dir = opt.resume or opt.savePath
-    if not opt.resume and os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UserError(f'--savePath={run_dir} is a file, not a folder: give another folder with --savePath.')
     created = [] if opt.resume or rank != 0 else missing_folders(run_dir)
     if created:
         os.makedirs(run_dir)
