@@ -13,10 +13,18 @@ from centroids import centroids_path, encoder_attributes, new_model, write_centr
 from commons import UserError, make_deterministic, select_device
 from datasets import load_dataset
 from images import image_loader
+from options import add_common_flags, add_dataset_flags, add_extraction_flags, add_network_flags
 
 NUM_DESCRIPTORS = 50000
 DESCRIPTORS_PER_IMAGE = 100
 KMEANS_ITERATIONS = 100
+
+
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p)
+    add_network_flags(p)
+    add_extraction_flags(p)
 
 
 def sample_local_descriptors(model, dataset, opt, device):

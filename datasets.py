@@ -5,6 +5,7 @@
 `read_split(opt, split)` returns the keyword arguments of `GroundTruth`, so the modes never ask which format they
 read.
 """
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -129,6 +130,26 @@ def load_dataset(opt, split, images=True):
     if images:
         check_images_exist(ground_truth.db_paths + ground_truth.query_paths, ground_truth.images_hint)
     return SplitImages(ground_truth, split, getattr(opt, 'resize', None))
+
+
+def query_sample(split_images, count, seed):
+    """The split with `count` of its queries drawn at random (seeded), all of them when it has no more: the
+    authors validate on 1000 random val queries (trainWeakly.m's nTestSample)."""
+    truth = split_images.db_struct
+    if count >= truth.numQ:
+        return split_images
+    kept = np.sort(np.random.default_rng(seed).choice(truth.numQ, count, replace=False))
+    sampled = dataclasses.replace(truth, query_paths=[truth.query_paths[q] for q in kept], utmQ=truth.utmQ[kept],
+                                  q_time=None if truth.q_time is None else truth.q_time[kept])
+    return SplitImages(sampled, split_images.split, split_images.resize)
+
+
+def with_positive_floor(split_images, metres):
+    """The split whose training positives lie farther than `metres` from their query, as well as its own rules
+    (the authors' dbBase.m keeps only 1 m^2 < d^2 for every dataset)."""
+    truth = split_images.db_struct
+    floor = max(metres, truth.min_train_pos_dist or 0.0)
+    return SplitImages(dataclasses.replace(truth, min_train_pos_dist=floor), split_images.split, split_images.resize)
 
 
 def training_database_sample(opt, count, purpose):

@@ -16,6 +16,7 @@ from commons import UserError
 from datasets import load_dataset
 from figures import plot_recall_curves, retrieval_strips
 from measure import interleaved_latency
+from options import add_common_flags, add_extraction_flags
 from results import latest_per_variant, read_results, record_key, results_path, set_latencies
 from runs import holds_something, load_model
 
@@ -35,6 +36,16 @@ STRIP_QUERIES = 4
 STRUCTURED_AMOUNTS = (0.2, 0.5)  # the two amounts whose recall targets the demo shows: within 0.02 and 0.05 of trained
 
 
+def add_flags(p):
+    add_common_flags(p)
+    add_extraction_flags(p)
+    p.add_argument('--arch', default='alexnet', choices=['vgg16', 'alexnet'], help='Encoder of the demo.')
+    p.add_argument('--dataPath', default=None,
+                   help='Folder of the demo\'s synthetic dataset (default: synthetic_data_<demo_size>).')
+    p.add_argument('--demo_size', default='default', choices=list(DEMO_SIZES),
+                   help='"tiny" runs every stage on a very small dataset in about a minute.')
+
+
 def time_together(records, untrained_argv, parse_options, path):
     """The CPU latency of every variant of the table, timed in one interleaved run in this process, each model in
     channels-last memory format: rows timed by separate processes (at separate loads) would not compare."""
@@ -47,9 +58,9 @@ def time_together(records, untrained_argv, parse_options, path):
 
 def demo_setting(opt):
     """The demo's encoder, data folder and training run folder."""
-    arch = opt.arch if 'arch' in opt.explicit else 'alexnet'  # the demo's default encoder, unlike the other modes
-    data_path = opt.dataPath if 'dataPath' in opt.explicit else f'synthetic_data_{opt.demo_size}'
-    return arch, data_path, os.path.join(opt.runsPath, f'{arch}_netvlad_checkpoint', f'{arch}_netvlad_checkpoint')
+    data_path = opt.dataPath or f'synthetic_data_{opt.demo_size}'
+    return opt.arch, data_path, os.path.join(opt.runsPath, f'{opt.arch}_netvlad_checkpoint',
+                                             f'{opt.arch}_netvlad_checkpoint')
 
 
 def stage_commands(opt, size):
@@ -57,10 +68,10 @@ def stage_commands(opt, size):
     arch, data_path, run = demo_setting(opt)
     common = ['--dataset', 'synthetic', '--dataPath', data_path, '--runsPath', opt.runsPath, '--arch', arch,
               '--fromscratch', '--seed', str(opt.seed), '--threads', str(opt.threads), '--nGPU', str(opt.nGPU),
-              '--latency_size', size['latency_size'], '--cacheBatchSize', str(opt.cacheBatchSize)]
+              '--cacheBatchSize', str(opt.cacheBatchSize)]
     common += ['--nocuda'] if opt.nocuda else []
     common += [f'--{k}={size[k]}' for k in ('synth_db', 'synth_queries', 'synth_imsize')]
-    evaluate = ['--split', 'test']
+    evaluate = ['--split', 'test', '--latency_size', size['latency_size']]
     resume = ['--resume', run]
     return [
         ['--mode=cluster'] + common,

@@ -15,15 +15,47 @@ from torch.utils.data import Subset
 
 from commons import UserError, atomic_write, atomic_write_json, make_deterministic, select_device, torchrun_process
 from datasets import load_dataset
-from folder_dataset import evaluation_name, two_folders
 from descriptors import open_parts, part_name, part_rows
 from figures import retrieval_strips
+from folder_dataset import evaluation_name, two_folders
 from msls import write_predictions
+from options import (
+    AT_LEAST_0,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_latency_flags,
+    add_network_flags,
+    add_run_flags,
+    add_search_flags,
+)
 from results import record_result
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
 from runs import load_model, place_model
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
+
+
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p)
+    add_run_flags(p)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_latency_flags(p, optional=True)
+    test = p.add_argument_group('test')
+    test.add_argument('--database_folder', default=None,
+                      help='A folder of database images named @UTM_east@UTM_north@...@.jpg, evaluated against '
+                           '--queries_folder instead of a split of --dataPath.')
+    test.add_argument('--queries_folder', default=None, help='The query images for --database_folder.')
+    test.add_argument('--save_predictions', type=AT_LEAST_0, default=0, metavar='N',
+                      help='Write each query\'s top N database images with their descriptor distance and distance in '
+                           'metres (<run>/predictions_<split>.csv), and a picture of the first queries with their '
+                           'retrievals (green within the positive threshold, red beyond).')
+    test.add_argument('--descriptors', nargs='+', default=None, metavar='PART',
+                      help='Search the descriptor parts that test mode under torchrun wrote '
+                           '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
 
 
 def evaluate_parts(paths, dataset, dim, opt):

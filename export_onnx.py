@@ -42,6 +42,16 @@ from datasets import load_dataset, training_database_sample
 from images import image_loader
 from measure import LATENCY_THREADS, interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
+from options import (
+    add_calibration_flag,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_latency_flags,
+    add_network_flags,
+    add_run_flags,
+    add_search_flags,
+)
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import open_run
@@ -51,13 +61,31 @@ CHECK_SIZE = (2, 3, 128, 160)  # the random batch onnxruntime and PyTorch are co
 CHECK_TOLERANCE = 1e-4
 
 
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p)
+    add_run_flags(p, required=True)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_latency_flags(p, optional=False)
+    group = p.add_argument_group('export')
+    group.add_argument('--format', default='onnx', choices=['onnx'], help='The file format of the exported model.')
+    group.add_argument('--export_path', default=None, metavar='FILE',
+                       help='The file to write (default: <resume>/model.onnx). Input: images normalised as the project '
+                            'loads them (mean and std in its metadata); output: the L2-normalised descriptor.')
+    group.add_argument('--onnx_int8', action='store_true',
+                       help='Also write FILE_int8.onnx beside FILE.onnx, onnxruntime\'s static int8 quantization of the '
+                            'convs calibrated on --calib_images training-database images, and evaluate it on --split '
+                            '(Recall@N, size, latency; appended to the results file).')
+    add_calibration_flag(group)
+
+
 def export_path(opt):
     return opt.export_path or os.path.join(opt.resume, 'model.onnx')
 
 
 def check_request(opt):
-    if not opt.resume:
-        raise UserError('--mode=export needs --resume=<run folder>: the run whose model to export.')
     checkpoint = read_checkpoint(checkpoint_path(opt.resume, opt.ckpt), opt.unsafe_load)
     if 'quantized' in checkpoint:
         raise UserError(f'--resume={opt.resume} holds an int8 model (--mode=quantize), whose encoder is a torch.export '

@@ -9,16 +9,34 @@ NetVLAD port (RGB 0-255 minus the mean): descriptors of the two are not comparab
 import logging
 import os
 
-from commons import UserError, make_deterministic, select_device
-from runs import load_model, place_model
+from commons import make_deterministic, select_device
 from global_features import FEATURES_FILE, extract_folder, find_images
+from options import (
+    add_centroids_source_flags,
+    add_common_flags,
+    add_extraction_flags,
+    add_image_folder_flags,
+    add_network_flags,
+    add_run_flags,
+)
+from runs import load_model, place_model
+
+
+def add_flags(p):
+    add_common_flags(p)
+    add_centroids_source_flags(p)
+    add_network_flags(p)
+    add_run_flags(p)
+    add_extraction_flags(p)
+    group = p.add_argument_group('extract (hloc\'s flag names)')
+    group.add_argument('--image_dir', required=True,
+                       help='Folder of the images (.jpg/.jpeg/.png, any case, searched recursively).')
+    group.add_argument('--export_dir', required=True, help='Folder that receives global-feats-netvlad.h5.')
+    add_image_folder_flags(group)
 
 
 def extract(opt):
     make_deterministic(opt.seed)
-    if not opt.image_dir or not opt.export_dir:
-        raise UserError('--mode=extract needs --image_dir (the folder of images, searched recursively) and '
-                        '--export_dir (the folder that receives global-feats-netvlad.h5).')
     names = find_images(opt.image_dir, '--image_dir')
     model, _, run_dir = load_model(opt)
     model, device = place_model(model, select_device(opt))

@@ -1,11 +1,13 @@
 """Pictures of a run: Recall@N curves of the evaluated variants, and query strips with their top retrievals."""
-import os
 
 import matplotlib
+
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from commons import atomic_write  # noqa: E402
 
 STRIP_TOP = 5
 THUMB = (160, 120)  # width, height of each picture in a strip
@@ -24,7 +26,7 @@ def plot_recall_curves(records, path):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc='lower right')
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda f: figure.savefig(f, format='png', dpi=120))
     plt.close(figure)
 
 
@@ -67,5 +69,4 @@ def save_sheet(rows, path):
     for y, tiles in enumerate(rows):
         for x, tile in enumerate(tiles):
             sheet.paste(tile, (x * tile_w, y * tile_h))
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    sheet.save(path)
+    atomic_write(path, lambda f: sheet.save(f, format='PNG'))

@@ -62,9 +62,6 @@ def two_folders(opt):
         return False
     if not all(given):
         raise UserError('--database_folder and --queries_folder go together: give both.')
-    if opt.mode != 'test':
-        raise UserError(f'--database_folder/--queries_folder are read by --mode=test only, not --mode={opt.mode}; '
-                        f'other modes read a split of --dataPath (--dataset folder).')
     return True
 
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from commons import UserError, error_summary, user_error_text
 from descriptors import DescriptorFile
-from retrieval import extract_descriptors
 from folder_dataset import images_in
 from images import ImageList, image_size
+from retrieval import extract_descriptors
 
 FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
 CHUNK_BATCHES = 16  # batches extracted between two writes to the file: what a killed run can lose

@@ -26,11 +26,25 @@ X86_MACHINES = ('x86_64', 'amd64', 'x86', 'i386', 'i686')
 # ---------------------------------------------------------------------------------------------- the program
 
 def x86_quantizer(is_qat):
-    """X86InductorQuantizer with its default config: uint8 per-tensor activations, int8 per-channel weights.
+    """X86InductorQuantizer with its default config: uint8 per-tensor activations, int8 per-channel weights; on a CPU
+    without int8 dot-product instructions (VNNI, AMX) the activations keep 7 bits (reduce_range), since oneDNN's
+    AVX2 int8 convolution adds pairs of uint8 x int8 products in saturating int16, which full-range activations
+    overflow.
 
     Importing this module also registers torchao's Inductor passes that lower the int8 pattern to oneDNN."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=is_qat))
+    config = x86.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=not has_int8_dot_product())
+    return x86.X86InductorQuantizer().set_global(config)
+
+
+def has_int8_dot_product():
+    """Whether this CPU has VNNI or AMX int8 instructions (read from /proc/cpuinfo; assumed where it is absent)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return True
+    return bool({'avx512_vnni', 'avx_vnni', 'amx_int8'} & set(flags))
 
 
 def register_x86_int8_lowering():

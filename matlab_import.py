@@ -30,6 +30,7 @@ import torch
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, building_folder, setup_logging
 from models import ARCHS, build_model, config_from_state_dict, layer_index
+from options import add_common_flags, add_overwrite_flag
 from runs import check_derived_target
 
 VLAD_LAYER = 30
@@ -161,9 +162,17 @@ def import_folder(opt):
     return os.path.join(opt.runsPath, f'vgg16_netvlad_{name}')
 
 
+def add_flags(p):
+    add_common_flags(p)
+    add_overwrite_flag(p)
+    p.add_argument('--matlab', required=True, metavar='FILE',
+                   help='The NetVLAD authors\' trained network in the struct .mat layout hloc downloads '
+                        '(Pitts30K_struct.mat, TokyoTM_struct.mat).')
+    p.add_argument('--savePath', default=None,
+                   help='The run folder to write (default: vgg16_netvlad_<file name> under --runsPath).')
+
+
 def import_network(opt):
-    if not opt.matlab:
-        raise UserError('--mode=import needs --matlab FILE: a NetVLAD network in ' + LAYOUT + '.')
     run_dir = import_folder(opt)
     check_derived_target(run_dir, opt)
     state_dict = read_network(opt.matlab)

@@ -14,50 +14,73 @@ import numpy as np
 
 from commons import UserError, atomic_write
 from descriptors import cache_folder
-from retrieval import top_k_by_dot
 from global_features import descriptor_dim, h5_names, read_descriptors
+from options import AT_LEAST_1, add_cache_path_flag, add_common_flags
+from retrieval import top_k_by_dot
 
 MIN_SCORE = 0.0  # hloc's pairs_from_retrieval: similarities below it make no pair
 
 
+def add_flags(p):
+    add_common_flags(p)
+    group = p.add_argument_group('pairs (hloc\'s flag names)')
+    group.add_argument('--descriptors', required=True,
+                       help='The global-feats .h5 of the query images (written by --mode=extract or hloc), and of '
+                            'the database unless --db_descriptors is given.')
+    group.add_argument('--db_descriptors', default=None,
+                       help='Global-feats .h5 of the database images (default: --descriptors).')
+    group.add_argument('--num_matched', type=AT_LEAST_1, required=True,
+                       help='Database images paired with each query.')
+    group.add_argument('--output', required=True, help='The pairs file to write, one "query_name db_name" per line.')
+    group.add_argument('--query_prefix', nargs='+', default=None,
+                       help='Queries are the images of --descriptors whose name starts with one of these.')
+    group.add_argument('--db_prefix', nargs='+', default=None,
+                       help='Database images are those of --db_descriptors whose name starts with one of these.')
+    group.add_argument('--query_list', default=None,
+                       help='Text file of query names, one per line (first word; # comments); a glob pattern reads '
+                            'every matching file. Default: all images of --descriptors.')
+    group.add_argument('--db_list', default=None,
+                       help='Text file of database names, as --query_list. Default: all images of --db_descriptors.')
+    add_cache_path_flag(group)
+
+
 def pairs(opt):
-    query_file, db_file = check_flags(opt)
-    query_names = select_names(query_file, opt.query_prefix, opt.query_list, '--query_prefix', '--query_list')
-    db_names = select_names(db_file, opt.db_prefix, opt.db_list, '--db_prefix', '--db_list')
-    if opt.num_matched > len(db_names):
-        raise UserError(f'--num_matched {opt.num_matched} is larger than the database: {db_file} holds '
+    return pairs_from_retrieval(opt.descriptors, opt.output, opt.num_matched, opt.db_descriptors, opt.query_prefix,
+                                opt.db_prefix, opt.query_list, opt.db_list, opt.cachePath)
+
+
+def pairs_from_retrieval(descriptors, output, num_matched, db_descriptors=None, query_prefix=None, db_prefix=None,
+                         query_list=None, db_list=None, cache_path=None):
+    """Writes hloc's pairs file `output` from global-feats files, as the mode's flags of the same names say; returns
+    its path."""
+    query_file, db_file = existing_files(descriptors, db_descriptors or descriptors)
+    query_names = select_names(query_file, query_prefix, query_list, '--query_prefix', '--query_list')
+    db_names = select_names(db_file, db_prefix, db_list, '--db_prefix', '--db_list')
+    if num_matched > len(db_names):
+        raise UserError(f'--num_matched {num_matched} is larger than the database: {db_file} holds '
                         f'{len(db_names)} database images (after --db_prefix/--db_list).')
     dim = descriptor_dim(db_file, db_names[0])
     if descriptor_dim(query_file, query_names[0]) != dim:
         raise UserError(f'{query_file} holds {descriptor_dim(query_file, query_names[0])}-D descriptors but '
                         f'{db_file} holds {dim}-D ones: both must come from the same model.')
     logging.info('Pairing %d queries of %s with their %d best of %d database images of %s', len(query_names),
-                 query_file, opt.num_matched, len(db_names), db_file)
-    with cache_folder(opt.cachePath) as folder:
+                 query_file, num_matched, len(db_names), db_file)
+    with cache_folder(cache_path) as folder:
         query_desc = read_descriptors(query_file, query_names, dim, os.path.join(folder, 'queries.npy'))
         db_desc = read_descriptors(db_file, db_names, dim, os.path.join(folder, 'database.npy'))
         query_ids, db_ids = name_ids(query_names, db_names)
-        _, found = top_k_by_dot(query_desc, db_desc, opt.num_matched, query_ids, db_ids, min_score=MIN_SCORE)
-    count = write_pairs(opt.output, query_names, db_names, found)
-    logging.info('====> Wrote %d pairs to %s', count, opt.output)
-    return opt.output
+        _, found = top_k_by_dot(query_desc, db_desc, num_matched, query_ids, db_ids, min_score=MIN_SCORE)
+    count = write_pairs(output, query_names, db_names, found)
+    logging.info('====> Wrote %d pairs to %s', count, output)
+    return output
 
 
-def check_flags(opt):
-    """(query file, database file), after checking every flag pairs mode needs."""
-    if not opt.descriptors or len(opt.descriptors) != 1:
-        raise UserError('--mode=pairs needs --descriptors FILE: one global-feats .h5 (written by --mode=extract '
-                        'or hloc) holding the queries (and the database, unless --db_descriptors is given).')
-    if not opt.output:
-        raise UserError('--mode=pairs needs --output PAIRS.txt, the pairs file to write.')
-    if opt.num_matched is None or opt.num_matched < 1:
-        raise UserError('--mode=pairs needs --num_matched K >= 1, the database images paired with each query.')
-    query_file, db_file = opt.descriptors[0], opt.db_descriptors or opt.descriptors[0]
-    for path in (query_file, db_file):
+def existing_files(*paths):
+    for path in paths:
         if not os.path.isfile(path):
             raise UserError(f'Descriptor file {path} does not exist: give a global-feats .h5 written by '
                             f'--mode=extract (or hloc).')
-    return query_file, db_file
+    return paths
 
 
 def select_names(path, prefixes, list_pattern, prefix_flag, list_flag):

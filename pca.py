@@ -19,8 +19,20 @@ import torch.nn.functional as F
 
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, building_folder, make_deterministic, select_device, setup_logging
-from descriptors import DescriptorFile, cache_folder
 from datasets import load_dataset, training_database_sample
+from descriptors import DescriptorFile, cache_folder
+from options import (
+    AT_LEAST_1,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_latency_flags,
+    add_network_flags,
+    add_overwrite_flag,
+    add_run_flags,
+    add_search_flags,
+    number_in,
+)
 from results import record_result
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from runs import check_derived_target, derived_run_folder, load_model
@@ -31,6 +43,25 @@ RANK_TOLERANCE = 1e-10     # eigenvalues below this share of the largest count a
 
 
 # ---------------------------------------------------------------------------------------------- the maths
+
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p)
+    add_run_flags(p)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_latency_flags(p, optional=True)
+    add_overwrite_flag(p)
+    group = p.add_argument_group('pca')
+    group.add_argument('--pca_dim', type=AT_LEAST_1, default=4096,
+                       help='Output dimension of the PCA-whitening layer (the paper uses 4096). It cannot exceed the '
+                            'rank of the training sample (--pca_images - 1); the default is lowered to it with a '
+                            'message, a value given explicitly is an error.')
+    group.add_argument('--pca_images', type=number_in(int, 2), default=10000,
+                       help='Random training-database images whose descriptors the whitening is fitted on (all of '
+                            'them when the database is smaller).')
+
 
 def fit_whitening(descriptors, dim, eps=WHITENING_EPS):
     """PCA whitening of n descriptors [n, D] (an array or a DescriptorFile), in float64.

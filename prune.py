@@ -50,14 +50,33 @@ from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, building_folder, make_deterministic, select_device, setup_logging
-from retrieval import evaluate, log_recalls
-from measure import (LATENCY_TEXT, compare, count_macs, count_parameters, directory_size, interleaved_latency,
-                     model_bytes)
-from models import conv_indices
 from datasets import load_dataset, training_database_sample
+from measure import (
+    LATENCY_TEXT,
+    compare,
+    count_macs,
+    count_parameters,
+    directory_size,
+    interleaved_latency,
+    model_bytes,
+)
+from models import conv_indices
+from options import (
+    AT_LEAST_0,
+    FRACTION_OPEN,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_latency_flags,
+    add_network_flags,
+    add_overwrite_flag,
+    add_run_flags,
+    add_search_flags,
+)
 from results import append_result
+from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, check_float_run, derived_run_folder, open_run
-from training import fit, training_splits
+from training import add_training_flags, fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
 CHANNELWISE = (nn.ReLU, nn.MaxPool2d)
@@ -71,18 +90,33 @@ CRITERION_IMAGES = 64
 
 # ---------------------------------------------------------------------------------------------- flags
 
-def check_request(opt):
-    """Refuse a bad pruning type or amount, or a missing run, before anything is loaded."""
-    if opt.pruning_criterion not in PRUNING_CRITERIA:
-        raise UserError(f'--pruning_criterion={opt.pruning_criterion} does not exist: use one of '
-                        f'{" or ".join(PRUNING_CRITERIA)}.')
-    if opt.pruning_type not in PRUNING_TYPES:
-        raise UserError(f'--pruning_type={opt.pruning_type} does not exist: use one of {" or ".join(PRUNING_TYPES)}.')
-    if not 0 < opt.pruning_amount < 1:
-        raise UserError(f'--pruning_amount={opt.pruning_amount} is outside (0, 1): it is the fraction of channels '
-                        f'(structured) or weights (unstructured) to remove, e.g. 0.2.')
-    if not opt.resume:
-        raise UserError('--mode=prune needs the run to prune: --resume=RUN_FOLDER (as written by --mode=train).')
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p, trains=True)
+    add_run_flags(p, required=True)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_training_flags(p)
+    add_latency_flags(p, optional=False)
+    add_overwrite_flag(p)
+    group = p.add_argument_group('pruning')
+    group.add_argument('--pruning_type', default='structured', choices=PRUNING_TYPES,
+                       help='structured: remove whole conv channels (smaller, faster); unstructured: zero individual '
+                            'weights by magnitude (stored packed).')
+    group.add_argument('--pruning_amount', type=FRACTION_OPEN, default=0.2,
+                       help='Fraction of channels (structured) or weights (unstructured) to remove, in (0, 1).')
+    group.add_argument('--pruning_layers', default='all',
+                       help='Encoder convs to prune: "all", or comma-separated indices into the encoder '
+                            '(torchvision features indices, e.g. "3,6,8").')
+    group.add_argument('--pruning_criterion', default='activation', choices=PRUNING_CRITERIA,
+                       help=f'Structured: rank channels by their mean squared activation on {CRITERION_IMAGES} '
+                            'training-database images (activation), or by the L2 norm of their filter weights (l2); '
+                            'the lowest go.')
+    group.add_argument('--pruning_scope', default='global', choices=['global', 'layer'],
+                       help='Unstructured: one magnitude threshold over all layers, or the same fraction per layer.')
+    group.add_argument('--finetune_epochs', type=AT_LEAST_0, default=2,
+                       help='Epochs of triplet fine-tuning after pruning (0: none).')
 
 
 def selected_layers(encoder, text):
@@ -313,7 +347,6 @@ def save_pruned(model, opt, run_dir, layers, tuned):
 
 
 def prune(opt):
-    check_request(opt)
     make_deterministic(opt.seed)
     device = select_device(opt)
     model, checkpoint = open_run(opt)

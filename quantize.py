@@ -39,9 +39,22 @@ from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict, trunk
+from options import (
+    AT_LEAST_1,
+    add_calibration_flag,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_latency_flags,
+    add_network_flags,
+    add_overwrite_flag,
+    add_run_flags,
+    add_search_flags,
+)
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
+from training import add_training_flags, fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -85,7 +98,6 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
     """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss (the layers the
     float model trains), convert."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-    from training import fit  # here: loading an int8 run (runs.open_run) needs no training code
     example = example_batch(loader)
     prepared = prepare_qat_pt2e(export_encoder(trunk(model).train(), example).module(), x86_quantizer(is_qat=True))
     calibrate(prepared, loader)
@@ -104,26 +116,31 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
 
 # ---------------------------------------------------------------------------------------------- the mode
 
-def check_options(opt):
-    if opt.quantization_type not in QUANTIZATION_TYPES:
-        raise UserError(f'--quantization_type={opt.quantization_type} is not supported; use one of '
-                        f'{", ".join(QUANTIZATION_TYPES)}.')
-    if not opt.resume:
-        raise UserError('--mode=quantize needs the run to quantize: --resume=RUN_FOLDER (RUN_FOLDER/checkpoints/'
-                        'checkpoint.pth.tar).')
-    if opt.calib_images < 1:
-        raise UserError(f'--calib_images={opt.calib_images}: static quantization and QAT both need at least one '
-                        f'training-database image to calibrate the int8 activations (a few hundred is typical).')
-    if opt.quantization_type == 'qat' and opt.qat_epochs < 1:
-        raise UserError(f'--qat_epochs={opt.qat_epochs}: QAT needs at least one epoch (or use '
-                        f'--quantization_type=static).')
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p, trains=True)
+    add_run_flags(p, required=True)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_training_flags(p)
+    add_latency_flags(p, optional=False)
+    add_overwrite_flag(p)
+    group = p.add_argument_group('quantization')
+    group.add_argument('--quantization_type', default='static', choices=QUANTIZATION_TYPES,
+                       help='static: int8 post-training quantization calibrated on training images; qat: '
+                            'quantization-aware fine-tuning with the triplet loss, then int8.')
+    add_calibration_flag(group)
+    group.add_argument('--qat_epochs', type=AT_LEAST_1, default=1, help='Epochs of quantization-aware training.')
+
+
+def check_split(opt):
     if opt.split in TRAIN_SPLITS:
         raise UserError(f'--split={opt.split}: the calibration images come from the training database; evaluate '
                         f'the quantized model on val or test instead.')
 
 
 def qat_splits(opt):
-    from training import training_splits
     return training_splits(opt)
 
 
@@ -161,7 +178,7 @@ def save_quantized(program, head_model, config, source, opt, out_dir, calib_coun
 
 
 def quantize(opt):
-    check_options(opt)
+    check_split(opt)
     make_deterministic(opt.seed)
     device = select_device(opt)
     model, source = open_run(opt)

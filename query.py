@@ -22,25 +22,64 @@ from pathlib import Path
 
 from commons import UserError, atomic_write, atomic_write_text, make_deterministic, select_device
 from descriptors import load_descriptor_file
-from retrieval import top_k_by_dot
-from runs import load_model, place_model
 from figures import query_strip
 from folder_dataset import utm_from_filename
-from global_features import (cache_path, describe_images, descriptor_dim, extract_folder, find_images, h5_names,
-                             path_key, read_descriptors)
+from global_features import (
+    cache_path,
+    describe_images,
+    descriptor_dim,
+    extract_folder,
+    find_images,
+    h5_names,
+    path_key,
+    read_descriptors,
+)
+from options import (
+    AT_LEAST_1,
+    add_centroids_source_flags,
+    add_common_flags,
+    add_extraction_flags,
+    add_image_folder_flags,
+    add_network_flags,
+    add_run_flags,
+)
+from retrieval import top_k_by_dot
+from runs import load_model, place_model
 
 DEFAULT_TOP = 5
 CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
 SUMMARY = 'queries'  # <out>/queries.csv: each query's best match, beside the per-query answers
 
 
+def add_flags(p):
+    add_common_flags(p)
+    add_centroids_source_flags(p)
+    add_network_flags(p)
+    add_run_flags(p)
+    add_extraction_flags(p)
+    group = p.add_argument_group('query')
+    group.add_argument('--query', nargs='+', required=True, metavar='PHOTO',
+                       help='Your photos: image files and/or folders (searched recursively).')
+    group.add_argument('--database', required=True,
+                       help='The database: a global-feats .h5 written by --mode=extract, or a folder of images '
+                            '(extracted once, then cached in the run folder for later queries).')
+    group.add_argument('--positions', default=None,
+                       help='CSV of database positions with a header, columns name,east,north (metres) or '
+                            'name,lat,lon. Default: positions read from folder-format names (@east@north@... as in '
+                            'VPR-datasets-downloader), where the names have them.')
+    group.add_argument('--num_matched', type=AT_LEAST_1, default=DEFAULT_TOP, help='Retrievals listed per query.')
+    group.add_argument('--export_dir', default=None,
+                       help='Folder of the results (default: query_results under --runsPath).')
+    group.add_argument('--image_dir', default=None,
+                       help='With --database FILE.h5: the folder of the database images, for the pictures.')
+    add_image_folder_flags(group)
+
+
 def query(opt):
     make_deterministic(opt.seed)
     photos = query_photos(opt.query)
     database_names = check_database(opt)
-    top = DEFAULT_TOP if opt.num_matched is None else opt.num_matched
-    if top < 1:
-        raise UserError(f'--num_matched {top}: give at least 1 retrieval per query.')
+    top = opt.num_matched
     if top > len(database_names):
         raise UserError(f'--num_matched {top} is larger than the database: {opt.database} holds '
                         f'{len(database_names)} images.')
@@ -66,8 +105,6 @@ def query(opt):
 def query_photos(items):
     """[(name, path)] of the query photos: files as given (named by their file name), folders searched
     recursively (named by their path inside the folder)."""
-    if not items:
-        raise UserError('--mode=query needs --query PHOTO... : image files and/or folders of them.')
     photos = []
     for item in items:
         if os.path.isdir(item):
@@ -106,9 +143,6 @@ def answer_stem(name):
 
 def check_database(opt):
     """The database image names: those of the .h5, or those found in the folder (extracted later)."""
-    if not opt.database:
-        raise UserError('--mode=query needs --database: a global-feats .h5 written by --mode=extract, or a folder of '
-                        'images.')
     if os.path.isdir(opt.database):
         return find_images(opt.database, '--database')
     if not os.path.isfile(opt.database):

@@ -15,6 +15,7 @@ import torch
 
 from commons import UserError, atomic_write_text
 from measure import LATENCY_CLOCK, LATENCY_THREADS, latency_ms, model_bytes
+from options import add_common_flags
 
 RESULTS_FILE = 'results.jsonl'
 TABLE_FILE = 'results.md'
@@ -194,11 +195,14 @@ def latency_cell(record):
     return f'{record["latency_ms"]:.1f} (at {record["latency_size"]}{how})'
 
 
+def add_flags(p):
+    add_common_flags(p)
+
+
 def report(opt):
     records = read_results(results_path(opt))
     table = markdown_table(records)
     path = os.path.join(opt.runsPath, TABLE_FILE)
-    with open(path, 'w') as f:
-        f.write(table + '\n')
+    atomic_write_text(table + '\n', path)
     logging.info('%s\n\nTable written to %s', table, path)
     return table

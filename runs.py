@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from checkpoint import checkpoint_path, is_best_state, read_checkpoint
 from centroids import initialised_model
+from checkpoint import checkpoint_path, is_best_state, read_checkpoint
 from commons import UserError, atomic_copy, empty_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index

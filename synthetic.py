@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from commons import UserError, building_folder, parse_size
+from options import add_common_flags, add_synthetic_flags
 
 PIXELS_PER_METRE = 8
 FACADE_HEIGHT = 120          # pixels: 15 m of facade
@@ -33,6 +34,13 @@ PALETTE = np.array([[184, 92, 70], [150, 75, 60], [205, 190, 160], [120, 120, 12
 
 def dataset_ready(path):
     return all(os.path.isfile(os.path.join(path, 'datasets', f'pitts30k_{split}.mat')) for split in SPLIT_SEEDS)
+
+
+def add_flags(p):
+    add_common_flags(p)
+    group = p.add_argument_group('synthetic dataset')
+    group.add_argument('--dataPath', default='synthetic_data', help='Folder to write the synthetic dataset into.')
+    add_synthetic_flags(group)
 
 
 def ensure_synthetic(opt):

@@ -12,12 +12,35 @@ import torch.distributed as dist
 from centroids import initialised_model
 from commons import UserError, atomic_write_json, locked_folder, make_deterministic, select_device, setup_logging
 from models import layer_index, layer_name
+from options import (
+    AT_LEAST_1,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_network_flags,
+    add_run_flags,
+    add_search_flags,
+)
 from runs import check_float_run, check_new_run_folder, is_dead_start, open_run, restore_missing_best, stored_flags
-from training import fit, init_distributed, training_splits
+from training import add_training_flags, fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
 NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
                 'runsPath', 'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
+
+
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p)
+    add_network_flags(p, trains=True)
+    add_run_flags(p)
+    add_extraction_flags(p)
+    add_search_flags(p)
+    add_training_flags(p)
+    p.add_argument('--nEpochs', type=AT_LEAST_1, default=30, help='Epochs to train.')
+    p.add_argument('--savePath', default=None,
+                   help='Run folder of a new training run (default: <arch>_netvlad_checkpoint/'
+                        '<arch>_netvlad_checkpoint under --runsPath).')
 
 
 def restore_flags(opt, run_dir):

@@ -23,18 +23,58 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset, DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+import trunk_cache
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
 from datasets import load_dataset
 from images import loading
 from models import trainable_layers_text
+from options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, number_in
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
-import trunk_cache
 
 LOSSES = ('reference', 'paper')
+
+
+def add_training_flags(p):
+    """Flags of triplet training: --mode=train, prune fine-tuning and QAT."""
+    group = p.add_argument_group('training')
+    group.add_argument('--batchSize', type=AT_LEAST_1, default=4, help='Queries per batch (each with 1+1+nNeg images).')
+    group.add_argument('--cacheRefreshRate', type=AT_LEAST_0, default=1000,
+                       help='Recompute the training descriptor cache every this many queries (0: once per epoch).')
+    group.add_argument('--trunk_cache', default='auto', choices=['auto', 'off'],
+                       help='auto: when layers are frozen (ImageNet weights, the default), compute the frozen layers\' '
+                            'output for every training image once per run and train and refresh the cache through the '
+                            'trainable layers only; kept in RAM when it fits half the available memory, else in '
+                            'RUN_FOLDER/trunk_cache_rank<r>.npy (deleted at the end; VGG16 480x640: 1.2 MB per image in '
+                            'float16). off: decode and run every image each time.')
+    group.add_argument('--trunk_cache_dtype', default='auto', choices=['auto', 'float32', 'float16'],
+                       help='Storage of the trunk cache. auto: float32 when it fits in RAM (results equal those '
+                            'without the cache), else float16 (half the size; can change close mining decisions).')
+    group.add_argument('--optim', default='SGD', choices=['SGD', 'ADAM'], help='Optimiser.')
+    group.add_argument('--lr', type=ABOVE_0, default=0.0001, help='Learning rate.')
+    group.add_argument('--lrStep', type=AT_LEAST_1, default=5, help='Epochs between learning-rate decays (SGD).')
+    group.add_argument('--lrGamma', type=number_in(float, 0, 1, low_open=True), default=0.5,
+                       help='Learning-rate decay factor (SGD).')
+    group.add_argument('--weightDecay', type=number_in(float, 0), default=0.001,
+                       help='Weight decay (L2). SGD: 1e-3 by default. Adam: none unless this flag is given, as the '
+                            'reference port.')
+    group.add_argument('--momentum', type=number_in(float, 0, 1, high_open=True), default=0.9, help='SGD momentum.')
+    group.add_argument('--margin', type=ABOVE_0, default=0.1,
+                       help='Triplet margin m: sqrt(m) on plain L2 distances with --loss reference, m on squared '
+                            'distances with --loss paper.')
+    group.add_argument('--loss', default='reference', choices=LOSSES,
+                       help='reference: the PyTorch port\'s triplet loss (margin sqrt(m) on L2 distances, summed over '
+                            'the batch\'s triplets, divided by the number of negatives); paper: the authors\' '
+                            'trainWeakly.m (margin m on squared L2 distances, summed over the violating negatives, '
+                            'divided by their number). Mining uses the same distances and margin.')
+    group.add_argument('--nNeg', type=AT_LEAST_1, default=10, help='Hard negatives per query.')
+    group.add_argument('--nNegSample', type=AT_LEAST_1, default=1000, help='Random negatives to mine from per query.')
+    group.add_argument('--evalEvery', type=AT_LEAST_1, default=1, help='Validate every this many epochs.')
+    group.add_argument('--patience', type=AT_LEAST_0, default=10,
+                       help='Stop after this many validations without a better Recall@5 (0: never).')
 
 
 # ---------------------------------------------------------------------------------------------- mining

@@ -117,6 +117,7 @@ def int8_latency(arch, model, args, log, device, jsonl):
     as a program: on CUDA its convolutions have no int8 kernel, so this is what the CPU artifact costs there."""
     try:
         from torch.export.passes import move_to_device_pass
+
         from quantize import quantize_static
         calibration = torch.utils.data.TensorDataset(torch.randn(4, 3, 240, 320), torch.zeros(4))
         program, _ = quantize_static(model.cpu(), torch.utils.data.DataLoader(calibration, batch_size=2))

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_netvlad import loop_netvlad  # noqa: E402
+
 import main as cli  # noqa: E402
 import training  # noqa: E402
-from bench_netvlad import loop_netvlad  # noqa: E402
 from centroids import initialised_model  # noqa: E402
-from retrieval import evaluate, extract_descriptors  # noqa: E402
 from datasets import load_dataset  # noqa: E402
+from retrieval import evaluate, extract_descriptors  # noqa: E402
 
 TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.0001']  # the user's train command, from the port's README
 

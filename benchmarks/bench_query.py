@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main  # noqa: E402
 from checkpoint import model_state, save_checkpoint  # noqa: E402
 from descriptors import cache_folder  # noqa: E402
-from retrieval import top_k_by_dot  # noqa: E402
 from global_features import h5_names, read_descriptors, write_groups  # noqa: E402
-from models import build_model  # noqa: E402
 from images import load_image  # noqa: E402
+from models import build_model  # noqa: E402
 from query import query  # noqa: E402
+from retrieval import top_k_by_dot  # noqa: E402
 
 WRITE_ROWS = 4096
 

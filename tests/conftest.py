@@ -60,8 +60,8 @@ def clustered_data(tiny_data, tmp_path_factory):
 @pytest.fixture(scope='session')
 def float_run(clustered_data, tmp_path_factory):
     """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet (--fromscratch, K=8)."""
-    from checkpoint import model_state, save_checkpoint
     from centroids import initialised_model
+    from checkpoint import model_state, save_checkpoint
     opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                               f'--dataPath={clustered_data}'])
     path = tmp_path_factory.mktemp('float_runs') / 'run'
@@ -90,3 +90,29 @@ def imagenet_home(imagenet_stand_in, monkeypatch):
     """TORCH_HOME set to the stand-in for this test; returns the stand-in's encoder weights."""
     monkeypatch.setenv('TORCH_HOME', str(imagenet_stand_in[0]))
     return imagenet_stand_in[1]
+
+
+@pytest.fixture(scope='module')
+def random_float_run(tmp_path_factory):
+    """(run folder, model) of a random AlexNet NetVLAD (K=8), for extraction and query."""
+    from helpers import CONFIGS, save_run
+    path = tmp_path_factory.mktemp('extract_runs') / 'float'
+    return path, save_run(path, CONFIGS['float'])
+
+
+@pytest.fixture
+def places(tiny_data, tmp_path):
+    """A database folder of 12 images with folder-format names (@east@north@zone@band@lat@lon@...) and 3 photos."""
+    sources = sorted((tiny_data / '000').glob('*.jpg'))
+    database, photos = tmp_path / 'database', tmp_path / 'photos'
+    (database / 'street').mkdir(parents=True)
+    photos.mkdir()
+    positions = {}
+    for i, source in enumerate(sources[:12]):
+        east, north = 585000.5 + 7 * i, 4477000.25 + 3 * i
+        name = f'street/@{east:.2f}@{north:.2f}@17@T@40.44{i:02d}@-79.99{i:02d}@pano{i}@@@@@@@@.jpg'
+        shutil.copy(source, database / name)
+        positions[name] = (east, north)
+    for i, source in enumerate(sources[20:23]):
+        shutil.copy(source, photos / f'photo{i}.jpg')
+    return database, photos, positions

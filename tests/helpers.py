@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoint import model_state, save_checkpoint
+from models import build_model
+
 # The real Pittsburgh 30k test geometry, beside the repository (never part of it).
 REAL_GEOMETRY = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'pitts30k_test_geometry' / 'pitts30k_test.mat'
 
@@ -203,3 +206,22 @@ def run_killed(argv, module, function, call, after=False, cwd=None):
         sys.exit(main.main({[str(a) for a in argv]!r}))
     ''')
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True).returncode
+
+
+# Random models of three kinds of run, saved as run folders for the tests of extraction, query and images.
+CONFIGS = {
+    'float': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None,
+                  pca_dim=None),
+    'pruned': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False,
+                   encoder_channels=[48, 160, 320, 200, 192], pca_dim=None),
+    'whitened': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None,
+                     pca_dim=32),
+}
+
+
+def save_run(path, config, seed=0):
+    """A run folder holding a random model of `config`; returns the model (eval mode)."""
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    save_checkpoint(dict(model_state(model), epoch=0, recalls={}, best_score=0.0), str(path), True)
+    return model

@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
-from retrieval import extract_descriptors
-from helpers import (alexnet_trunk, brute_force_positives, brute_force_recalls, error_paragraph, netvlad_reference,
-                     read_geometry, read_image)
 from datasets import load_dataset
+from helpers import (
+    alexnet_trunk,
+    brute_force_positives,
+    brute_force_recalls,
+    error_paragraph,
+    netvlad_reference,
+    read_geometry,
+    read_image,
+)
+from retrieval import extract_descriptors
 from runs import open_run
 
 ALEXNET_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}

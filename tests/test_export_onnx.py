@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from checkpoint import model_state, save_checkpoint
-from runs import open_run
 from helpers import error_paragraph, files_under, matlab_network, write_matlab_network
 from models import build_model
+from runs import open_run
 
 SIZES = [(1, 64, 80), (3, 96, 112)]
 

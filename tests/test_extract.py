@@ -6,37 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import retrieval
 import global_features
-from checkpoint import model_state, save_checkpoint
-from helpers import error_paragraph, read_image
-from models import build_model
+import retrieval
+from helpers import CONFIGS, error_paragraph, read_image, save_run
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '4']
-CONFIGS = {
-    'float': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None,
-                  pca_dim=None),
-    'pruned': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False,
-                   encoder_channels=[48, 160, 320, 200, 192], pca_dim=None),
-    'whitened': dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None,
-                     pca_dim=32),
-}
-
-
-def save_run(path, config, seed=0):
-    """A run folder holding a random model of `config`; returns the model (eval mode)."""
-    torch.manual_seed(seed)
-    model = build_model(config).eval()
-    save_checkpoint(dict(model_state(model), epoch=0, recalls={}, best_score=0.0), str(path), True)
-    return model
-
-
-@pytest.fixture(scope='module')
-def float_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp('extract_runs') / 'float'
-    return path, save_run(path, CONFIGS['float'])
-
-
 @pytest.fixture
 def image_dir(tiny_data, tmp_path):
     """Images in nested folders, suffixes in several cases, two image sizes, and a file that is no image."""
@@ -122,8 +96,8 @@ def test_extract_writes_hloc_layout(variant, image_dir, tmp_path, run_cli):
             np.testing.assert_allclose(descriptor[()], reference_descriptor(model, image_dir / name), atol=1e-5)
 
 
-def test_as_half_and_resize_max(float_run, image_dir, tmp_path, run_cli):
-    run_dir, model = float_run
+def test_as_half_and_resize_max(random_float_run, image_dir, tmp_path, run_cli):
+    run_dir, model = random_float_run
     assert extract_cli(run_cli, run_dir, image_dir, tmp_path / 'out', '--as_half', '--resize_max=60') == 0
     written = read_h5(tmp_path / 'out' / 'global-feats-netvlad.h5')
     for name, (descriptor, size) in written.items():
@@ -134,8 +108,8 @@ def test_as_half_and_resize_max(float_run, image_dir, tmp_path, run_cli):
         np.testing.assert_allclose(descriptor.astype(np.float32), expected, atol=2e-3)
 
 
-def test_killed_extraction_resumes_to_the_straight_result(float_run, image_dir, tmp_path, run_cli, monkeypatch):
-    run_dir, _ = float_run
+def test_killed_extraction_resumes_to_the_straight_result(random_float_run, image_dir, tmp_path, run_cli, monkeypatch):
+    run_dir, _ = random_float_run
     assert extract_cli(run_cli, run_dir, image_dir, tmp_path / 'straight') == 0
     monkeypatch.setattr(global_features, 'CHUNK_BATCHES', 1)
     killed = counting_extraction(monkeypatch, kill_after=2)
@@ -157,8 +131,8 @@ def test_killed_extraction_resumes_to_the_straight_result(float_run, image_dir, 
         np.testing.assert_array_equal(resumed[name][1], straight[name][1])
 
 
-def test_existing_groups_are_replaced_and_others_kept(float_run, image_dir, tmp_path, run_cli):
-    run_dir, model = float_run
+def test_existing_groups_are_replaced_and_others_kept(random_float_run, image_dir, tmp_path, run_cli):
+    run_dir, model = random_float_run
     path = tmp_path / 'out' / 'global-feats-netvlad.h5'
     path.parent.mkdir()
     stale = np.zeros(model.output_dim, np.float32)
@@ -173,8 +147,8 @@ def test_existing_groups_are_replaced_and_others_kept(float_run, image_dir, tmp_
     np.testing.assert_allclose(written['a.jpg'][0], reference_descriptor(model, image_dir / 'a.jpg'), atol=1e-5)
 
 
-def test_extract_errors(float_run, image_dir, tmp_path, run_cli, capsys):
-    run_dir, _ = float_run
+def test_extract_errors(random_float_run, image_dir, tmp_path, run_cli, capsys):
+    run_dir, _ = random_float_run
     (tmp_path / 'empty' / 'sub').mkdir(parents=True)
     assert extract_cli(run_cli, run_dir, tmp_path / 'empty', tmp_path / 'out1') == 2
     message = error_paragraph(capsys.readouterr().err)
@@ -191,9 +165,9 @@ def test_extract_errors(float_run, image_dir, tmp_path, run_cli, capsys):
     assert len(hloc_names(tmp_path / 'out3' / 'global-feats-netvlad.h5')) == 7
 
 
-def test_truncated_image_is_skipped_from_its_batch(float_run, image_dir, tmp_path, run_cli, capsys):
+def test_truncated_image_is_skipped_from_its_batch(random_float_run, image_dir, tmp_path, run_cli, capsys):
     """A file whose header reads but whose pixels do not: found while decoding a batch, not before."""
-    run_dir, model = float_run
+    run_dir, model = random_float_run
     data = (image_dir / 'a.jpg').read_bytes()
     (image_dir / 'a_truncated.jpg').write_bytes(data[:len(data) // 3])
     assert extract_cli(run_cli, run_dir, image_dir, tmp_path / 'stopped') == 2
@@ -207,8 +181,8 @@ def test_truncated_image_is_skipped_from_its_batch(float_run, image_dir, tmp_pat
     np.testing.assert_allclose(written['b.JPG'][0], reference_descriptor(model, image_dir / 'b.JPG'), atol=1e-5)
 
 
-def test_file_of_another_dimension_is_refused(float_run, image_dir, tmp_path, run_cli, capsys):
-    run_dir, _ = float_run
+def test_file_of_another_dimension_is_refused(random_float_run, image_dir, tmp_path, run_cli, capsys):
+    run_dir, _ = random_float_run
     path = tmp_path / 'out' / 'global-feats-netvlad.h5'
     path.parent.mkdir()
     with h5py.File(path, 'w') as f:
@@ -314,9 +288,9 @@ def test_pairs_errors(tmp_path, run_cli, capsys):
     assert not (tmp_path / 'pairs.txt').exists()
 
 
-def test_extracted_file_feeds_pairs(float_run, image_dir, tmp_path, run_cli):
+def test_extracted_file_feeds_pairs(random_float_run, image_dir, tmp_path, run_cli):
     """extract then pairs, end to end: every image's best match is found among the others."""
-    run_dir, _ = float_run
+    run_dir, _ = random_float_run
     assert extract_cli(run_cli, run_dir, image_dir, tmp_path) == 0
     feats = tmp_path / 'global-feats-netvlad.h5'
     assert pairs_cli(run_cli, '--descriptors', feats, '--num_matched', 2, '--output', tmp_path / 'p.txt') == 0

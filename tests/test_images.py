@@ -10,8 +10,8 @@ import torchvision
 from PIL import ExifTags, Image
 
 import images
-from helpers import error_paragraph, read_image
-from test_extract import CONFIGS, extract_cli, hloc_names, save_run
+from helpers import CONFIGS, error_paragraph, read_image, save_run
+from test_extract import extract_cli, hloc_names
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 

@@ -8,8 +8,8 @@ import scipy.io
 import torch
 
 from checkpoint import read_checkpoint
-from runs import open_run
 from helpers import error_paragraph, files_under, matlab_forward, matlab_network, write_matlab_network
+from runs import open_run
 
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 SMALL_WIDTHS = [8] * 7 + [16] * 6

@@ -11,9 +11,9 @@ from helpers import error_paragraph
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--mode=pairs', '--output', '{folder}'], 'is a folder'),
-    (['--mode=export', '--export_path', '{file}/model.onnx'], 'which is a file'),
-    (['--mode=extract', '--export_dir', '{file}'], 'is a file'),
+    (['--mode=pairs', '--output', '{folder}', '--descriptors=q.h5', '--num_matched=1'], 'is a folder'),
+    (['--mode=export', '--export_path', '{file}/model.onnx', '--resume=run'], 'which is a file'),
+    (['--mode=extract', '--export_dir', '{file}', '--image_dir=images'], 'is a file'),
     (['--mode=test', '--runsPath', '{file}/runs'], 'which is a file'),
     (['--mode=test', '--cachePath', '{file}'], 'is a file'),
 ])

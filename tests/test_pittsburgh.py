@@ -7,8 +7,8 @@ import pytest
 import scipy.io
 
 from commons import UserError
-from helpers import REAL_GEOMETRY, brute_force_positives, error_paragraph, files_under, read_geometry
 from datasets import load_dataset, positives_within
+from helpers import REAL_GEOMETRY, brute_force_positives, error_paragraph, files_under, read_geometry
 from images import load_image
 from pittsburgh import parse_db_struct
 

@@ -189,10 +189,6 @@ def test_bad_amount_is_a_clear_error(run_dir, clustered_data, capsys, amount):
 def test_unknown_pruning_type_is_a_clear_error(run_dir, clustered_data, capsys):
     assert prune_cli(run_dir, clustered_data, '--pruning_type=channel') == 2
     assert "--pruning_type: invalid choice: 'channel'" in error_paragraph(capsys.readouterr().err)
-    opt = main.parse_options(['--mode=prune', f'--resume={run_dir}'])
-    opt.pruning_type = 'channel'  # called from Python, past argparse
-    with pytest.raises(prune.UserError, match='--pruning_type=channel does not exist'):
-        prune.prune(opt)
 
 
 def test_bad_layers_are_a_clear_error(run_dir, clustered_data, capsys):

@@ -5,31 +5,12 @@ import shutil
 
 import h5py
 import numpy as np
-import pytest
 from PIL import Image
 
 from helpers import error_paragraph
-from test_extract import counting_extraction, float_run, reference_descriptor  # noqa: F401 (fixture)
+from test_extract import counting_extraction, reference_descriptor
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '4']
-
-
-@pytest.fixture
-def places(tiny_data, tmp_path):
-    """A database folder of 12 images with folder-format names (@east@north@zone@band@lat@lon@...) and 3 photos."""
-    sources = sorted((tiny_data / '000').glob('*.jpg'))
-    database, photos = tmp_path / 'database', tmp_path / 'photos'
-    (database / 'street').mkdir(parents=True)
-    photos.mkdir()
-    positions = {}
-    for i, source in enumerate(sources[:12]):
-        east, north = 585000.5 + 7 * i, 4477000.25 + 3 * i
-        name = f'street/@{east:.2f}@{north:.2f}@17@T@40.44{i:02d}@-79.99{i:02d}@pano{i}@@@@@@@@.jpg'
-        shutil.copy(source, database / name)
-        positions[name] = (east, north)
-    for i, source in enumerate(sources[20:23]):
-        shutil.copy(source, photos / f'photo{i}.jpg')
-    return database, photos, positions
 
 
 def query_cli(run_cli, run_dir, database, photos, out, *flags):
@@ -50,8 +31,8 @@ def brute_force_top(model, database, names, photo, n):
     return [names[i] for i in order], sim[order]
 
 
-def test_query_against_a_folder_equals_brute_force(float_run, places, tmp_path, run_cli, monkeypatch):
-    run_dir, model = float_run
+def test_query_against_a_folder_equals_brute_force(random_float_run, places, tmp_path, run_cli, monkeypatch):
+    run_dir, model = random_float_run
     database, photos, positions = places
     assert query_cli(run_cli, run_dir, database, photos, tmp_path / 'out', '--num_matched=4') == 0
     names = sorted(positions)
@@ -78,8 +59,8 @@ def test_query_against_a_folder_equals_brute_force(float_run, places, tmp_path, 
     assert 'street/new.jpg' == read_csv(tmp_path / 'out2' / 'photo0.csv')[0]['database_image']
 
 
-def test_query_an_extracted_file_with_positions_csv(float_run, places, tmp_path, run_cli):
-    run_dir, model = float_run
+def test_query_an_extracted_file_with_positions_csv(random_float_run, places, tmp_path, run_cli):
+    run_dir, model = random_float_run
     database, photos, positions = places
     assert run_cli(['--mode=extract', f'--resume={run_dir}', f'--image_dir={database}',
                     f'--export_dir={tmp_path / "feats"}', *FAST]) == 0
@@ -102,8 +83,8 @@ def test_query_an_extracted_file_with_positions_csv(float_run, places, tmp_path,
     assert (summary['estimated_lat'], summary['estimated_lon']) == (best_placed['lat'], best_placed['lon'])
 
 
-def test_query_errors(float_run, places, tmp_path, run_cli, capsys):
-    run_dir, _ = float_run
+def test_query_errors(random_float_run, places, tmp_path, run_cli, capsys):
+    run_dir, _ = random_float_run
     database, photos, _ = places
     assert query_cli(run_cli, run_dir, database, photos, tmp_path / 'out', '--num_matched=13') == 2
     assert '--num_matched 13 is larger than the database' in error_paragraph(capsys.readouterr().err)

@@ -8,15 +8,14 @@ from PIL import Image
 
 import query
 from helpers import error_paragraph
-from test_extract import float_run  # noqa: F401 (fixture)
-from test_query import places, query_cli  # noqa: F401 (fixture)
+from test_query import query_cli
 
 
 @pytest.mark.parametrize('names', [('a.jpg', 'a.png'), ('sub/b.jpg', 'sub__b.jpg'), ('C.jpg', 'c.jpg'),
                                    ('queries.jpg',)])
-def test_photos_whose_answers_share_a_file_stop_before_any_work(float_run, places, tmp_path, run_cli, capsys,
+def test_photos_whose_answers_share_a_file_stop_before_any_work(random_float_run, places, tmp_path, run_cli, capsys,
                                                                 monkeypatch, names):
-    run_dir, _ = float_run
+    run_dir, _ = random_float_run
     database, photos, _ = places
     folder = tmp_path / 'colliding'
     for name in names:
@@ -29,8 +28,8 @@ def test_photos_whose_answers_share_a_file_stop_before_any_work(float_run, place
     assert not (tmp_path / 'out').exists()
 
 
-def test_a_failing_picture_leaves_the_old_answer_whole(float_run, places, tmp_path, run_cli, monkeypatch):
-    run_dir, _ = float_run
+def test_a_failing_picture_leaves_the_old_answer_whole(random_float_run, places, tmp_path, run_cli, monkeypatch):
+    run_dir, _ = random_float_run
     database, photos, _ = places
     out = tmp_path / 'out'
     assert query_cli(run_cli, run_dir, database, photos, out, '--num_matched=2') == 0

@@ -112,6 +112,7 @@ def test_report_on_only_damaged_lines_is_a_clear_error(tmp_path, run_cli, capsys
 
 def test_a_record_says_where_it_came_from(clustered_data, float_run, tmp_path, run_cli):
     import subprocess
+
     import torch
     runs = tmp_path / 'runs'
     argv = ['--mode=test', '--dataset=synthetic', '--dataPath', str(clustered_data), '--split=test', '--resume',

@@ -100,9 +100,9 @@ def test_a_run_that_fails_on_its_input_writes_nothing_and_can_start_again(cluste
 
 @pytest.mark.parametrize('flag, value', [
     ('--nEpochs', '0'), ('--nNeg', '0'), ('--nNegSample', '0'), ('--cacheRefreshRate', '-5'), ('--patience', '-1'),
-    ('--finetune_epochs', '-1'), ('--num_clusters', '0'), ('--num_clusters', '-3'), ('--num_clusters', '10**9'),
+    ('--num_clusters', '0'), ('--num_clusters', '-3'), ('--num_clusters', '10**9'),
     ('--seed', '-1'), ('--batchSize', '0'), ('--cacheBatchSize', '0'), ('--evalEvery', '0'), ('--lrStep', '0'),
-    ('--margin', '-1'), ('--threads', '-1'), ('--pca_images', '-5'), ('--resize_max', '1'), ('--synth_db', '0'),
+    ('--margin', '-1'), ('--threads', '-1'), ('--synth_db', '0'),
     ('--lr', 'nan'), ('--lr', 'inf'), ('--batchSize', 'four')])
 def test_numeric_flags_out_of_range_stop_before_anything_runs(flag, value, tmp_path, capsys):
     run = tmp_path / 'run'
@@ -110,3 +110,12 @@ def test_numeric_flags_out_of_range_stop_before_anything_runs(flag, value, tmp_p
                       flag, value]) == 2
     assert flag in error_paragraph(capsys.readouterr().err)
     assert not run.exists()
+
+
+@pytest.mark.parametrize('argv', [['--mode=prune', '--resume=run', '--finetune_epochs=-1'],
+                                  ['--mode=pca', '--pca_images=-5'],
+                                  ['--mode=extract', '--image_dir=in', '--export_dir=out', '--resize_max=1']])
+def test_out_of_range_flags_of_other_modes_stop_before_anything_runs(argv, tmp_path, capsys):
+    assert main.main(argv + ['--runsPath', str(tmp_path / 'runs')]) == 2
+    assert argv[-1].split('=')[0] in error_paragraph(capsys.readouterr().err)
+    assert not (tmp_path / 'runs').exists()

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import retrieval
 import main
+import retrieval
 from centroids import initialised_model
 from commons import UserError
+from datasets import load_dataset
 from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
-from retrieval import approximate_search, exact_search, recall_curve
 from helpers import error_paragraph
 from pca import fit_whitening
-from datasets import load_dataset
+from retrieval import approximate_search, exact_search, recall_curve
 from runs import open_run
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '16', '--latency_size', '64x80', '--split', 'test']

@@ -62,6 +62,7 @@ def test_negative_candidates_exclude_positives_and_never_repeat():
 def clustered(tiny_data, tmp_path_factory):
     """A private copy of the tiny dataset with its centroids (the session's tiny_data stays as generated)."""
     import shutil
+
     import main
     path = tmp_path_factory.mktemp('train_clustered') / 'data'
     shutil.copytree(tiny_data, path)
