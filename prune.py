@@ -76,7 +76,7 @@ from options import (
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, check_float_run, derived_run_folder, open_run
-from training import add_training_flags, fit, training_splits
+from training import add_training_flags, apply_recipe, fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
 CHANNELWISE = (nn.ReLU, nn.MaxPool2d)
@@ -355,6 +355,7 @@ def prune(opt):
     layers = selected_layers(model.encoder, opt.pruning_layers)
     check_prunable(model, layers, opt.pruning_type)
     dataset = load_dataset(opt, opt.split)
+    apply_recipe(opt)
     splits = training_splits(opt) if opt.finetune_epochs > 0 else None
     ranks_by_activation = opt.pruning_type == 'structured' and opt.pruning_criterion == 'activation'
     criterion_set = criterion_images(opt) if ranks_by_activation else None

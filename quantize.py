@@ -54,7 +54,7 @@ from options import (
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
-from training import add_training_flags, fit, training_splits
+from training import add_training_flags, apply_recipe, fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
@@ -141,6 +141,7 @@ def check_split(opt):
 
 
 def qat_splits(opt):
+    apply_recipe(opt)
     return training_splits(opt)
 
 

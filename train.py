@@ -22,7 +22,7 @@ from options import (
     add_search_flags,
 )
 from runs import check_float_run, check_new_run_folder, is_dead_start, open_run, restore_missing_best, stored_flags
-from training import add_training_flags, fit, init_distributed, training_splits
+from training import add_training_flags, apply_recipe, fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
 NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
@@ -128,6 +128,7 @@ def train_in_folder(opt, rank, run_dir):
     if not opt.resume:
         check_new_run_folder(run_dir)
     flag_changes = restore_flags(opt, run_dir) if opt.resume else []
+    apply_recipe(opt, fixed=stored_flags(run_dir) if opt.resume else ())
     model, state = resumed_run(opt, run_dir) if opt.resume else (initialised_model(opt), None)
     splits = training_splits(opt, rank)
     if dist.is_initialized():

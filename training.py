@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,13 +30,22 @@ from tqdm import tqdm
 import trunk_cache
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
-from datasets import load_dataset
+from datasets import load_dataset, query_sample, with_positive_floor
 from images import loading
 from models import trainable_layers_text
 from options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, number_in
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
 
 LOSSES = ('reference', 'paper')
+# The authors' recipe (trainWeakly.m's defaults and demo.m's settings); the reference recipe is every flag's default.
+AUTHORS_RECIPE = dict(optim='SGD', lr=0.0001, momentum=0.9, weightDecay=0.001, lrStep=5, lrGamma=0.5, batchSize=4,
+                      nNegSample=1000, nNeg=10, margin=0.1, loss='paper', nEpochs=30, cacheRefreshRate=1000,
+                      evalEvery=1, patience=0, batch_queries='all', min_positive_dist=1.0, neg_memory='nearest',
+                      nNegCache=10, refresh_doubling='on', val_queries=1000, best_epoch='authors',
+                      logged_loss='queries')
+AUTHORS_FIRST_TRAINED = {'alexnet': 'conv2', 'vgg16': 'conv5_1'}  # demo.m's backPropToLayer
+RECIPES = {'reference': {}, 'authors': AUTHORS_RECIPE}
+TIE_TOLERANCE = 1e-6  # getBestEpoch.m: recalls this close are equal
 
 
 def add_training_flags(p):
@@ -75,6 +85,60 @@ def add_training_flags(p):
     group.add_argument('--evalEvery', type=AT_LEAST_1, default=1, help='Validate every this many epochs.')
     group.add_argument('--patience', type=AT_LEAST_0, default=10,
                        help='Stop after this many validations without a better Recall@5 (0: never).')
+    recipe = p.add_argument_group('training recipe (each rule is a flag; a flag given wins over --recipe)')
+    recipe.add_argument('--recipe', default='reference', choices=list(RECIPES),
+                        help='reference: the PyTorch port\'s recipe (every default of this group and the one above); '
+                             'authors: the NetVLAD authors\' trainWeakly.m with demo.m\'s settings: SGD at lr 1e-4, '
+                             'momentum 0.9, weight decay 1e-3, lr halved every 5 epochs, 30 epochs, --loss paper, no '
+                             'early stopping, and the authors\' value of every rule below; AlexNet trains from conv2, '
+                             'VGG16 from conv5_1.')
+    recipe.add_argument('--batch_queries', default='violating', choices=['violating', 'all'],
+                        help='violating: only the queries with a violating negative, packed into full batches (the '
+                             'port); all: floor(queries / batchSize) batches over every training query in shuffled '
+                             'order, a query without a positive or a violating negative skipped inside its batch, '
+                             'which steps when any triplet is left (authors).')
+    recipe.add_argument('--min_positive_dist', type=number_in(float, 0), default=0.0, metavar='METRES',
+                        help='Training positives lie farther than this from their query, besides the dataset\'s own '
+                             'rule (the port: 0, Tokyo Time Machine\'s 1 m only; authors: 1 m for every dataset, '
+                             'dbBase.m).')
+    recipe.add_argument('--neg_memory', default='violating', choices=['violating', 'nearest'],
+                        help='What a query remembers of its mining for the next: violating, at most --nNeg violating '
+                             'negatives, none when none violate (the port); nearest, its --nNegCache nearest '
+                             'candidates, violating or not (authors).')
+    recipe.add_argument('--nNegCache', type=AT_LEAST_1, default=10,
+                        help='With --neg_memory nearest: candidates remembered per query (authors: 10).')
+    recipe.add_argument('--refresh_doubling', default='off', choices=['off', 'on'],
+                        help='on: the cache refresh interval is multiplied by 1/lrGamma (doubled) at every SGD '
+                             'learning-rate drop (authors: compFeatsFrequency x lrDownFactor); off: --cacheRefreshRate '
+                             'throughout (the port).')
+    recipe.add_argument('--val_queries', type=AT_LEAST_0, default=0,
+                        help='Validate on this many random val queries, drawn once from --seed (0: all of them, the '
+                             'port; authors: 1000, nTestSample).')
+    recipe.add_argument('--best_epoch', default='recall5', choices=['recall5', 'authors'],
+                        help='The best epoch (model_best.pth.tar): recall5, the first with the highest val Recall@5 '
+                             '(the port); authors, the highest Recall@5 with ties broken by Recall@4, @3, @2, @1, then '
+                             '@10, @15, ... (getBestEpoch.m).')
+    recipe.add_argument('--logged_loss', default='batch', choices=['batch', 'queries'],
+                        help='The loss logged per step: batch, the loss that is minimised (the port); queries, the '
+                             'mean over the batch\'s queries with a positive of each query\'s summed triplet loss '
+                             '(authors). The gradients are the same.')
+
+
+def apply_recipe(opt, fixed=()):
+    """Set every rule of --recipe that was not given on the command line (nor is in `fixed`: the stored flags of a
+    resumed run, which already hold its recipe's values)."""
+    settings = dict(RECIPES[opt.recipe])
+    if opt.recipe == 'authors' and not opt.fromscratch:
+        settings['backPropToLayer'] = AUTHORS_FIRST_TRAINED[opt.arch]
+    for flag, value in settings.items():
+        if hasattr(opt, flag) and flag not in opt.explicit and flag not in fixed:
+            setattr(opt, flag, value)
+
+
+def recipe_text(opt):
+    """The recipe's settings as this run has them."""
+    shown = [flag for flag in AUTHORS_RECIPE if hasattr(opt, flag)]
+    return f'recipe {opt.recipe}: ' + ', '.join(f'{flag}={getattr(opt, flag)}' for flag in shown)
 
 
 # ---------------------------------------------------------------------------------------------- mining
@@ -118,14 +182,20 @@ def query_db_distances(cache, query_rows, num_db, block=4096):
     return sq_dist.clamp_min_(0).sqrt_()
 
 
+class Mined(NamedTuple):
+    positives: torch.Tensor  # [Q] the best positive of each query
+    negatives: torch.Tensor  # [Q, num_neg] its hardest violating negatives, -1 padded, hardest first
+    usable: torch.Tensor     # [Q] whether it has a positive and a violating negative
+    nearest: torch.Tensor    # [Q, num_nearest] its nearest candidates, violating or not, -1 padded, nearest first
+
+
 def mine_triplets(cache, query_rows, num_db, nontrivial_positives, negative_candidates, margin, num_neg,
-                  loss='reference'):
+                  loss='reference', num_nearest=0):
     """Best positive and hardest violating negatives of each query, from cached descriptors.
 
     cache: [N, D] descriptors (database rows first); query_rows: [Q] cache rows of the queries;
     nontrivial_positives, negative_candidates: [Q, P] / [Q, C] database indices padded with -1.
     A negative violates when d(q,n) < d(q,p) + sqrt(margin) (reference loss) or d(q,n)^2 < d(q,p)^2 + margin (paper).
-    Returns positives [Q], negatives [Q, num_neg] (-1 padded, hardest first), and a mask of usable queries.
     """
     dist = query_db_distances(cache, query_rows, num_db)
     pos_dist = dist.gather(1, nontrivial_positives.clamp_min(0)).masked_fill(nontrivial_positives < 0, math.inf)
@@ -136,10 +206,18 @@ def mine_triplets(cache, query_rows, num_db, nontrivial_positives, negative_cand
         violating = neg_dist.square() < best_pos_dist.square() + margin
     else:
         violating = neg_dist < best_pos_dist + margin ** 0.5
-    neg_dist = neg_dist.masked_fill(~violating, math.inf)
-    hardest_dist, order = neg_dist.topk(min(num_neg, neg_dist.shape[1]), dim=1, largest=False)
+    nearest = nearest_of(negative_candidates, neg_dist, num_nearest)
+    hardest_dist, order = neg_dist.masked_fill(~violating, math.inf).topk(min(num_neg, neg_dist.shape[1]), dim=1,
+                                                                          largest=False)
     negatives = negative_candidates.gather(1, order).masked_fill(hardest_dist.isinf(), -1)
-    return positives, negatives, violating.any(dim=1)
+    has_positive = (nontrivial_positives >= 0).any(dim=1)
+    return Mined(positives, negatives, violating.any(dim=1) & has_positive, nearest)
+
+
+def nearest_of(candidates, dist, count):
+    """The `count` nearest candidates of each row (by `dist`, inf for padding), -1 padded."""
+    nearest_dist, order = dist.topk(min(count, dist.shape[1]), dim=1, largest=False)
+    return candidates.gather(1, order).masked_fill(nearest_dist.isinf(), -1)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -176,8 +254,8 @@ def triplet_indices(neg_counts):
     return anchor, positive, negative
 
 
-def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
-    """The batch's triplet loss (--loss, see the module docstring) from its descriptors [sum(2 + n), D].
+def triplet_terms(descriptors, neg_counts, margin, loss='reference'):
+    """The loss of every triplet of a batch (--loss, see the module docstring) from its descriptors [sum(2 + n), D].
 
     The rows are gathered with index_select: the backward of advanced indexing with repeated rows (each query and
     positive stands in every triplet of its negatives) accumulates with atomic adds on several CPU threads, in an
@@ -185,9 +263,17 @@ def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
     rows = [torch.tensor(r, device=descriptors.device) for r in triplet_indices(neg_counts)]
     query, pos, neg = (descriptors.index_select(0, r) for r in rows)
     if loss == 'paper':
-        hinge = F.relu((query - pos).square().sum(1) + margin - (query - neg).square().sum(1))
-        return hinge.sum() / (hinge > 0).sum().clamp_min(1)
-    return F.triplet_margin_loss(query, pos, neg, margin=margin ** 0.5, p=2, reduction='sum') / len(rows[2])
+        return F.relu((query - pos).square().sum(1) + margin - (query - neg).square().sum(1))
+    return F.triplet_margin_loss(query, pos, neg, margin=margin ** 0.5, p=2, reduction='none')
+
+
+def triplet_loss(descriptors, neg_counts, margin, loss='reference'):
+    """The batch's loss: its triplets' summed loss divided by the number of negatives (reference) or of violating
+    triplets (paper)."""
+    terms = triplet_terms(descriptors, neg_counts, margin, loss)
+    if loss == 'paper':
+        return terms.sum() / (terms > 0).sum().clamp_min(1)
+    return terms.sum() / len(terms)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -225,7 +311,7 @@ class TrainingData:
     """The training split with what mining needs: positives, negatives pool, and the descriptor cache."""
 
     def __init__(self, opt):
-        self.whole = load_dataset(opt, 'train')
+        self.whole = with_positive_floor(load_dataset(opt, 'train'), opt.min_positive_dist)
         struct = self.whole.db_struct
         self.num_db = struct.numDb
         nontrivial = self.whole.nontrivial_positives()
@@ -256,20 +342,76 @@ def unwrap(model):
 
 
 def chunk_triplets(data, source, model, chunk, hard_negatives, opt, device, rng, rank, world):
-    """Refresh the cache for a chunk of queries and mine its triplets (rows into the whole set)."""
+    """Refresh the cache for a chunk of queries and mine its triplets (rows into the whole set), updating the
+    queries' memory of hard negatives (--neg_memory; a query without a positive keeps its memory)."""
     positives = pad_rows([data.nontrivial[q] for q in chunk])
     candidates = draw_negative_candidates(rng, data.num_db, [data.potential[q] for q in chunk], opt.nNegSample)
     candidates = unique_per_row(np.concatenate([candidates, hard_negatives[chunk]], axis=1))
     query_rows = data.num_db + chunk
     needed = np.unique(np.concatenate([query_rows, positives[positives >= 0], candidates[candidates >= 0]]))
     cache = data.refresh_cache(model, source, needed, opt, device, rank, world)
-    best_pos, negatives, usable = mine_triplets(cache, torch.from_numpy(query_rows), data.num_db,
-                                                torch.from_numpy(positives), torch.from_numpy(candidates),
-                                                opt.margin, opt.nNeg, opt.loss)
-    hard_negatives[chunk] = -1
-    hard_negatives[chunk, :negatives.shape[1]] = negatives.numpy()
+    nearest = opt.nNegCache if opt.neg_memory == 'nearest' else 0
+    mined = mine_triplets(cache, torch.from_numpy(query_rows), data.num_db, torch.from_numpy(positives),
+                          torch.from_numpy(candidates), opt.margin, opt.nNeg, opt.loss, nearest)
+    remembered = (mined.nearest if nearest else mined.negatives).numpy()
+    mined_queries = positives[:, 0] >= 0
+    hard_negatives[chunk[mined_queries]] = -1
+    hard_negatives[chunk[mined_queries], :remembered.shape[1]] = remembered[mined_queries]
     return [(int(data.num_db + q), int(p), [int(n) for n in negs if n >= 0])
-            for q, p, negs, ok in zip(chunk, best_pos, negatives, usable) if ok]
+            for q, p, negs, ok in zip(chunk, mined.positives, mined.negatives, mined.usable) if ok]
+
+
+def memory_width(opt):
+    """Hard negatives remembered per query."""
+    return opt.nNegCache if opt.neg_memory == 'nearest' else opt.nNeg
+
+
+def epoch_queries(data, opt, rng):
+    """The training queries of an epoch, in order: the queries with a positive (--batch_queries violating), or every
+    query cut to whole batches (all, trainWeakly.m)."""
+    if opt.batch_queries == 'violating':
+        return rng.permutation(data.queries)
+    order = rng.permutation(data.whole.db_struct.numQ)
+    return order[:len(order) // opt.batchSize * opt.batchSize]
+
+
+def lr_drops_before(epoch, opt):
+    return (epoch - 1) // opt.lrStep if opt.optim == 'SGD' and opt.lrGamma < 1 else 0
+
+
+def refresh_interval(opt, epoch, num_queries):
+    """Queries between cache refreshes in `epoch`: --cacheRefreshRate (0: the whole epoch), in whole batches under
+    --batch_queries all (trainWeakly.m: ceil(compFeatsFrequency / batchSize) batches), multiplied by 1/lrGamma and
+    rounded at every learning-rate drop so far with --refresh_doubling on."""
+    if not opt.cacheRefreshRate:
+        return num_queries
+    unit = opt.batchSize if opt.batch_queries == 'all' else 1
+    interval = math.ceil(opt.cacheRefreshRate / unit)
+    if opt.refresh_doubling == 'on':
+        for _ in range(lr_drops_before(epoch, opt)):
+            interval = round(interval / opt.lrGamma)
+    return max(1, interval) * unit
+
+
+def rank_batches(data, chunk, triplets, opt, rank, world):
+    """(triplets, batches, counts) of this rank: its triplets, its batches as lists of indices into them, and each
+    batch's number of queries with a positive. --batch_queries violating packs the rank's equal share of triplets
+    into full batches; all keeps the chunk's batches of queries, a batch left without a triplet is empty."""
+    if opt.batch_queries == 'violating':
+        share = len(triplets) // world  # equal shares: every rank runs the same number of steps
+        mine = triplets[rank * share:(rank + 1) * share]
+        batches = [list(range(start, min(start + opt.batchSize, len(mine))))
+                   for start in range(0, len(mine), opt.batchSize)]
+        return mine, batches, [len(b) for b in batches]
+    position = {int(q): i for i, q in enumerate(chunk)}
+    groups = len(chunk) // opt.batchSize
+    batches = [[] for _ in range(groups)]
+    for index, (query_row, _, _) in enumerate(triplets):
+        batches[position[query_row - data.num_db] // opt.batchSize].append(index)
+    with_positive = np.array([len(data.nontrivial[q]) > 0 for q in chunk[:groups * opt.batchSize]])
+    counts = with_positive.reshape(groups, opt.batchSize).sum(1).tolist()
+    share = groups // world
+    return triplets, batches[rank * share:(rank + 1) * share], counts[rank * share:(rank + 1) * share]
 
 
 def make_optimizer(model, opt):
@@ -285,13 +427,22 @@ def make_optimizer(model, opt):
     return optimizer, scheduler
 
 
-def train_chunk(model, source, triplets, optimizer, opt, device, progress, writer, step):
-    """One pass over the mined triplets of a chunk (this rank's share of them); source as in refresh_cache."""
-    loader = DataLoader(TripletImages(source, triplets), batch_size=opt.batchSize, shuffle=False,
-                        collate_fn=collate_triplets, **loading(opt))
+def train_chunk(model, source, triplets, optimizer, opt, device, progress, writer, step, batches=None, counts=None):
+    """One pass over the mined triplets of a chunk (this rank's share of them); source as in refresh_cache.
+
+    batches: lists of indices into `triplets`, one step each (default: consecutive --batchSize triplets); counts: each
+    batch's number of queries with a positive, which --logged_loss queries divides by. Returns the step count and
+    the logged loss of every batch (an empty batch logs 0 under --logged_loss queries, as trainWeakly.m)."""
+    if batches is None:
+        batches = [list(range(s, min(s + opt.batchSize, len(triplets)))) for s in range(0, len(triplets), opt.batchSize)]
+        counts = [len(b) for b in batches]
+    filled = [b for b in batches if b]
+    loader = DataLoader(TripletImages(source, triplets), batch_sampler=filled, collate_fn=collate_triplets,
+                        **loading(opt))
     model.train()
-    losses = []
-    for images, neg_counts in loader:
+    losses = [0.0] * (len(batches) - len(filled) if opt.logged_loss == 'queries' else 0)
+    filled_counts = [c for b, c in zip(batches, counts) if b]
+    for (images, neg_counts), count in zip(loader, filled_counts):
         started = time.time()
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(opt.precision, device):
@@ -301,14 +452,22 @@ def train_chunk(model, source, triplets, optimizer, opt, device, progress, write
         loss.backward()
         optimizer.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(logged_loss(loss, descriptors, neg_counts, count, opt))
         progress.update(len(neg_counts))
-        progress.set_postfix(loss=f'{loss.item():.4f}')
+        progress.set_postfix(loss=f'{losses[-1]:.4f}')
         if writer is not None:
-            writer.add_scalar('Train/Loss', loss.item(), step)
+            writer.add_scalar('Train/Loss', losses[-1], step)
             writer.add_scalar('Train/nNeg', sum(neg_counts) / len(neg_counts), step)
             writer.add_scalar('Train/images_per_s', len(images) / (time.time() - started), step)
     return step, losses
+
+
+def logged_loss(loss, descriptors, neg_counts, count, opt):
+    """--logged_loss: the minimised loss, or the mean over the batch's `count` queries of their summed loss."""
+    if opt.logged_loss == 'batch':
+        return loss.item()
+    with torch.no_grad():
+        return triplet_terms(descriptors.float(), neg_counts, opt.margin, opt.loss).sum().item() / count
 
 
 def train_epoch(model, data, source, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer,
@@ -319,18 +478,18 @@ def train_epoch(model, data, source, optimizer, hard_negatives, opt, device, epo
     rank, world = rank_world
     rng = np.random.default_rng([opt.seed, epoch])
     torch.manual_seed(opt.seed * 1000 + epoch)
-    order = rng.permutation(data.queries)
+    order = epoch_queries(data, opt, rng)
     losses = []
-    chunk_size = opt.cacheRefreshRate or len(order)
+    chunk_size = refresh_interval(opt, epoch, len(order))
     with tqdm(total=len(order), desc=f'epoch {epoch}/{num_epochs}', unit='query', disable=rank != 0) as bar:
         for start in range(0, len(order), chunk_size):
             chunk = order[start:start + chunk_size]
             triplets = chunk_triplets(data, source, model, chunk, hard_negatives, opt, device, rng, rank, world)
-            share = len(triplets) // world  # equal shares: every rank runs the same number of steps
-            mine = triplets[rank * share:(rank + 1) * share]
-            step, chunk_losses = train_chunk(model, source, mine, optimizer, opt, device, bar, writer, step)
+            mine, batches, counts = rank_batches(data, chunk, triplets, opt, rank, world)
+            step, chunk_losses = train_chunk(model, source, mine, optimizer, opt, device, bar, writer, step, batches,
+                                             counts)
             losses += chunk_losses
-            bar.update(len(chunk) - len(mine))
+            bar.update(len(chunk) - sum(map(len, batches)))
     return step, losses
 
 
@@ -338,6 +497,8 @@ def training_splits(opt, rank=0):
     """The train split (with what mining needs) and, on rank 0, the val split; read before anything is written."""
     data = TrainingData(opt)
     val_set = load_dataset(opt, 'val') if rank == 0 else None
+    if val_set is not None and opt.val_queries:
+        val_set = query_sample(val_set, opt.val_queries, opt.seed)
     return data, val_set
 
 
@@ -351,7 +512,7 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, 
     """
     rank, world = init_distributed(opt)
     data, val_set = splits
-    logging.info('%s; loss: %s', trainable_layers_text(model), opt.loss)
+    logging.info('%s; %s', trainable_layers_text(model), recipe_text(opt))
     model = model.to(device).to(memory_format=torch.channels_last)
     network, source, train_opt = training_inputs(model, data, opt, device, run_dir, rank)
     if world > 1:
@@ -360,7 +521,8 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, 
         network = torch.nn.DataParallel(network, device_ids=list(range(opt.nGPU)))
     optimizer, scheduler = make_optimizer(network, opt)
     state = dict(state or {})
-    hard_negatives = np.full((data.whole.db_struct.numQ, opt.nNeg), -1, dtype=np.int64)
+    width = memory_width(opt)
+    hard_negatives = np.full((data.whole.db_struct.numQ, width), -1, dtype=np.int64)
     if 'optimizer' in state:
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
@@ -368,10 +530,10 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, 
             for group in optimizer.param_groups:
                 group['lr'] = group['initial_lr'] = opt.lr
         stored = state['hard_negatives'].numpy()
-        hard_negatives[:, :min(opt.nNeg, stored.shape[1])] = stored[:, :opt.nNeg]
+        hard_negatives[:, :min(width, stored.shape[1])] = stored[:, :width]
     epoch = state.get('epoch', 0)
     best_score, not_improved = state.get('best_score', 0.0), state.get('not_improved', 0)
-    best_epoch = state.get('best_epoch', 0)
+    best_epoch, best_curve = state.get('best_epoch', 0), state.get('best_curve')
     writer = tensorboard_writer(run_dir) if rank == 0 and save else None
     step = state.get('step', 0)
     recalls = state.get('recalls', {})
@@ -388,18 +550,18 @@ def fit(model, splits, opt, device, run_dir, num_epochs, state=None, save=True, 
             validated = epoch % opt.evalEvery == 0 or epoch == num_epochs
             is_best = False
             if validated:
-                recalls = validate(model, val_set, opt, device, rank, world)
+                recalls, curve = validate(model, val_set, opt, device, rank, world)
                 score = recalls.get(5, recalls[max(recalls)])
-                is_best = score > best_score
+                is_best = improves(curve, best_curve) if opt.best_epoch == 'authors' else score > best_score
                 best_score, not_improved = (score, 0) if is_best else (best_score, not_improved + opt.evalEvery)
-                best_epoch = epoch if is_best else best_epoch
+                best_epoch, best_curve = (epoch, curve) if is_best else (best_epoch, best_curve)
                 if writer is not None:
                     for n, recall in recalls.items():
                         writer.add_scalar(f'Val/Recall_{n}', recall, epoch)
                 logging.info('Epoch %d: Recall@5 %.4f (best %.4f)%s', epoch, score, best_score,
                              ' *' if is_best else '')
             state = dict(epoch=epoch, recalls=recalls, best_score=best_score, best_epoch=best_epoch,
-                         not_improved=not_improved,
+                         best_curve=best_curve, not_improved=not_improved,
                          step=step, epoch_losses=epoch_losses, optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), hard_negatives=torch.from_numpy(hard_negatives),
                          parallel=world > 1)
@@ -429,14 +591,28 @@ def training_inputs(model, data, opt, device, run_dir, rank):
 
 
 def validate(model, val_set, opt, device, rank, world):
-    """Recall@N on the val split, computed by rank 0 and shared with the other ranks."""
-    recalls = [None]
+    """(Recall@N, Recall@1..25 curve) on the val split, computed by rank 0 and shared with the other ranks."""
+    result = [None]
     if rank == 0:
-        recalls[0] = evaluate(model, val_set, opt, device)['recalls']
-        log_recalls(recalls[0])
+        evaluated = evaluate(model, val_set, opt, device)
+        log_recalls(evaluated['recalls'])
+        result[0] = evaluated['recalls'], evaluated['curve']
     if world > 1:
-        dist.broadcast_object_list(recalls, src=0)
-    return recalls[0]
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def improves(curve, best_curve):
+    """Whether a validation's Recall@1..25 `curve` beats the best epoch's by the authors' rule (getBestEpoch.m):
+    compare Recall@5, then @4 .. @1, then @10, @15, ...; recalls within TIE_TOLERANCE are equal, and an equal epoch
+    never replaces an earlier one."""
+    if best_curve is None:
+        return True
+    for n in [n for n in [5, 4, 3, 2, 1] if n <= len(curve)] + list(range(10, len(curve) + 1, 5)):
+        difference = curve[n - 1] - best_curve[n - 1]
+        if abs(difference) >= TIE_TOLERANCE:
+            return difference > 0
+    return False
 
 
 def tensorboard_writer(run_dir):

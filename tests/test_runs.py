@@ -252,7 +252,7 @@ def test_paper_mining_uses_squared_distances():
     positive, negative = np.array([1.0, 0, 0, 0]), np.array([0, 1.05, 0, 0])
     cache = torch.tensor(np.stack([positive, negative, query]), dtype=torch.float32)
     args = (cache, torch.tensor([2]), 2, torch.tensor([[0]]), torch.tensor([[1]]), 0.1, 1)
-    _, negatives, usable = training.mine_triplets(*args, loss='reference')
+    _, negatives, usable, _ = training.mine_triplets(*args, loss='reference')
     assert negatives.tolist() == [[1]] and usable.tolist() == [True]
-    _, negatives, usable = training.mine_triplets(*args, loss='paper')
+    _, negatives, usable, _ = training.mine_triplets(*args, loss='paper')
     assert negatives.tolist() == [[-1]] and usable.tolist() == [False]

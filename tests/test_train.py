@@ -34,7 +34,7 @@ def test_mining_picks_the_hardest_violating_negatives():
     positives = [rng.choice(num_db, size=rng.integers(1, 4), replace=False) for _ in range(num_queries)]
     candidates = [rng.choice(num_db, size=15, replace=False) for _ in range(num_queries)]
     query_rows = num_db + np.arange(num_queries)
-    best, negatives, usable = training.mine_triplets(
+    best, negatives, usable, _ = training.mine_triplets(
         torch.from_numpy(cache), torch.from_numpy(query_rows), num_db, torch.from_numpy(training.pad_rows(positives)),
         torch.from_numpy(training.pad_rows(candidates)), margin=0.1, num_neg=4)
     for q in range(num_queries):
