@@ -92,11 +92,13 @@ def add_training_flags(p):
                              'momentum 0.9, weight decay 1e-3, lr halved every 5 epochs, 30 epochs, --loss paper, no '
                              'early stopping, and the authors\' value of every rule below; AlexNet trains from conv2, '
                              'VGG16 from conv5_1.')
-    recipe.add_argument('--batch_queries', default='violating', choices=['violating', 'all'],
-                        help='violating: only the queries with a violating negative, packed into full batches (the '
-                             'port); all: floor(queries / batchSize) batches over every training query in shuffled '
-                             'order, a query without a positive or a violating negative skipped inside its batch, '
-                             'which steps when any triplet is left (authors).')
+    recipe.add_argument('--batch_queries', default='violating', choices=['violating', 'port', 'all'],
+                        help='violating: only the queries with a violating negative, packed into full batches (this '
+                             'project\'s reference recipe); port: batches of --batchSize of the queries with a '
+                             'positive, a query without a violating negative dropped from its batch (the port\'s own '
+                             'DataLoader and collate_fn); all: floor(queries / batchSize) batches over every training '
+                             'query in shuffled order, a query without a positive or a violating negative skipped '
+                             'inside its batch (authors). A batch steps when any triplet is left.')
     recipe.add_argument('--min_positive_dist', type=number_in(float, 0), default=0.0, metavar='METRES',
                         help='Training positives lie farther than this from their query, besides the dataset\'s own '
                              'rule (the port: 0, Tokyo Time Machine\'s 1 m only; authors: 1 m for every dataset, '
@@ -367,9 +369,9 @@ def memory_width(opt):
 
 
 def epoch_queries(data, opt, rng):
-    """The training queries of an epoch, in order: the queries with a positive (--batch_queries violating), or every
-    query cut to whole batches (all, trainWeakly.m)."""
-    if opt.batch_queries == 'violating':
+    """The training queries of an epoch, in order: the queries with a positive (--batch_queries violating, port), or
+    every query cut to whole batches (all, trainWeakly.m)."""
+    if opt.batch_queries != 'all':
         return rng.permutation(data.queries)
     order = rng.permutation(data.whole.db_struct.numQ)
     return order[:len(order) // opt.batchSize * opt.batchSize]
@@ -396,7 +398,8 @@ def refresh_interval(opt, epoch, num_queries):
 def rank_batches(data, chunk, triplets, opt, rank, world):
     """(triplets, batches, counts) of this rank: its triplets, its batches as lists of indices into them, and each
     batch's number of queries with a positive. --batch_queries violating packs the rank's equal share of triplets
-    into full batches; all keeps the chunk's batches of queries, a batch left without a triplet is empty."""
+    into full batches; port and all keep the chunk's batches of --batchSize queries, each without the queries that
+    found no triplet (a batch left without one is empty)."""
     if opt.batch_queries == 'violating':
         share = len(triplets) // world  # equal shares: every rank runs the same number of steps
         mine = triplets[rank * share:(rank + 1) * share]
@@ -404,12 +407,12 @@ def rank_batches(data, chunk, triplets, opt, rank, world):
                    for start in range(0, len(mine), opt.batchSize)]
         return mine, batches, [len(b) for b in batches]
     position = {int(q): i for i, q in enumerate(chunk)}
-    groups = len(chunk) // opt.batchSize
+    groups = math.ceil(len(chunk) / opt.batchSize)
     batches = [[] for _ in range(groups)]
     for index, (query_row, _, _) in enumerate(triplets):
         batches[position[query_row - data.num_db] // opt.batchSize].append(index)
-    with_positive = np.array([len(data.nontrivial[q]) > 0 for q in chunk[:groups * opt.batchSize]])
-    counts = with_positive.reshape(groups, opt.batchSize).sum(1).tolist()
+    with_positive = [len(data.nontrivial[q]) > 0 for q in chunk]
+    counts = [sum(with_positive[g * opt.batchSize:(g + 1) * opt.batchSize]) for g in range(groups)]
     share = groups // world
     return triplets, batches[rank * share:(rank + 1) * share], counts[rank * share:(rank + 1) * share]
 

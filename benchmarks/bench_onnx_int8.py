@@ -20,10 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from driver import run_command  # noqa: E402
-
 import main  # noqa: E402
 from checkpoint import model_state, save_checkpoint  # noqa: E402
+from driver import run_command  # noqa: E402
 from export_onnx import OnnxRuntimeModel, int8_path, quantize_onnx, write_onnx  # noqa: E402
 from measure import interleaved_latency  # noqa: E402
 from models import build_model  # noqa: E402

@@ -32,12 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
-
 import int8  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import model_state  # noqa: E402
 from commons import parse_size  # noqa: E402
+from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
 from models import build_model  # noqa: E402
 
 

@@ -62,8 +62,9 @@ def test_the_ports_batches_pack_the_usable_triplets():
 
 
 def test_steps_per_epoch_follow_the_batch_rule(monkeypatch):
-    """An epoch's steps: ceil(usable / 4) per chunk under the port's rule, the batches holding a usable query under
-    the authors'. Mining is replaced by a fixed rule: query q is usable when q % 5 != 0."""
+    """An epoch's steps: ceil(usable / 4) per chunk when usable triplets are packed (violating), the batches of 4
+    queries holding a usable one otherwise (port: per chunk of queries with a positive; all: over every query).
+    Mining is replaced by a fixed rule: query q is usable when q % 5 != 0."""
     num_q = 40
     data = SimpleNamespace(whole=SimpleNamespace(db_struct=SimpleNamespace(numQ=num_q)), num_db=100,
                            nontrivial=[[1]] * num_q, queries=np.arange(num_q))
@@ -72,12 +73,13 @@ def test_steps_per_epoch_follow_the_batch_rule(monkeypatch):
         (data.num_db + int(q), 0, [1]) for q in chunk if q % 5])
     monkeypatch.setattr(training, 'train_chunk', lambda model, source, triplets, optimizer, opt, device, bar, writer,
                         step, batches, counts: (step + sum(1 for b in batches if b), []))
-    for rule in ('violating', 'all'):
+    for rule in ('violating', 'port', 'all'):
         opt = train_opt(f'--batch_queries={rule}', '--cacheRefreshRate=16')
         steps[rule], _ = training.train_epoch(None, data, None, None, None, opt, None, 1, 1, (0, 1), None, 0)
     order = np.random.default_rng([opt.seed, 1]).permutation(num_q)
     chunks = [order[s:s + 16] for s in range(0, num_q, 16)]
     assert steps['violating'] == sum(math.ceil(sum(1 for q in c if q % 5) / 4) for c in chunks)
+    assert steps['port'] == sum(any(q % 5 for q in c[b:b + 4]) for c in chunks for b in range(0, len(c), 4))
     assert steps['all'] == sum(any(q % 5 for q in order[b:b + 4]) for b in range(0, num_q, 4))
 
 
