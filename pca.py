@@ -33,7 +33,7 @@ from options import (
     add_search_flags,
     number_in,
 )
-from results import record_result
+from results import record_result, variant_of
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from runs import check_derived_target, derived_run_folder, load_model
 
@@ -166,14 +166,7 @@ def drop_whitening(model, checkpoint, run_dir):
     logging.info('%s already holds a %d-D whitening: fitting a new one on its raw %d-D descriptor in its place.',
                  run_dir, model.output_dim, model.pool.output_dim)
     del model.whiten
-    return dict(checkpoint, variant=f'{source_variant(checkpoint)} without its whitening')
-
-
-def source_variant(checkpoint):
-    """The name the results file gives the model (see results.record_result)."""
-    if checkpoint is None:
-        return 'off-the-shelf (k-means init)'
-    return checkpoint.get('variant', 'trained')
+    return dict(checkpoint, variant=f'{variant_of(checkpoint)} without its whitening')
 
 
 def pca(opt):
@@ -226,7 +219,7 @@ def whiten_into(out_dir, model, checkpoint, run_dir, sample_set, eval_set, dim, 
                 eigenvalues=eigenvalues.tolist())
     state = dict(model_state(model), epoch=checkpoint.get('epoch', 0) if checkpoint else 0, recalls={},
                  best_score=checkpoint.get('best_score', 0.0) if checkpoint else 0.0, parallel=False,
-                 variant=f'{source_variant(checkpoint)} + PCA-whitening {dim}', pca=info)
+                 variant=f'{variant_of(checkpoint)} + PCA-whitening {dim}', pca=info)
     save_checkpoint(state, out_dir, is_best=False)
     report(results, raw_dim, dim)
     name = f'pca_{opt.split}.json'

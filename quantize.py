@@ -51,16 +51,15 @@ from options import (
     add_run_flags,
     add_search_flags,
 )
-from results import append_result
+from results import append_result, variant_of
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
 from training import add_training_flags, apply_recipe, fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
 TRAIN_SPLITS = ('train', 'train250k')
-# QAT fine-tunes at a tenth of --lr (prune's fine-tuning measured best at --lr): a fresh optimizer at the
-# training rate first undoes the trained model (AlexNet, synthetic test, Adam, 1 epoch: Recall@1 0.647 at 1e-5,
-# the training rate, 0.773 at 1e-6; static int8 0.747, fp32 0.753).
+# QAT fine-tunes at a tenth of --lr: a fresh optimizer at the training rate first undoes the trained model
+# (docs/compression.md has the measurement).
 QAT_LR_FACTOR = 0.1
 
 
@@ -158,6 +157,13 @@ def measure_model(model, dataset, opt, device):
     return record, result
 
 
+def quantized_variant(source, opt):
+    """The results table's name of the int8 model: 'int8 static', after the source's name when the source is itself
+    compressed or whitened (e.g. 'pruned structured 50% + int8 static')."""
+    name = f'int8 {opt.quantization_type}'
+    return name if variant_of(source) == 'trained' else f'{variant_of(source)} + {name}'
+
+
 def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
     """checkpoints/ with encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config,
     provenance)."""
@@ -166,7 +172,7 @@ def save_quantized(program, head_model, config, source, opt, out_dir, calib_coun
     torch.export.save(program, os.path.join(folder, PROGRAM_NAME))  # the archive is named after its file
     with open(os.path.join(folder, PROGRAM_NAME), 'rb') as f:
         os.fsync(f.fileno())
-    checkpoint = dict(quantized=opt.quantization_type, variant=f'int8 {opt.quantization_type}',
+    checkpoint = dict(quantized=opt.quantization_type, variant=quantized_variant(source, opt),
                       state_dict=head_state(head_model), config=config, pooling=config['pooling'],
                       encoder_program=PROGRAM_NAME, source_run=opt.resume, epoch=int(source.get('epoch', 0)),
                       recalls={}, best_score=0.0, calib_images=calib_count,

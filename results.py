@@ -103,6 +103,14 @@ def append_line(path, line):
         os.close(descriptor)
 
 
+def variant_of(checkpoint):
+    """The name the results file gives a model: its checkpoint's variant ('trained' for a training run), or the
+    untrained network's when checkpoint is None."""
+    if checkpoint is None:
+        return 'off-the-shelf (k-means init)'
+    return checkpoint.get('variant', 'trained')
+
+
 def record_result(opt, model, checkpoint, run_dir, result):
     """Append an evaluated model (--resume's, or the untrained one when checkpoint is None) with its file size, and
     with its CPU latency at --latency_size when --latency asks for it."""
@@ -110,7 +118,7 @@ def record_result(opt, model, checkpoint, run_dir, result):
     if opt.latency:
         cpu_model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()
         latency = latency_ms(cpu_model, opt.latency_size, repeats=5, warmup=1)
-    variant = checkpoint.get('variant', 'trained') if checkpoint is not None else 'off-the-shelf (k-means init)'
+    variant = variant_of(checkpoint)
     if opt.precision != 'fp32':
         variant += f' {opt.precision}'
     return append_result(opt, variant, result, model_bytes(model, checkpoint, run_dir), latency,

@@ -1,12 +1,13 @@
 """The two training recipes (--recipe reference, --recipe authors) on the same generated data and seeds.
 
-The data is bench_train_protocol.py's generated Pittsburgh-layout set (260 training places, 60 val, 60 test), read at
---resize. For each seed: one `--mode=cluster --arch=alexnet --fromscratch --seed S`, then for each recipe
+The data is the built-in synthetic set (`--mode=synth`: --synth_db database images and --synth_queries queries for
+val and test, twice that for train, at --synth_imsize), generated once. For each seed: one `--mode=cluster
+--arch=alexnet --fromscratch --seed S`, then for each recipe
 `--mode=train --recipe R --nEpochs E --lrStep L` (every other flag the recipe's own: SGD at 1e-4 in both, so the
 rows differ by the recipe's rules only) and `--mode=test --split test --ckpt best`. Recorded per run: the best
 epoch's val Recall@1/5, test Recall@1/5, optimiser steps per epoch and seconds per epoch (training and validation).
-Usage: python benchmarks/bench_recipes.py [--seeds 1 2 ...] [--epochs 3] [--lr_step 1] [--resize 120x160]
-       [--workdir DIR] [--results FILE] [--summarise FILE ...]
+Usage: python benchmarks/bench_recipes.py [--seeds 1 2 ...] [--epochs 3] [--lr_step 1] [--synth_db 100]
+       [--synth_queries 50] [--synth_imsize 64x80] [--workdir DIR] [--results FILE] [--summarise FILE ...]
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from bench_train_protocol import ROOT, generate, main_py, seed_data
+from bench_train_protocol import ROOT, main_py, seed_data
 
 RECALL_LINE = re.compile(r'====> Recall@(\d+): ([0-9.]+)')
 RECIPES = ('reference', 'authors')
@@ -26,7 +27,7 @@ RECIPES = ('reference', 'authors')
 
 def run_recipe(data, workdir, seed, recipe, args, log):
     common = ['--arch=alexnet', '--fromscratch', '--nocuda', '--threads', '0', '--cacheBatchSize', '24',
-              '--seed', str(seed), '--dataPath', data, '--resize', args.resize]
+              '--seed', str(seed), '--dataset=synthetic', '--dataPath', data]
     run = os.path.join(workdir, f'run_seed{seed}_{recipe}')
     started = time.time()
     main_py(ROOT, ['--mode=train', *common, '--recipe', recipe, '--nEpochs', str(args.epochs), '--lrStep',
@@ -62,7 +63,9 @@ def main():
     parser.add_argument('--seeds', type=int, nargs='+', default=list(range(1, 11)))
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--lr_step', type=int, default=1, help='Epochs between lr drops (both recipes).')
-    parser.add_argument('--resize', default='120x160')
+    parser.add_argument('--synth_db', type=int, default=100)
+    parser.add_argument('--synth_queries', type=int, default=50)
+    parser.add_argument('--synth_imsize', default='64x80')
     parser.add_argument('--workdir', default=None, help='Data and runs (default: a new temporary folder).')
     parser.add_argument('--results', default=None, help='Append one JSON line per run to this file.')
     parser.add_argument('--summarise', nargs='+', default=None, metavar='FILE', help='Only print the table of '
@@ -73,13 +76,15 @@ def main():
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix='bench_recipes_')
     root = os.path.join(workdir, 'data')
-    generate(root)
+    main_py(ROOT, ['--mode=synth', '--dataPath', root, f'--synth_db={args.synth_db}',
+                   f'--synth_queries={args.synth_queries}', f'--synth_imsize={args.synth_imsize}'],
+            os.path.join(workdir, 'synth.log'))
     records = []
     for seed in args.seeds:
         data = seed_data(root, workdir, seed)
         log = os.path.join(workdir, f'seed{seed}.log')
         main_py(ROOT, ['--mode=cluster', '--arch=alexnet', '--fromscratch', '--nocuda', '--threads', '0',
-                       '--seed', str(seed), '--dataPath', data, '--resize', args.resize], log)
+                       '--seed', str(seed), '--dataset=synthetic', '--dataPath', data], log)
         for recipe in RECIPES:
             record = json.loads(json.dumps(run_recipe(data, workdir, seed, recipe, args, log)))
             records.append(record)
