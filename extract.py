@@ -9,8 +9,10 @@ NetVLAD port (RGB 0-255 minus the mean): descriptors of the two are not comparab
 import logging
 import os
 
+import torch
+
 from commons import make_deterministic, select_device
-from global_features import FEATURES_FILE, extract_folder, find_images
+from global_features import FEATURES_FILE, extract_folder, extraction_settings, find_images
 from options import (
     add_centroids_source_flags,
     add_common_flags,
@@ -37,12 +39,22 @@ def add_flags(p):
 
 def extract(opt):
     make_deterministic(opt.seed)
-    names = find_images(opt.image_dir, '--image_dir')
     model, _, run_dir = load_model(opt)
     model, device = place_model(model, select_device(opt))
-    path = os.path.join(opt.export_dir, FEATURES_FILE)
     logging.info('Model %s: %d-D descriptors', run_dir or 'off-the-shelf', model.output_dim)
-    os.makedirs(opt.export_dir, exist_ok=True)
-    extract_folder(model, opt.image_dir, names, path, opt, device)
+    return extract_features(model, opt.image_dir, opt.export_dir, device, opt.cacheBatchSize, opt.precision,
+                            opt.threads, opt.as_half, opt.resize_max, opt.skip_unreadable)
+
+
+def extract_features(model, image_dir, export_dir, device='cpu', batch_size=24, precision='fp32', threads=0,
+                     as_half=False, resize_max=None, skip_unreadable=False):
+    """hloc's extract_features step: the descriptor of every image under image_dir (searched recursively) into
+    export_dir/global-feats-netvlad.h5, resumable; the parameters are the flags of the same names (batch_size:
+    --cacheBatchSize). Returns the file's path."""
+    names = find_images(image_dir, '--image_dir')
+    path = os.path.join(export_dir, FEATURES_FILE)
+    os.makedirs(export_dir, exist_ok=True)
+    settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
+    extract_folder(model, image_dir, names, path, settings, torch.device(device))
     logging.info('====> Wrote the descriptors of %d images to %s', len(names), path)
     return path

@@ -14,6 +14,7 @@ Before each write, the room it needs is allocated at the end of the file (HDF5 w
 closing): a full disk then stops the run with a UserError and a .partial that can be continued, instead of inside
 HDF5, which crashes the process after a failed write.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from commons import UserError, error_summary, user_error_text
 from descriptors import DescriptorFile
@@ -172,6 +174,15 @@ def descriptor_dim(path, name):
 
 
 # ---------------------------------------------------------------------------------------------- extraction
+
+def extraction_settings(device, batch_size=24, precision='fp32', threads=0, as_half=False, resize_max=None,
+                        skip_unreadable=False):
+    """What the extraction functions read, under the names of the flags that set them (--cacheBatchSize, ...), for
+    callers that have no parsed command line."""
+    return argparse.Namespace(cacheBatchSize=batch_size, precision=precision, threads=threads,
+                              cuda=torch.device(device).type == 'cuda', as_half=as_half, resize_max=resize_max,
+                              skip_unreadable=skip_unreadable)
+
 
 def extract_folder(model, image_dir, names, path, opt, device, skip_existing=False):
     """Write the descriptors of the images `names` (find_images) under image_dir into the global-feats file at

@@ -11,16 +11,16 @@ import numpy as np
 import torch
 
 from commons import select_device
+from global_features import extraction_settings
 from images import ImageList, load_image
 from retrieval import extract_descriptors
 from runs import open_run, place_model
 
 
-def run_options(run_dir, ckpt='latest', unsafe_load=False, batch_size=24, precision='fp32'):
+def run_options(run_dir, ckpt='latest', unsafe_load=False):
     """The options a test-mode command line with these values would give (every other flag at its default)."""
     import main
     return main.parse_options(['--mode=test', f'--resume={run_dir}', f'--ckpt={ckpt}', '--threads=0',
-                               f'--cacheBatchSize={batch_size}', f'--precision={precision}',
                                *(['--unsafe_load'] if unsafe_load else [])])
 
 
@@ -41,11 +41,11 @@ def describe(model, images, batch_size=24, precision='fp32'):
     if torch.is_tensor(images):
         with torch.inference_mode():
             return model.eval()(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-    opt = run_options('.', batch_size=batch_size, precision=precision)
+    settings = extraction_settings(device, batch_size, precision)
     sizes = {}
     for index, path in enumerate(images):
         sizes.setdefault(load_image(path).shape[1:], []).append(index)
     descriptors = np.empty((len(images), model.output_dim), dtype=np.float32)
     for group in sizes.values():
-        descriptors[group] = extract_descriptors(model, ImageList([images[i] for i in group]), opt, device)
+        descriptors[group] = extract_descriptors(model, ImageList([images[i] for i in group]), settings, device)
     return descriptors
