@@ -1,0 +1,409 @@
+"""Patch-NetVLAD re-ranking (Hausler et al., CVPR 2021): the candidates of a global NetVLAD search re-ordered by
+how well the query's image patches match theirs, and how consistently those matches lie in space.
+
+- Patch descriptors: NetVLAD of each square patch of the conv feature map, for several patch sizes at once. The
+  soft-assignment-weighted residuals a_k(x_i) (x_i - c_k) are formed once per feature map; each patch size then
+  takes the sum over all its patches in one pass (a box sum, `avg_pool2d` with no divisor). Each patch's residual
+  sums are intra-normalised and L2-normalised as the NetVLAD layer does, then projected with the run's PCA
+  whitening cut to the config's dimension, and L2-normalised again. The reference code takes the sums from an
+  integral image instead; its differences of large running sums cancel for clusters that are weakly assigned in
+  a patch, and intra-normalisation turns what is left into unit-norm noise rows.
+- Matching: mutual nearest neighbours between the query's and a candidate's patches of one size.
+- Scoring: the inliers of a RANSAC homography between the matched patch centres ('ransac', the performance
+  config), or rapid spatial scoring ('spatial', the speed and storage configs); each size's scores are
+  z-normalised over the query's candidates and summed with the config's weights. Keypoints are the patch centres
+  in feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike.
+
+A run without PCA whitening is refused (a UserError naming --mode=pca): its raw patch descriptors are K*D-D
+(32768 for VGG16), tens to hundreds of MB per image (storage_per_image), terabytes for a Pitts30k database.
+The database's patch features are computed once into a store file (patch_features.py).
+"""
+import dataclasses
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from commons import UserError
+from images import image_loader
+from models import build_encoder
+from netvlad import EPS, NetVLAD
+from patch_features import PatchStore, StoreWriter, model_fingerprint, store_path
+from retrieval import autocast
+
+MATCHERS = ('ransac', 'spatial')
+RANSAC_THRESHOLD = 1.5       # reprojection error allowed, in patch strides (the reference: 16 px x stride x 1.5)
+RANSAC_HYPOTHESES = 2000     # 4-point samples per homography (cv2.findHomography's default maximum)
+RANSAC_SEED = 0
+BLOCK_BYTES = 16 * 2 ** 20   # float32 bytes of the weighted residuals of one block of clusters
+WRITE_BYTES = 256 * 2 ** 20  # float32 bytes of patch features kept before a write to the store (what a kill loses)
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankConfig:
+    """The settings of one of the reference code's configs (configs/<name>.ini)."""
+    name: str
+    patch_sizes: tuple    # sides of the square patches, in feature-map cells (global_params patch_sizes)
+    strides: tuple        # steps between patches of each size, in cells (global_params strides)
+    patch_weights: tuple  # fusion weight of each size's scores (feature_match patchWeights2Use)
+    pca_dim: int          # dimension of the whitened patch descriptors (global_params num_pcs)
+    matcher: str          # 'ransac' (RANSAC) or 'spatial' (spatialApproximator)
+    num_candidates: int = 100  # candidates re-ranked per query (the largest of feature_match n_values_all)
+
+    def __post_init__(self):
+        sizes, strides, weights = len(self.patch_sizes), len(self.strides), len(self.patch_weights)
+        if not sizes or sizes != strides or sizes != weights:
+            raise UserError(f'Patch-NetVLAD config {self.name}: {sizes} patch sizes, {strides} strides and {weights} '
+                            f'patch weights; give one stride and one weight per patch size.')
+        if min(self.patch_sizes) < 1 or min(self.strides) < 1:
+            raise UserError(f'Patch-NetVLAD config {self.name}: patch sizes {self.patch_sizes} and strides '
+                            f'{self.strides} must be at least 1 (feature-map cells).')
+        if self.matcher not in MATCHERS:
+            raise UserError(f'Patch-NetVLAD config {self.name}: matcher {self.matcher!r}; use one of '
+                            f'{", ".join(MATCHERS)}.')
+        if self.pca_dim < 1 or self.num_candidates < 1:
+            raise UserError(f'Patch-NetVLAD config {self.name}: the PCA dimension ({self.pca_dim}) and the number '
+                            f'of candidates ({self.num_candidates}) must be at least 1.')
+
+
+RERANK_CONFIGS = {
+    'performance': RerankConfig('performance', (2, 5, 8), (1, 1, 1), (0.45, 0.15, 0.4), 4096, 'ransac'),
+    'speed': RerankConfig('speed', (5,), (1,), (1.0,), 512, 'spatial'),
+    'storage': RerankConfig('storage', (5,), (1,), (1.0,), 128, 'spatial'),
+}
+
+
+@dataclasses.dataclass
+class PatchFeatures:
+    """One image's Patch-NetVLAD features: per patch size (the config's order), descriptors [n, dim] (float32 unit
+    rows) and keypoints [n, 2] (patch centres (x, y) in feature-map cells), rows in the same order; grid: the
+    feature map's (height, width); extraction_s: this image's share of its batch's extraction time."""
+    descriptors: list
+    keypoints: list
+    grid: tuple
+    extraction_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- patches
+
+def patch_grid(height, width, size, stride):
+    """(rows, columns) of the size x size patches, `stride` apart, that fit in a height x width feature map."""
+    return max(0, (height - size) // stride + 1), max(0, (width - size) // stride + 1)
+
+
+def patch_keypoints(height, width, size, stride):
+    """Patch centres [n, 2] (x, y) in feature-map cells, row-major (the order of the patch descriptors)."""
+    rows, columns = patch_grid(height, width, size, stride)
+    y, x = torch.meshgrid(torch.arange(rows) * stride, torch.arange(columns) * stride, indexing='ij')
+    return (torch.stack([x, y], dim=-1).reshape(-1, 2) + (size - 1) / 2).float().numpy()
+
+
+def patch_projection(model, dim):
+    """(weight [dim, K*D], bias [dim]) of the run's PCA whitening cut to its `dim` leading components: its rows are
+    the principal directions by decreasing variance (pca.py's and the NetVLAD authors' whitening alike), so the
+    first `dim` rows are the whitening to `dim` dimensions."""
+    if not isinstance(model.pool, NetVLAD):
+        raise UserError(f'Patch-NetVLAD needs a NetVLAD run; this one pools with {model.pool.mode} pooling.')
+    if not hasattr(model, 'whiten'):
+        raise UserError(f'Patch-NetVLAD needs a PCA-whitened run: this run has no whitening, and its raw patch '
+                        f'descriptors ({model.pool.output_dim}-D) would take tens to hundreds of MB per database '
+                        f'image. Whiten it first (python main.py --mode=pca --pca_dim {dim} --resume=RUN) and '
+                        f're-rank with the run folder that writes (RUN_pca{dim}).')
+    if dim > model.whiten.out_features:
+        raise UserError(f'The Patch-NetVLAD config asks for {dim}-D patch descriptors, but the run is whitened to '
+                        f'{model.whiten.out_features} dimensions. Use a PCA dimension of at most '
+                        f'{model.whiten.out_features}, or whiten the run to {dim} (--mode=pca --pca_dim {dim}).')
+    return model.whiten.weight[:dim], model.whiten.bias[:dim]
+
+
+def clusters_per_block(batch, dim, locations, clusters):
+    return int(np.clip(BLOCK_BYTES // (4 * batch * dim * locations), 1, clusters))
+
+
+def patch_descriptors(features, pool, weight, bias, sizes, strides):
+    """Whitened Patch-NetVLAD descriptors of a float32 feature map [B, D, H, W]: per patch size, [B, n, dim].
+
+    The NetVLAD of one patch is V(k) = sum over the patch's locations i of a_k(x_i) (x_i - c_k), each row
+    intra-normalised, the whole L2-normalised; the soft-assignment a_k(x_i) of a location does not depend on the
+    patch. By blocks of clusters (memory: BLOCK_BYTES of residuals): the weighted residuals of the block, each
+    size's box sums, their intra-normalised rows projected by the block's columns of the whitening and their
+    squared norms summed (the L2 norm before the projection, which is linear, divides the sum at the end).
+    Residuals are laid out channels-last, where pooling over a small map of many channels is fastest."""
+    batch, dim, height, width = features.shape
+    clusters = pool.num_clusters
+    x = features.flatten(2)  # [B, D, HW]
+    if pool.normalize_input:
+        x = F.normalize(x, p=2, dim=1)
+    logits = torch.einsum('kd,bdn->bnk', pool.conv.weight.reshape(clusters, dim), x)
+    if pool.conv.bias is not None:
+        logits = logits + pool.conv.bias
+    soft_assign = F.softmax(logits, dim=2)  # [B, HW, K]
+    x = x.transpose(1, 2)  # [B, HW, D]
+    grids = [patch_grid(height, width, size, stride) for size, stride in zip(sizes, strides)]
+    projected = [x.new_zeros(batch, rows * columns, len(weight)) for rows, columns in grids]
+    squared_norms = [x.new_zeros(batch, rows * columns, 1) for rows, columns in grids]
+    step = clusters_per_block(batch, dim, height * width, clusters)
+    for first in range(0, clusters, step):
+        block = slice(first, min(first + step, clusters))
+        count = block.stop - block.start
+        residuals = (x[:, :, None] - pool.centroids[block]).mul_(soft_assign[:, :, block, None])  # [B, HW, k, D]
+        residuals = residuals.reshape(batch, height, width, count * dim).permute(0, 3, 1, 2)  # channels-last
+        for index, (size, stride) in enumerate(zip(sizes, strides)):
+            if not projected[index].shape[1]:
+                continue
+            sums = F.avg_pool2d(residuals, size, stride, divisor_override=1)  # [B, k*D, rows, columns]
+            rows = sums.permute(0, 2, 3, 1).reshape(batch, -1, count, dim)  # [B, n, k, D]
+            norms = torch.linalg.vector_norm(rows, dim=3, keepdim=True)
+            intra = rows / norms.clamp_min(EPS)
+            squared_norms[index] += (norms / norms.clamp_min(EPS)).pow(2).sum(dim=2)  # [B, n, 1]
+            projected[index] += intra.reshape(batch, -1, count * dim) @ weight[:, block.start * dim:block.stop * dim].T
+    return [F.normalize(total / norms.sqrt().clamp_min(EPS) + bias, p=2, dim=2)
+            for total, norms in zip(projected, squared_norms)]
+
+
+def patch_features(model, images, config, precision='fp32'):
+    """The global descriptors [B, output_dim] (float32, as model(images)) and the PatchFeatures of each image of a
+    batch [B, 3, H, W] on the model's device, from one pass of the encoder (under `precision` autocast:
+    fp32, bf16, fp16; the aggregation stays float32, as in EmbedNet)."""
+    weight, bias = patch_projection(model, config.pca_dim)
+    started = time.perf_counter()
+    model.eval()
+    with torch.inference_mode():
+        with autocast(precision, images.device):
+            features = model.features(images)
+        with torch.autocast(images.device.type, enabled=False):
+            features = features.float()
+            global_desc = model.describe(features).cpu().numpy()
+            patches = [p.cpu().numpy() for p in patch_descriptors(features, model.pool, weight, bias,
+                                                                  config.patch_sizes, config.strides)]
+    height, width = features.shape[2:]
+    keypoints = [patch_keypoints(height, width, size, stride) for size, stride in zip(config.patch_sizes,
+                                                                                     config.strides)]
+    share = (time.perf_counter() - started) / len(images)
+    return global_desc, [PatchFeatures([p[b] for p in patches], keypoints, (height, width), share)
+                         for b in range(len(images))]
+
+
+def loader(dataset, batch_size, threads, device):
+    """The project's DataLoader of an image dataset (decoding in `threads` workers)."""
+    return image_loader(dataset, types.SimpleNamespace(threads=threads, cuda=device.type == 'cuda'), batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+def build_store(model, database, names, folder, config, device, precision='fp32', batch_size=8, threads=0,
+                run='', dtype='float16'):
+    """The patch features of every image of `database` (a dataset of (image, index), in the order of `names`)
+    in the store file of `config` in `folder` (store_path), written in chunks as they are computed: a killed build
+    continues where it stopped, and a store of the same model, settings and first images is extended, not
+    rewritten. `run` names the model in the store's errors. Returns the store's path."""
+    patch_projection(model, config.pca_dim)  # a run that cannot give patch descriptors stops before any file
+    path = store_path(folder, config.name)
+    writer = StoreWriter(path, names, config.patch_sizes, config.strides, config.pca_dim,
+                         model_fingerprint(model), run, dtype)
+    if writer.done < len(names):
+        todo = torch.utils.data.Subset(database, range(writer.done, len(names)))
+        pending, pending_bytes = [], 0
+        for images, _ in tqdm(loader(todo, batch_size, threads, device), desc=f'patch features ({config.name})',
+                              unit='batch'):
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            batch = patch_features(model, images, config, precision)[1]
+            pending += batch
+            pending_bytes += sum(d.nbytes for image in batch for d in image.descriptors)
+            if pending_bytes >= WRITE_BYTES:
+                writer.append(pending)
+                pending, pending_bytes = [], 0
+        writer.append(pending)
+    return writer.finish()
+
+
+def open_store(folder, config):
+    """The store of `config` in `folder`, checked against the config's settings."""
+    return PatchStore(store_path(folder, config.name), config.patch_sizes, config.strides, config.pca_dim)
+
+
+def store_features(store, ids, config):
+    """PatchFeatures of the database images `ids`, read from the store (only their rows)."""
+    features = []
+    for index in ids:
+        rows, grid = store.rows(index)
+        ends = np.cumsum([0] + [int(np.prod(patch_grid(*grid, s, t))) for s, t in zip(config.patch_sizes,
+                                                                                       config.strides)])
+        features.append(PatchFeatures([rows[a:b] for a, b in zip(ends[:-1], ends[1:])],
+                                      [patch_keypoints(*grid, s, t) for s, t in zip(config.patch_sizes,
+                                                                                    config.strides)], grid))
+    return features
+
+
+# ---------------------------------------------------------------------------------------------- matching
+
+def mutual_matches(query_desc, db_desc):
+    """(query rows, database rows) of the mutual nearest neighbours between two sets of unit descriptors [n, dim]
+    and [m, dim] (nearest in L2 = largest dot product): pairs each of which is the other's nearest."""
+    if not len(query_desc) or not len(db_desc):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    similarity = torch.from_numpy(query_desc) @ torch.from_numpy(db_desc).T  # [n, m]
+    query_to_db, db_to_query = similarity.argmax(dim=1), similarity.argmax(dim=0)
+    mutual = torch.nonzero(db_to_query[query_to_db] == torch.arange(len(query_desc))).flatten()
+    return mutual.numpy(), query_to_db[mutual].numpy()
+
+
+def homography_rows(source, target):
+    """The two rows per correspondence of the linear system A h = b of a homography with h_33 = 1, which maps
+    source (x, y) [n, 2] to target (u, v) [n, 2]: A [2n, 8], b [2n]."""
+    x, y, u, v = source[:, 0], source[:, 1], target[:, 0], target[:, 1]
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=1)
+    return torch.cat([rows_u, rows_v]), torch.cat([u, v])
+
+
+def adjugate(m):
+    """Adjugates of 3x3 matrices [..., 3, 3] (the inverse times the determinant), from cross products of rows."""
+    a, b, c = m.unbind(dim=-2)
+    return torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=-1)
+
+
+def from_basis(points):
+    """Homographies [h, 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
+    [h, 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(1, 2)  # [h, 3, 4]
+    first_three = homogeneous[:, :, :3]
+    scales = (adjugate(first_three) @ homogeneous[:, :, 3:]).transpose(1, 2)  # [h, 1, 3]
+    return first_three * scales
+
+
+def four_point_homographies(source, target):
+    """The homographies [h, 3, 3] (up to scale) that map 4 source points [h, 4, 2] onto 4 target points; those
+    of degenerate samples (three points on a line) are zero or not finite."""
+    return from_basis(target) @ adjugate(from_basis(source))
+
+
+def within(homographies, source, target, threshold):
+    """[h, n]: whether ||target - H(source)|| <= threshold for each homography [h, 3, 3] and point [n, 2], as
+    ||(x', y') - target w'||^2 <= threshold^2 w'^2 with (x', y', w') = H (x, y, 1); in float32 (products with
+    three terms are slow in float64) once each homography is scaled to unit norm."""
+    unit = homographies / torch.linalg.matrix_norm(homographies)[:, None, None]
+    points = torch.cat([source, torch.ones_like(source[:, :1])], dim=1).float()  # [n, 3]
+    projected = (unit.float().reshape(-1, 3) @ points.T).reshape(len(homographies), 3, -1)  # [h, 3, n]
+    x, y, w = projected.unbind(dim=1)
+    u, v = target.float().T
+    dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
+    return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()  # NaN compares False
+
+
+def homography_inliers(source, target, threshold):
+    """Inlier mask [n] of the RANSAC homography mapping source [n, 2] onto target [n, 2] (as
+    cv2.findHomography(source, target, cv2.RANSAC, threshold)): up to RANSAC_HYPOTHESES homographies through 4
+    random distinct points (seeded), inliers where ||target - H(source)|| <= threshold; the one with the most
+    inliers is refitted by least squares on them, and the refit is kept if it has no fewer. Fewer than 4 points:
+    no inliers."""
+    count = len(source)
+    if count < 4:
+        return np.zeros(count, dtype=bool)
+    source, target = torch.from_numpy(source).double(), torch.from_numpy(target).double()
+    generator = torch.Generator().manual_seed(RANSAC_SEED)
+    draws = torch.randint(count, (2 * RANSAC_HYPOTHESES, 4), generator=generator)
+    ordered = draws.sort(dim=1).values
+    samples = draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]  # 4 distinct points each
+    inliers = within(four_point_homographies(source[samples], target[samples]), source, target, threshold)
+    best = inliers[inliers.sum(dim=1).argmax()]
+    system, values = homography_rows(source[best], target[best])
+    refit = torch.linalg.lstsq(system, values[:, None]).solution[:, 0]
+    refit_inliers = within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target, threshold)[0]
+    return (refit_inliers if refit_inliers.sum() >= best.sum() else best).numpy()
+
+
+def spatial_score(query_points, db_points, anchor):
+    """Rapid spatial scoring of matched keypoints [m, 2] (the paper's equation): with d_i = db_i - query_i and
+    anchor (x_max, y_max), sum_i (x_max - |d_i,x - mean d_x|)^2 + (y_max - |d_i,y - mean d_y|)^2."""
+    shifts = db_points.astype(np.float64) - query_points
+    residuals = np.abs(shifts - shifts.mean(axis=0))
+    return float(((anchor - residuals) ** 2).sum())
+
+
+def size_score(query, candidate, index, config):
+    """The score of one patch size between a query's and a candidate's PatchFeatures, per query patch (larger is
+    better): RANSAC inliers, or the rapid spatial score, of their mutual matches (0 with fewer than the 4 matches
+    a homography needs, or with none)."""
+    query_desc, query_points = query.descriptors[index], query.keypoints[index]
+    matched_query, matched_db = mutual_matches(query_desc, candidate.descriptors[index])
+    source, target = candidate.keypoints[index][matched_db], query_points[matched_query]
+    if len(matched_query) < (4 if config.matcher == 'ransac' else 1):
+        return 0.0
+    if config.matcher == 'ransac':
+        score = homography_inliers(source, target, RANSAC_THRESHOLD * config.strides[index]).sum()
+    else:
+        score = spatial_score(target, source, anchor=query_points.max(axis=0) - query_points.min(axis=0))
+    return float(score) / len(query_desc)
+
+
+def fuse_scores(size_scores, weights):
+    """[candidates, sizes] scores -> [candidates]: each size's scores z-normalised over the candidates (a size
+    whose scores are all equal adds nothing), summed with the config's weights."""
+    if not len(size_scores):
+        return np.zeros(0)
+    mean, std = size_scores.mean(axis=0), size_scores.std(axis=0)
+    normalised = np.where(std > 0, (size_scores - mean) / np.where(std > 0, std, 1), 0.0)
+    return normalised @ np.asarray(weights, dtype=np.float64)
+
+
+def rerank(query, candidate_ids, store, config):
+    """A query's candidates (database ids from the global search, best first; -1 entries are padding) re-ordered
+    by their Patch-NetVLAD score against the query's PatchFeatures.
+
+    Returns (ids [k] by descending score, ties in their global order, padding last; their scores (-inf for
+    padding); timing {extraction_s: the query's patch extraction, reading_s: the candidates' rows read from the
+    store, matching_s: matching and scoring})."""
+    candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+    valid = candidate_ids[candidate_ids >= 0]
+    started = time.perf_counter()
+    candidates = store_features(store, valid, config)
+    read = time.perf_counter()
+    size_scores = np.array([[size_score(query, candidate, index, config) for index in range(len(config.patch_sizes))]
+                            for candidate in candidates]).reshape(len(valid), len(config.patch_sizes))
+    scores = fuse_scores(size_scores, config.patch_weights)
+    order = np.argsort(-scores, kind='stable')
+    timing = dict(extraction_s=query.extraction_s, reading_s=read - started, matching_s=time.perf_counter() - read)
+    padding = len(candidate_ids) - len(valid)
+    return (np.concatenate([valid[order], np.full(padding, -1)]),
+            np.concatenate([scores[order], np.full(padding, -np.inf)]), timing)
+
+
+def rerank_queries(model, queries, predictions, store, config, device, precision='fp32', batch_size=8, threads=0):
+    """Re-rank the global search's candidates of every query image: `queries` a dataset of (image, index) in the
+    order of the rows of predictions [Q, k] (database ids). Returns (re-ranked [Q, k], scores [Q, k], timing: per
+    query arrays extraction_s, reading_s, matching_s)."""
+    reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
+    timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
+    row = 0
+    for images, _ in tqdm(loader(queries, batch_size, threads, device), desc=f're-ranking ({config.name})',
+                          unit='batch'):
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        for query in patch_features(model, images, config, precision)[1]:
+            reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
+            for key, seconds in spent.items():
+                timing[key][row] = seconds
+            row += 1
+    return reranked, scores, timing
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+def feature_map_size(arch, height, width):
+    """(height, width) of the encoder's feature map for an image of height x width (computed on the meta
+    device: no weights, no arithmetic)."""
+    with torch.device('meta'):
+        return tuple(build_encoder(arch, pretrained=False)(torch.empty(1, 3, height, width)).shape[2:])
+
+
+def storage_per_image(config, arch, height=480, width=640, dtype='float16'):
+    """Bytes one database image of height x width takes in the store under `config`: its patches of every size
+    times the config's dimensions, plus its index entries (PatchStore.INDEX_BYTES; its name aside)."""
+    grid = feature_map_size(arch, height, width)
+    patches = sum(int(np.prod(patch_grid(*grid, size, stride)))
+                  for size, stride in zip(config.patch_sizes, config.strides))
+    return patches * config.pca_dim * np.dtype(dtype).itemsize + PatchStore.INDEX_BYTES

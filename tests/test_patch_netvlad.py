@@ -1,0 +1,353 @@
+"""Patch-NetVLAD re-ranking: patch descriptors against the NetVLAD layer applied to each crop of the feature map,
+mutual nearest neighbours against brute force, the RANSAC and rapid spatial scores against computations written
+here on generated keypoints, the re-ranked order against the scores, the store read back row by row, and the
+whole chain through a PCA-whitened run folder."""
+import dataclasses
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+import patch_netvlad as pn
+from commons import UserError
+from conftest import FAST
+from datasets import load_dataset
+from models import build_model
+from patch_features import PatchStore, StoreWriter, store_path
+from runs import open_run
+
+WHITENED = dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None, pca_dim=32)
+
+
+def small_config(**changes):
+    return dataclasses.replace(pn.RERANK_CONFIGS['performance'], **changes)
+
+
+@torch.no_grad()
+def crop_descriptors(features, pool, weight, bias, size, stride):
+    """Per patch, row-major: the NetVLAD layer applied to the size x size crop of the feature map, whitened with
+    (weight, bias) and L2-normalised; and the crop's centre (x, y). Returns ([n, dim], [n, 2])."""
+    height, width = features.shape[1:]
+    descriptors, centres = [], []
+    for top in range(0, height - size + 1, stride):
+        for left in range(0, width - size + 1, stride):
+            vlad = pool(features[None, :, top:top + size, left:left + size])
+            descriptors.append(F.normalize(vlad @ weight.T + bias, dim=1)[0])
+            centres.append([left + (size - 1) / 2, top + (size - 1) / 2])
+    if not descriptors:
+        return np.empty((0, len(weight)), np.float32), np.empty((0, 2), np.float32)
+    return torch.stack(descriptors).numpy(), np.array(centres, np.float32)
+
+
+@pytest.mark.parametrize('vladv2, sharpness', [(False, 1.0), (True, 1.0), (False, 300.0)])
+def test_patch_descriptors_are_netvlad_of_each_crop(vladv2, sharpness):
+    """Several sizes and strides at once (one larger than the map: no patches), the whitening cut to 20 of its 32
+    rows; with a sharp soft-assignment (sharpness 300), as after training, most clusters are nearly absent from
+    most patches, and their rows must still be those of the crop."""
+    torch.manual_seed(1)
+    model = build_model(dict(WHITENED, vladv2=vladv2)).eval()
+    with torch.no_grad():
+        model.pool.conv.weight.mul_(sharpness)
+    config = small_config(patch_sizes=(2, 3, 5, 12), strides=(1, 2, 1, 1), patch_weights=(1, 1, 1, 1), pca_dim=20)
+    images = torch.randn(2, 3, 150, 190)
+    global_desc, patches = pn.patch_features(model, images, config)
+    with torch.no_grad():
+        features = model.features(images)
+        np.testing.assert_allclose(global_desc, model(images).numpy(), atol=1e-6)
+        weight, bias = model.whiten.weight[:20], model.whiten.bias[:20]
+        for image in range(2):
+            assert patches[image].grid == tuple(features.shape[2:])
+            for index, (size, stride) in enumerate(zip(config.patch_sizes, config.strides)):
+                expected, centres = crop_descriptors(features[image], model.pool, weight, bias, size, stride)
+                assert patches[image].descriptors[index].shape == expected.shape
+                np.testing.assert_allclose(patches[image].descriptors[index], expected, atol=2e-5)
+                np.testing.assert_array_equal(patches[image].keypoints[index], centres)
+    assert len(patches[0].descriptors[3]) == 0 and features.shape[2] < 12
+
+
+def test_bf16_autocast_runs_the_encoder_in_bf16_and_the_patches_in_float32():
+    torch.manual_seed(2)
+    model = build_model(WHITENED).eval()
+    config = small_config(patch_sizes=(2,), strides=(1,), patch_weights=(1,), pca_dim=8)
+    images = torch.randn(1, 3, 96, 128)
+    _, patches = pn.patch_features(model, images, config, precision='bf16')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        features = model.features(images)
+    expected, _ = crop_descriptors(features[0].float(), model.pool, model.whiten.weight[:8], model.whiten.bias[:8],
+                                   2, 1)
+    assert patches[0].descriptors[0].dtype == np.float32
+    np.testing.assert_allclose(patches[0].descriptors[0], expected, atol=2e-5)
+
+
+def test_a_run_without_whitening_or_with_too_few_dimensions_is_refused():
+    model = build_model(dict(WHITENED, pca_dim=None))
+    with pytest.raises(UserError, match=r'PCA-whitened run.*--mode=pca --pca_dim 512'):
+        pn.patch_features(model, torch.randn(1, 3, 64, 80), pn.RERANK_CONFIGS['speed'])
+    with pytest.raises(UserError, match=r'whitened to 32 dimensions'):
+        pn.patch_features(build_model(WHITENED), torch.randn(1, 3, 64, 80), pn.RERANK_CONFIGS['speed'])
+
+
+def test_the_configs_are_the_reference_inis():
+    performance, speed, storage = (pn.RERANK_CONFIGS[name] for name in ('performance', 'speed', 'storage'))
+    assert (performance.patch_sizes, performance.strides, performance.patch_weights, performance.pca_dim,
+            performance.matcher) == ((2, 5, 8), (1, 1, 1), (0.45, 0.15, 0.4), 4096, 'ransac')
+    assert (speed.patch_sizes, speed.strides, speed.patch_weights, speed.pca_dim, speed.matcher) == \
+        ((5,), (1,), (1.0,), 512, 'spatial')
+    assert (storage.patch_sizes, storage.strides, storage.pca_dim, storage.matcher) == ((5,), (1,), 128, 'spatial')
+    with pytest.raises(UserError, match='one stride and one weight per patch size'):
+        small_config(strides=(1, 1))
+
+
+def unit_rows(rng, n, dim):
+    rows = rng.normal(size=(n, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force_mutual(query_desc, db_desc):
+    """Pairs (i, j): j is i's nearest database row and i is j's nearest query row, by L2 distance in float64."""
+    distances = np.array([[np.linalg.norm(q.astype(np.float64) - d) for d in db_desc] for q in query_desc])
+    pairs = set()
+    for i in range(len(query_desc)):
+        j = int(np.argmin(distances[i]))
+        if int(np.argmin(distances[:, j])) == i:
+            pairs.add((i, j))
+    return pairs
+
+
+def test_mutual_matches_are_the_brute_force_mutual_nearest_neighbours():
+    rng = np.random.default_rng(3)
+    query_desc = unit_rows(rng, 40, 16)
+    db_desc = np.concatenate([query_desc[:15] + 0.3 * unit_rows(rng, 15, 16), unit_rows(rng, 25, 16)])
+    db_desc = (db_desc / np.linalg.norm(db_desc, axis=1, keepdims=True)).astype(np.float32)
+    db_desc = db_desc[rng.permutation(len(db_desc))]
+    matched_query, matched_db = pn.mutual_matches(query_desc, db_desc)
+    expected = brute_force_mutual(query_desc, db_desc)
+    assert set(zip(matched_query.tolist(), matched_db.tolist())) == expected
+    assert len(expected) >= 15
+    assert len(pn.mutual_matches(query_desc, db_desc[:0])[0]) == 0
+
+
+def apply_homography(h, points):
+    projected = np.c_[points, np.ones(len(points))] @ h.T
+    return projected[:, :2] / projected[:, 2:]
+
+
+def test_ransac_keeps_the_points_of_the_homography_and_rejects_the_others():
+    """Patch centres of a 9x12 grid; 70 of them mapped by a known perspective homography (with noise well inside
+    the threshold), 30 moved elsewhere (at least 4 thresholds away from where the homography puts them)."""
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:9, 0:12]
+    source = np.c_[x.ravel(), y.ravel()].astype(np.float32) + 2.0
+    h = np.array([[1.05, 0.08, 1.5], [-0.04, 0.97, -0.8], [0.004, -0.003, 1.0]])
+    target = apply_homography(h, source) + rng.uniform(-0.3, 0.3, size=source.shape)
+    outliers = rng.choice(len(source), 30, replace=False)
+    threshold = pn.RANSAC_THRESHOLD
+    for index in outliers:
+        while np.linalg.norm(target[index] - apply_homography(h, source[index:index + 1])[0]) < 4 * threshold:
+            target[index] = rng.uniform(-2, 16, size=2)
+    planted = np.ones(len(source), dtype=bool)
+    planted[outliers] = False
+    inliers = pn.homography_inliers(source, target.astype(np.float32), threshold)
+    np.testing.assert_array_equal(inliers, planted)
+    assert not pn.homography_inliers(source[:3], target[:3].astype(np.float32), threshold).any()
+
+
+def spatial_score_by_the_paper(query_points, db_points, x_max, y_max):
+    dx = [d[0] - q[0] for q, d in zip(query_points, db_points)]
+    dy = [d[1] - q[1] for q, d in zip(query_points, db_points)]
+    mean_x, mean_y = sum(dx) / len(dx), sum(dy) / len(dy)
+    return sum((x_max - abs(a - mean_x)) ** 2 + (y_max - abs(b - mean_y)) ** 2 for a, b in zip(dx, dy))
+
+
+def shifted_candidate(query, shift, rng, noise=0.05):
+    """PatchFeatures of an image whose patches are the query's moved by `shift` patches to the right (those that
+    leave the grid replaced by random ones), each descriptor slightly changed."""
+    rows, columns = pn.patch_grid(*query.grid, 5, 1)
+    grid = query.descriptors[0].reshape(rows, columns, -1)
+    moved = np.roll(grid, shift, axis=1)
+    moved[:, :shift] = unit_rows(rng, rows * shift, grid.shape[2]).reshape(rows, shift, -1)
+    moved = moved.reshape(rows * columns, -1) + noise * rng.normal(size=(rows * columns, grid.shape[2]))
+    moved = (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+    return pn.PatchFeatures([moved], query.keypoints, query.grid)
+
+
+def random_features(rng, grid, config):
+    descriptors = [unit_rows(rng, int(np.prod(pn.patch_grid(*grid, s, t))), config.pca_dim)
+                   for s, t in zip(config.patch_sizes, config.strides)]
+    return pn.PatchFeatures(descriptors, [pn.patch_keypoints(*grid, s, t) for s, t in zip(config.patch_sizes,
+                                                                                          config.strides)], grid)
+
+
+def test_rapid_spatial_score_is_the_papers_formula():
+    rng = np.random.default_rng(5)
+    config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='spatial')
+    query = random_features(rng, (12, 15), config)  # 8 x 11 patches
+    candidate = shifted_candidate(query, 3, rng)
+    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
+    q_points, d_points = query.keypoints[0][matched_query], candidate.keypoints[0][matched_db]
+    expected = spatial_score_by_the_paper(q_points.tolist(), d_points.tolist(), 10.0, 7.0) / 88
+    assert pn.size_score(query, candidate, 0, config) == pytest.approx(expected, rel=1e-9)
+    shifts = d_points - q_points
+    assert np.sum((shifts[:, 0] == 3) & (shifts[:, 1] == 0)) == 8 * 8  # every planted pair matched
+    assert pn.size_score(query, candidate, 0, config) > pn.size_score(query, random_features(rng, (12, 15), config),
+                                                                      0, config)
+
+
+def test_ransac_score_counts_the_inliers_per_query_patch():
+    rng = np.random.default_rng(6)
+    config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='ransac')
+    query = random_features(rng, (12, 15), config)
+    candidate = shifted_candidate(query, 2, rng)
+    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
+    errors = np.linalg.norm(candidate.keypoints[0][matched_db] + [-2, 0] - query.keypoints[0][matched_query], axis=1)
+    consistent = np.sum(errors <= pn.RANSAC_THRESHOLD)  # with the planted translation
+    assert consistent == 8 * 9  # every patch that stayed in the grid
+    assert pn.size_score(query, candidate, 0, config) == pytest.approx(consistent / 88)
+
+
+def test_rerank_orders_candidates_by_the_fused_score(tmp_path):
+    """Candidates shifted by 1..4 patches, or random, stored and re-ranked: the order is the stable descending
+    order of scores computed here (per size: the paper's spatial score of the brute-force mutual matches,
+    z-normalised over the candidates, weighted), padding stays last."""
+    rng = np.random.default_rng(7)
+    config = small_config(name='test', patch_sizes=(5, 5), strides=(1, 1), patch_weights=(0.7, 0.3), pca_dim=24,
+                          matcher='spatial')
+    query = random_features(rng, (12, 15), config)
+    query.descriptors[1] = query.descriptors[0]
+    database = []
+    for shift in (4, 0, 2, 0, 1, 3):
+        candidate = shifted_candidate(query, shift, rng) if shift else random_features(rng, (12, 15), config)
+        database.append(pn.PatchFeatures([candidate.descriptors[0]] * 2, query.keypoints, query.grid))
+    database.append(database[2])  # a tie with candidate 2
+    writer = StoreWriter(store_path(tmp_path, 'test'), [f'db{i}' for i in range(len(database))], config.patch_sizes,
+                         config.strides, config.pca_dim, 'model', dtype='float32')
+    writer.append(database)
+    writer.finish()
+    candidates = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+    with pn.open_store(tmp_path, config) as store:
+        ranked, scores, timing = pn.rerank(query, candidates, store, config)
+        assert pn.rerank(query, np.array([-1, -1]), store, config)[0].tolist() == [-1, -1]
+    raw = np.zeros((7, 2))
+    for c, candidate in enumerate(database):
+        for size in range(2):
+            pairs = sorted(brute_force_mutual(query.descriptors[size], candidate.descriptors[size]))
+            q_points = [query.keypoints[size][i].tolist() for i, _ in pairs]
+            d_points = [candidate.keypoints[size][j].tolist() for _, j in pairs]
+            raw[c, size] = spatial_score_by_the_paper(q_points, d_points, 10.0, 7.0) / 88 if pairs else 0.0
+    fused = ((raw - raw.mean(axis=0)) / raw.std(axis=0)) @ np.array([0.7, 0.3])
+    expected = sorted(range(7), key=lambda c: -fused[c])  # Python's sort is stable
+    assert ranked.tolist() == expected + [-1]
+    np.testing.assert_allclose(scores[:7], fused[expected], rtol=1e-6)
+    assert scores[-1] == -np.inf
+    assert expected.index(2) + 1 == expected.index(6)  # the tie keeps the global order
+    assert set(timing) == {'extraction_s', 'reading_s', 'matching_s'}
+
+
+def test_store_is_written_in_chunks_continued_and_read_back_by_rows(tmp_path):
+    rng = np.random.default_rng(8)
+    config = small_config(name='chunks', patch_sizes=(2, 5), strides=(1, 1), patch_weights=(1, 1), pca_dim=12)
+    grids = [(6, 8), (4, 4), (9, 7), (6, 8), (3, 5)]  # 4x4: no patch of size 5; 3x5: none of 5
+    features = [random_features(rng, grid, config) for grid in grids]
+    names = [f'img{i}.jpg' for i in range(5)]
+    path = store_path(tmp_path, 'chunks')
+    settings = (config.patch_sizes, config.strides, config.pca_dim, 'model-a')
+    writer = StoreWriter(path, names[:4], *settings)
+    writer.append(features[:2])  # then killed: a .partial is left, no store
+    assert not (tmp_path / 'patch-feats-netvlad-chunks.h5').exists()
+    writer = StoreWriter(path, names[:4], *settings)
+    assert writer.done == 2
+    writer.append(features[2:4])
+    writer.finish()
+    writer = StoreWriter(path, names, *settings)  # one more database image: extended
+    assert writer.done == 4
+    writer.append(features[4:])
+    writer.finish()
+    with h5py.File(path, 'r') as f:
+        counts = [sum(len(d) for d in image.descriptors) for image in features]
+        np.testing.assert_array_equal(f['offsets'][()], np.cumsum([0] + counts))
+        np.testing.assert_array_equal(f['grid'][()], grids)
+        assert f['descriptors'].dtype == np.float16 and f['descriptors'].chunks is not None
+        assert [n.decode() for n in f['names'][()]] == names
+    with pn.open_store(tmp_path, config) as store:
+        for index in (3, 0, 4, 1):
+            read = pn.store_features(store, [index], config)[0]
+            assert read.grid == grids[index]
+            for size in range(2):
+                np.testing.assert_array_equal(read.descriptors[size],
+                                              features[index].descriptors[size].astype(np.float16).astype(np.float32))
+                np.testing.assert_array_equal(read.keypoints[size], features[index].keypoints[size])
+        with pytest.raises(UserError, match='holds 5 images'):
+            store.rows(5)
+    with pytest.raises(UserError, match='another model'):
+        StoreWriter(path, names, *settings[:3], 'model-b')
+    with pytest.raises(UserError, match=r'holds patch sizes \[2, 5\]'):
+        pn.open_store(tmp_path, dataclasses.replace(config, patch_sizes=(2, 4)))
+
+
+def test_storage_per_image_counts_every_patch():
+    assert pn.feature_map_size('vgg16', 480, 640) == (30, 40)
+    assert pn.feature_map_size('alexnet', 480, 640) == (29, 39)
+    speed = pn.RERANK_CONFIGS['speed']
+    assert pn.storage_per_image(speed, 'vgg16') == 26 * 36 * 512 * 2 + PatchStore.INDEX_BYTES
+    performance = pn.RERANK_CONFIGS['performance']
+    assert pn.storage_per_image(performance, 'alexnet', dtype='float32') == \
+        (28 * 38 + 25 * 35 + 22 * 32) * 4096 * 4 + PatchStore.INDEX_BYTES
+
+
+@pytest.fixture(scope='module')
+def whitened_run(float_run, clustered_data, tmp_path_factory):
+    """A copy of the session's float run, PCA-whitened to 16 dimensions by --mode=pca."""
+    run = tmp_path_factory.mktemp('patch_runs') / 'run'
+    shutil.copytree(float_run, run)
+    assert main.main(['--mode=pca', f'--resume={run}', f'--dataPath={clustered_data}', '--pca_dim=16',
+                      *FAST]) == 0
+    return f'{run}_pca16'
+
+
+@pytest.mark.parametrize('name', ['performance', 'speed'])
+def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered_data, tmp_path, name):
+    """The test split at 128x160 (a 7x9 AlexNet feature map: no patch of size 8): the database's store, then each
+    query's top 10 of the global search re-ranked; the store holds what extraction gives, and each re-ranked
+    list is its candidates ordered by the scores computed again from freshly extracted features."""
+    opt = main.parse_options(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}',
+                              '--resize=128x160', *FAST])
+    model, _ = open_run(opt)
+    dataset = load_dataset(opt, 'test')
+    num_db = dataset.db_struct.numDb
+    config = dataclasses.replace(pn.RERANK_CONFIGS[name], pca_dim=16, num_candidates=10)
+    device = torch.device('cpu')
+    database = torch.utils.data.Subset(dataset, range(num_db))
+    queries = torch.utils.data.Subset(dataset, range(num_db, len(dataset)))
+    pn.build_store(model, database, dataset.db_struct.db_paths, tmp_path, config, device, batch_size=16,
+                   run=whitened_run, dtype='float32')
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    global_desc, direct = pn.patch_features(model, images, config)
+    db_desc, query_desc = global_desc[:num_db], global_desc[num_db:]
+    predictions = np.argsort(-(query_desc @ db_desc.T), axis=1, kind='stable')[:, :10]
+    with pn.open_store(tmp_path, config) as store:
+        assert store.names == dataset.db_struct.db_paths
+        for index in (0, 17, num_db - 1):
+            stored = pn.store_features(store, [index], config)[0]
+            for size in range(3 if name == 'performance' else 1):
+                np.testing.assert_allclose(stored.descriptors[size], direct[index].descriptors[size], atol=1e-5)
+        reranked, scores, timing = pn.rerank_queries(model, queries, predictions, store, config, device,
+                                                     batch_size=16)
+    if name == 'performance':
+        assert len(direct[0].descriptors[2]) == 0
+    for q in range(len(predictions)):
+        raw = np.array([[pn.size_score(direct[num_db + q], direct[c], size, config)
+                         for size in range(len(config.patch_sizes))] for c in predictions[q]])
+        std = raw.std(axis=0)
+        fused = np.where(std > 0, (raw - raw.mean(axis=0)) / np.where(std > 0, std, 1), 0) @ config.patch_weights
+        order = sorted(range(10), key=lambda c: -fused[c])
+        assert reranked[q].tolist() == predictions[q][order].tolist()
+        np.testing.assert_allclose(scores[q], fused[order], atol=1e-6)
+    assert timing['matching_s'].shape == (len(predictions),) and np.all(timing['extraction_s'] > 0)
+    float_opt = main.parse_options(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST])
+    with pytest.raises(UserError, match='--mode=pca'):
+        pn.build_store(open_run(float_opt)[0], database, dataset.db_struct.db_paths, tmp_path / 'raw', config,
+                       device)
