@@ -19,16 +19,7 @@ from descriptors import open_parts, part_name, part_rows
 from figures import retrieval_strips
 from folder_dataset import evaluation_name, two_folders
 from msls import write_predictions
-from options import (
-    AT_LEAST_0,
-    add_common_flags,
-    add_dataset_flags,
-    add_extraction_flags,
-    add_latency_flags,
-    add_network_flags,
-    add_run_flags,
-    add_search_flags,
-)
+from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags
 from results import record_result
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
 from runs import load_model, place_model
@@ -37,12 +28,7 @@ PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 
 
 def add_flags(p):
-    add_common_flags(p)
-    add_dataset_flags(p, split=True)
-    add_network_flags(p)
-    add_run_flags(p)
-    add_extraction_flags(p)
-    add_search_flags(p)
+    add_evaluating_flags(p)
     add_latency_flags(p, optional=True)
     test = p.add_argument_group('test')
     test.add_argument('--database_folder', default=None,

@@ -42,16 +42,7 @@ from datasets import load_dataset, training_database_sample
 from images import image_loader
 from measure import LATENCY_THREADS, interleaved_latency
 from models import IMAGENET_MEAN, IMAGENET_STD
-from options import (
-    add_calibration_flag,
-    add_common_flags,
-    add_dataset_flags,
-    add_extraction_flags,
-    add_latency_flags,
-    add_network_flags,
-    add_run_flags,
-    add_search_flags,
-)
+from options import add_calibration_flag, add_evaluating_flags, add_latency_flags
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import open_run
@@ -62,12 +53,7 @@ CHECK_TOLERANCE = 1e-4
 
 
 def add_flags(p):
-    add_common_flags(p)
-    add_dataset_flags(p, split=True)
-    add_network_flags(p)
-    add_run_flags(p, required=True)
-    add_extraction_flags(p)
-    add_search_flags(p)
+    add_evaluating_flags(p, run_required=True)
     add_latency_flags(p, optional=False)
     group = p.add_argument_group('export')
     group.add_argument('--format', default='onnx', choices=['onnx'], help='The file format of the exported model.')

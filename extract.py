@@ -13,23 +13,12 @@ import torch
 
 from commons import make_deterministic, select_device
 from global_features import FEATURES_FILE, extract_folder, extraction_settings, find_images
-from options import (
-    add_centroids_source_flags,
-    add_common_flags,
-    add_extraction_flags,
-    add_image_folder_flags,
-    add_network_flags,
-    add_run_flags,
-)
+from options import add_describing_flags, add_image_folder_flags
 from runs import load_model, place_model
 
 
 def add_flags(p):
-    add_common_flags(p)
-    add_centroids_source_flags(p)
-    add_network_flags(p)
-    add_run_flags(p)
-    add_extraction_flags(p)
+    add_describing_flags(p)
     group = p.add_argument_group('extract (hloc\'s flag names)')
     group.add_argument('--image_dir', required=True,
                        help='Folder of the images (.jpg/.jpeg/.png, any case, searched recursively).')

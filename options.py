@@ -228,3 +228,23 @@ def add_image_folder_flags(group):
                             'first one with an error naming it).')
     group.add_argument('--as_half', action='store_true',
                        help='Store descriptors as float16 (half the file; the search is float32).')
+
+
+def add_evaluating_flags(p, trains=False, run_required=False):
+    """Flags of the modes that load a run and evaluate it on --split (test, pca, prune, quantize, export): the
+    common ones, the dataset with --split, the model, the run folder, extraction and search."""
+    add_common_flags(p)
+    add_dataset_flags(p, split=True)
+    add_network_flags(p, trains=trains)
+    add_run_flags(p, required=run_required)
+    add_extraction_flags(p)
+    add_search_flags(p)
+
+
+def add_describing_flags(p):
+    """Flags of the modes that describe arbitrary photos with any run (extract, query)."""
+    add_common_flags(p)
+    add_centroids_source_flags(p)
+    add_network_flags(p)
+    add_run_flags(p)
+    add_extraction_flags(p)

@@ -21,18 +21,7 @@ from checkpoint import model_state, save_checkpoint
 from commons import UserError, atomic_write_json, building_folder, make_deterministic, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from descriptors import DescriptorFile, cache_folder
-from options import (
-    AT_LEAST_1,
-    add_common_flags,
-    add_dataset_flags,
-    add_extraction_flags,
-    add_latency_flags,
-    add_network_flags,
-    add_overwrite_flag,
-    add_run_flags,
-    add_search_flags,
-    number_in,
-)
+from options import AT_LEAST_1, add_evaluating_flags, add_latency_flags, add_overwrite_flag, number_in
 from results import record_result, variant_of
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
 from runs import check_derived_target, derived_run_folder, load_model
@@ -45,12 +34,7 @@ RANK_TOLERANCE = 1e-10     # eigenvalues below this share of the largest count a
 # ---------------------------------------------------------------------------------------------- the maths
 
 def add_flags(p):
-    add_common_flags(p)
-    add_dataset_flags(p, split=True)
-    add_network_flags(p)
-    add_run_flags(p)
-    add_extraction_flags(p)
-    add_search_flags(p)
+    add_evaluating_flags(p)
     add_latency_flags(p, optional=True)
     add_overwrite_flag(p)
     group = p.add_argument_group('pca')

@@ -61,18 +61,7 @@ from measure import (
     model_bytes,
 )
 from models import conv_indices
-from options import (
-    AT_LEAST_0,
-    FRACTION_OPEN,
-    add_common_flags,
-    add_dataset_flags,
-    add_extraction_flags,
-    add_latency_flags,
-    add_network_flags,
-    add_overwrite_flag,
-    add_run_flags,
-    add_search_flags,
-)
+from options import AT_LEAST_0, FRACTION_OPEN, add_evaluating_flags, add_latency_flags, add_overwrite_flag
 from results import append_result
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, check_float_run, derived_run_folder, open_run
@@ -91,12 +80,7 @@ CRITERION_IMAGES = 64
 # ---------------------------------------------------------------------------------------------- flags
 
 def add_flags(p):
-    add_common_flags(p)
-    add_dataset_flags(p, split=True)
-    add_network_flags(p, trains=True)
-    add_run_flags(p, required=True)
-    add_extraction_flags(p)
-    add_search_flags(p)
+    add_evaluating_flags(p, trains=True, run_required=True)
     add_training_flags(p)
     add_latency_flags(p, optional=False)
     add_overwrite_flag(p)

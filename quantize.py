@@ -39,18 +39,7 @@ from images import image_loader
 from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
 from measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict, trunk
-from options import (
-    AT_LEAST_1,
-    add_calibration_flag,
-    add_common_flags,
-    add_dataset_flags,
-    add_extraction_flags,
-    add_latency_flags,
-    add_network_flags,
-    add_overwrite_flag,
-    add_run_flags,
-    add_search_flags,
-)
+from options import AT_LEAST_1, add_calibration_flag, add_evaluating_flags, add_latency_flags, add_overwrite_flag
 from results import append_result, variant_of
 from retrieval import evaluate, log_recalls
 from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
@@ -116,12 +105,7 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
 # ---------------------------------------------------------------------------------------------- the mode
 
 def add_flags(p):
-    add_common_flags(p)
-    add_dataset_flags(p, split=True)
-    add_network_flags(p, trains=True)
-    add_run_flags(p, required=True)
-    add_extraction_flags(p)
-    add_search_flags(p)
+    add_evaluating_flags(p, trains=True, run_required=True)
     add_training_flags(p)
     add_latency_flags(p, optional=False)
     add_overwrite_flag(p)

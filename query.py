@@ -34,15 +34,7 @@ from global_features import (
     path_key,
     read_descriptors,
 )
-from options import (
-    AT_LEAST_1,
-    add_centroids_source_flags,
-    add_common_flags,
-    add_extraction_flags,
-    add_image_folder_flags,
-    add_network_flags,
-    add_run_flags,
-)
+from options import AT_LEAST_1, add_describing_flags, add_image_folder_flags
 from retrieval import top_k_by_dot
 from runs import load_model, place_model
 
@@ -52,11 +44,7 @@ SUMMARY = 'queries'  # <out>/queries.csv: each query's best match, beside the pe
 
 
 def add_flags(p):
-    add_common_flags(p)
-    add_centroids_source_flags(p)
-    add_network_flags(p)
-    add_run_flags(p)
-    add_extraction_flags(p)
+    add_describing_flags(p)
     group = p.add_argument_group('query')
     group.add_argument('--query', nargs='+', required=True, metavar='PHOTO',
                        help='Your photos: image files and/or folders (searched recursively).')
