@@ -18,18 +18,22 @@ from datasets import load_dataset
 from descriptors import open_parts, part_name, part_rows
 from figures import retrieval_strips
 from folder_dataset import evaluation_name, two_folders
+from global_features import extraction_settings
 from msls import write_predictions
-from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags
+from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags, add_rerank_flags
+from patch_netvlad import flags_config, patch_projection, rerank_candidates
 from results import record_result
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
 from runs import load_model, place_model
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
+STORE_FOLDER = 'patch_features'  # RUN/patch_features/<split>: the database's Patch-NetVLAD store of --rerank patch
 
 
 def add_flags(p):
     add_evaluating_flags(p)
     add_latency_flags(p, optional=True)
+    add_rerank_flags(p)
     test = p.add_argument_group('test')
     test.add_argument('--database_folder', default=None,
                       help='A folder of database images named @UTM_east@UTM_north@...@.jpg, evaluated against '
@@ -44,15 +48,13 @@ def add_flags(p):
                            '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
 
 
-def evaluate_parts(paths, dataset, dim, opt):
-    """Recall@N from the descriptor files that a sharded extraction (torchrun, see extract_part) wrote, searched
-    where they lie."""
+def open_descriptor_parts(paths, split, dataset, dim):
+    """The descriptor files that a sharded extraction (torchrun, see extract_part) wrote, checked, as one array."""
     started = time.time()
-    whole = open_parts(paths, opt.split, len(dataset), dim)
+    whole = open_parts(paths, split, len(dataset), dim)
     logging.info('Checked %d descriptor parts (%d x %d %s) in %.1f s', len(whole.files), len(dataset), dim,
                  whole.dtype.name, time.time() - started)
-    result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct)
-    return dict(result, extraction_s=None, images_per_s=None)
+    return whole
 
 
 def extract_part(model, dataset, opt, device, rank, world):
@@ -83,7 +85,8 @@ def test(opt):
     rank, world = torchrun_process()
     if world > 1 and device.type == 'cuda':
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    dataset = load_dataset(opt, opt.split, images=not opt.descriptors)
+    rerank = flags_config(opt)
+    dataset = load_dataset(opt, opt.split, images=not opt.descriptors or rerank is not None)
     model, checkpoint, run_dir = load_model(opt)
     model, device = place_model(model, device)
     if world > 1:
@@ -92,24 +95,74 @@ def test(opt):
     named = argparse.Namespace(**dict(vars(opt), split=split, dataset='folder' if two_folders(opt) else opt.dataset))
     logging.info('Testing %s on %s split %s (%s): %d database images, %d queries', run_dir, named.dataset, split,
                  dataset.db_struct.name, dataset.db_struct.numDb, dataset.db_struct.numQ)
-    if opt.descriptors:
-        result = evaluate_parts(opt.descriptors, dataset, model.output_dim, opt)
-    else:
-        result = evaluate(model, dataset, opt, device)
+    parts = opt.descriptors and open_descriptor_parts(opt.descriptors, opt.split, dataset, model.output_dim)
+    result = recall_at_n(model, dataset, device, opt.cacheBatchSize, opt.precision, opt.threads, opt.index,
+                         opt.compare_exact, opt.desc_dtype, opt.cachePath, opt.save_predictions, parts, rerank,
+                         opt.output_features_dir or os.path.join(run_dir, STORE_FOLDER, split), run_dir)
     predictions, distances = result.pop('predictions'), result.pop('distances')
-    log_recalls(result['recalls'])
     if opt.save_predictions:
         save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, split,
                          picture=not opt.descriptors)
     if opt.dataset == 'msls' and not opt.database_folder:
         save_msls_predictions(dataset, predictions, run_dir, split)
     result.update(split=split, dataset=named.dataset, run=run_dir, precision=opt.precision, device=str(device))
-    path = os.path.join(run_dir, f'test_{split}.json')
+    path = os.path.join(run_dir, f'test_{split}.json' if rerank is None else f'test_{split}_rerank_{rerank.name}.json')
     atomic_write_json(result, path)
     record_result(named, model, checkpoint, run_dir, result)
     logging.info('Tested %d images%s; results in %s', len(dataset),
                  f' at {result["images_per_s"]:.1f} images/s' if result['images_per_s'] else '', path)
     return dict(result, predictions=predictions)
+
+
+def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', threads=0, index='flat',
+                compare_exact=False, desc_dtype='float32', cache_path=None, save_predictions=0, descriptors=None,
+                rerank=None, store_dir=None, run=''):
+    """The test step: Recall@N of `model` on a whole-set dataset (datasets.load_dataset), each query searched among
+    the database images. descriptors: the whole set's descriptors when extracted already (open_descriptor_parts),
+    else they are extracted. rerank: a patch_netvlad.RerankConfig: each query's first rerank.num_candidates are
+    re-ranked by their patch score, with the database's patch store in store_dir (`run` names the model in its
+    errors). The other parameters are the flags of the same names (batch_size: --cacheBatchSize, cache_path:
+    --cachePath, save_predictions: how many predictions to keep at least). Returns recalls, curve, predictions,
+    distances, the timings and, when re-ranked, its summary (`rerank`)."""
+    device = torch.device(device)
+    settings = argparse.Namespace(**vars(extraction_settings(device, batch_size, precision, threads)), index=index,
+                                  compare_exact=compare_exact, desc_dtype=desc_dtype, cachePath=cache_path,
+                                  save_predictions=save_predictions)
+    reranker, summary = patch_reranker(model, dataset, rerank, store_dir, device, settings, run)
+    top = rerank.num_candidates if rerank else 0
+    if descriptors is None:
+        result = evaluate(model, dataset, settings, device, reranker, top)
+    else:
+        result = dict(search_and_recall(descriptors, dataset.db_struct.numDb, dataset.positives(), settings,
+                                        dataset.db_struct, reranker, top), extraction_s=None, images_per_s=None)
+    if rerank is not None:
+        result['rerank'] = summary
+        logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query '
+                     '(patch extraction %.0f, reading %.0f, matching %.0f); the store of %d database images in %s',
+                     summary['candidates'], rerank.name, rerank.matcher, 1000 * summary['seconds_per_query'],
+                     1000 * summary['extraction_s_per_query'], 1000 * summary['reading_s_per_query'],
+                     1000 * summary['matching_s_per_query'], dataset.db_struct.numDb, summary['store'])
+    log_recalls(result['recalls'])
+    return result
+
+
+def patch_reranker(model, dataset, config, store_dir, device, settings, run):
+    """(a function re-ranking [Q, n] candidates of the dataset's queries, the summary it fills), or (None, None)
+    without a config."""
+    if config is None:
+        return None, None
+    patch_projection(model, config.pca_dim)  # a run that cannot give patch descriptors stops before any work
+    num_db = dataset.db_struct.numDb
+    database, queries = Subset(dataset, range(num_db)), Subset(dataset, range(num_db, len(dataset)))
+    summary = {}
+
+    def rerank(candidates):
+        reranked, _, done = rerank_candidates(model, database, dataset.db_struct.db_paths, queries, candidates,
+                                              store_dir, config, device, settings.precision,
+                                              settings.cacheBatchSize, settings.threads, run)
+        summary.update(done)
+        return reranked
+    return rerank, summary
 
 
 def save_predictions(dataset, predictions, distances, top_n, run_dir, split, picture=True):

@@ -30,7 +30,7 @@ import torch
 from commons import UserError, error_summary, user_error_text
 from descriptors import DescriptorFile
 from folder_dataset import images_in
-from images import ImageList, image_size
+from images import ImageList, image_size, load_image
 from retrieval import extract_descriptors
 
 FEATURES_FILE = 'global-feats-netvlad.h5'  # hloc's name for NetVLAD global features ("global-feats-netvlad")
@@ -329,6 +329,19 @@ def size_groups(paths, skip_unreadable):
             continue
         groups.setdefault(size, []).append(index)
     return groups
+
+
+class PhotoList(ImageList):
+    """Photos of any sizes, each loaded as describe_images loads it (its longest side at most resize_max), one per
+    batch: (image, index)."""
+
+    def __init__(self, paths, resize_max=None):
+        super().__init__(paths, sizes_vary_from=0)
+        self.resize_max = resize_max
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        return load_image(path, resized(image_size(path), self.resize_max)), index
 
 
 def describe_images(model, paths, opt, device):

@@ -230,6 +230,56 @@ def add_image_folder_flags(group):
                        help='Store descriptors as float16 (half the file; the search is float32).')
 
 
+def int_list(text):
+    """An argparse type: comma-separated integers of at least 1, as Patch-NetVLAD's configs write them (2,5,8)."""
+    try:
+        values = tuple(int(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of integers (e.g. 2,5,8)')
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f'{text} holds a value below 1: patch sizes and strides are in feature-map '
+                                         f'cells, at least 1')
+    return values
+
+
+def float_list(text):
+    """An argparse type: comma-separated finite numbers (0.45,0.15,0.4)."""
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of numbers (e.g. 0.45,0.15,0.4)')
+    if not all(map(math.isfinite, values)):
+        raise argparse.ArgumentTypeError(f'{text} holds a value that is not finite')
+    return values
+
+
+def add_rerank_flags(p):
+    """Patch-NetVLAD re-ranking of the global search's candidates (test, query). The per-setting flags carry the
+    names of Patch-NetVLAD's config keys and override the chosen config's value."""
+    group = p.add_argument_group('Patch-NetVLAD re-ranking')
+    group.add_argument('--rerank', default='none', choices=['none', 'patch'],
+                       help='patch: re-order the global search\'s top --rerank_top candidates of each query by '
+                            'Patch-NetVLAD\'s patch matching score (needs a PCA-whitened run: --mode=pca).')
+    group.add_argument('--rerank_top', type=AT_LEAST_1, default=100, help='Candidates re-ranked per query.')
+    group.add_argument('--rerank_config', default='performance', choices=['performance', 'speed', 'storage'],
+                       help='Patch-NetVLAD\'s configs: performance (patches 2,5,8, 4096-D, RANSAC), speed (5, '
+                            '512-D, rapid spatial scoring), storage (5, 128-D, rapid spatial scoring).')
+    group.add_argument('--patch_sizes', type=int_list, default=None, metavar='S1,S2,...',
+                       help='Side of the square patches, in feature-map cells (default: the config\'s).')
+    group.add_argument('--strides', type=int_list, default=None, metavar='T1,T2,...',
+                       help='Step between patches of each size, in cells (default: the config\'s).')
+    group.add_argument('--patchWeights2Use', type=float_list, default=None, metavar='W1,W2,...',
+                       help='Fusion weight of each patch size\'s score (default: the config\'s).')
+    group.add_argument('--num_pcs', type=AT_LEAST_1, default=None,
+                       help='Dimension of the whitened patch descriptors, at most the run\'s PCA dimension (default: '
+                            'the config\'s).')
+    group.add_argument('--matcher', default=None, choices=['RANSAC', 'spatialApproximator'],
+                       help='Spatial scoring of the matched patches (default: the config\'s).')
+    group.add_argument('--output_features_dir', default=None,
+                       help='Folder of the database\'s patch-feature store (default: beside the global descriptors: '
+                            'RUN/patch_features/<split> in test mode, the database\'s folder in query mode).')
+
+
 def add_evaluating_flags(p, trains=False, run_required=False):
     """Flags of the modes that load a run and evaluate it on --split (test, pca, prune, quantize, export): the
     common ones, the dataset with --split, the model, the run folder, extraction and search."""

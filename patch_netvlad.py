@@ -57,7 +57,8 @@ class RerankConfig:
         sizes, strides, weights = len(self.patch_sizes), len(self.strides), len(self.patch_weights)
         if not sizes or sizes != strides or sizes != weights:
             raise UserError(f'Patch-NetVLAD config {self.name}: {sizes} patch sizes, {strides} strides and {weights} '
-                            f'patch weights; give one stride and one weight per patch size.')
+                            f'patch weights; give one stride and one weight per patch size (--patch_sizes, '
+                            f'--strides, --patchWeights2Use).')
         if min(self.patch_sizes) < 1 or min(self.strides) < 1:
             raise UserError(f'Patch-NetVLAD config {self.name}: patch sizes {self.patch_sizes} and strides '
                             f'{self.strides} must be at least 1 (feature-map cells).')
@@ -74,6 +75,33 @@ RERANK_CONFIGS = {
     'speed': RerankConfig('speed', (5,), (1,), (1.0,), 512, 'spatial'),
     'storage': RerankConfig('storage', (5,), (1,), (1.0,), 128, 'spatial'),
 }
+
+
+MATCHER_FLAGS = {'RANSAC': 'ransac', 'spatialApproximator': 'spatial'}  # the reference configs' matcher values
+
+
+def configured(name, top=100, patch_sizes=None, strides=None, patch_weights=None, num_pcs=None, matcher=None):
+    """RERANK_CONFIGS[name] re-ranking `top` candidates, with the settings given in place of the config's (None:
+    the config's; matcher under the reference's names, RANSAC or spatialApproximator). A config whose stored
+    settings (sizes, strides, dimension) differ from the named one's gets its own name, and so its own store."""
+    base = RERANK_CONFIGS[name]
+    config = RerankConfig(name, patch_sizes or base.patch_sizes, strides or base.strides,
+                          patch_weights or base.patch_weights, num_pcs or base.pca_dim,
+                          MATCHER_FLAGS[matcher] if matcher else base.matcher, top)
+    stored = (config.patch_sizes, config.strides, config.pca_dim)
+    if stored != (base.patch_sizes, base.strides, base.pca_dim):
+        joined = ['-'.join(map(str, values)) for values in stored[:2]]
+        config = dataclasses.replace(config, name=f'{name}_p{joined[0]}_s{joined[1]}_d{config.pca_dim}')
+    return config
+
+
+def flags_config(opt):
+    """The config that --rerank patch, --rerank_config, --rerank_top and the settings' flags ask for; None without
+    --rerank patch."""
+    if opt.rerank == 'none':
+        return None
+    return configured(opt.rerank_config, opt.rerank_top, opt.patch_sizes, opt.strides, opt.patchWeights2Use,
+                      opt.num_pcs, opt.matcher)
 
 
 @dataclasses.dataclass
@@ -114,8 +142,8 @@ def patch_projection(model, dim):
                         f're-rank with the run folder that writes (RUN_pca{dim}).')
     if dim > model.whiten.out_features:
         raise UserError(f'The Patch-NetVLAD config asks for {dim}-D patch descriptors, but the run is whitened to '
-                        f'{model.whiten.out_features} dimensions. Use a PCA dimension of at most '
-                        f'{model.whiten.out_features}, or whiten the run to {dim} (--mode=pca --pca_dim {dim}).')
+                        f'{model.whiten.out_features} dimensions. Give --num_pcs {model.whiten.out_features} (or fewer), or '
+                        f'whiten the run to {dim} (--mode=pca --pca_dim {dim}).')
     return model.whiten.weight[:dim], model.whiten.bias[:dim]
 
 
@@ -389,6 +417,26 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
                 timing[key][row] = seconds
             row += 1
     return reranked, scores, timing
+
+
+def rerank_candidates(model, database, db_names, queries, candidates, store_dir, config, device, precision='fp32',
+                      batch_size=8, threads=0, run=''):
+    """Re-rank each query's candidates [Q, k] (database ids from the global search, best first): the database's
+    store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
+    order of db_names, queries in the order of the rows of candidates. Returns (re-ranked ids [Q, k], patch scores
+    [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
+    started = time.perf_counter()
+    path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
+    store_s = time.perf_counter() - started
+    with open_store(store_dir, config) as store:
+        reranked, scores, timing = rerank_queries(model, queries, candidates, store, config, device, precision,
+                                                  batch_size, threads)
+    per_query = {f'{key}_per_query': float(np.mean(values)) if len(values) else 0.0 for key, values in timing.items()}
+    summary = dict(config=config.name, patch_sizes=list(config.patch_sizes), strides=list(config.strides),
+                   patch_weights=list(config.patch_weights), num_pcs=config.pca_dim, matcher=config.matcher,
+                   candidates=int(candidates.shape[1]), store=path, store_s=store_s, **per_query,
+                   seconds_per_query=sum(per_query.values()))
+    return reranked, scores, summary
 
 
 # ---------------------------------------------------------------------------------------------- storage

@@ -10,6 +10,7 @@ Where database positions are known (--positions CSV, or folder-format names `@ea
 CSV row carries its position, and the query's estimated position is the position of its best-ranked retrieval that
 has one (the top-1 in the usual case): an average of several retrievals could fall between two distinct places.
 """
+import collections
 import csv
 import hashlib
 import io
@@ -20,22 +21,27 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from commons import UserError, atomic_write, atomic_write_text, make_deterministic, select_device
 from descriptors import load_descriptor_file
 from figures import query_strip
 from folder_dataset import utm_from_filename
 from global_features import (
+    PhotoList,
     cache_path,
     describe_images,
     descriptor_dim,
     extract_folder,
+    extraction_settings,
     find_images,
     h5_names,
     path_key,
     read_descriptors,
 )
-from options import AT_LEAST_1, add_describing_flags, add_image_folder_flags
-from retrieval import top_k_by_dot
+from options import AT_LEAST_1, add_describing_flags, add_image_folder_flags, add_rerank_flags
+from patch_netvlad import flags_config, patch_projection, rerank_candidates
+from retrieval import reorder_first, top_k_by_dot
 from runs import load_model, place_model
 
 DEFAULT_TOP = 5
@@ -59,31 +65,78 @@ def add_flags(p):
     group.add_argument('--export_dir', default=None,
                        help='Folder of the results (default: query_results under --runsPath).')
     group.add_argument('--image_dir', default=None,
-                       help='With --database FILE.h5: the folder of the database images, for the pictures.')
+                       help='With --database FILE.h5: the folder of the database images, for the pictures (and '
+                            'for --rerank patch, which matches them).')
     add_image_folder_flags(group)
+    add_rerank_flags(p)
+
+
+Request = collections.namedtuple('Request', 'photos database names positions columns')
 
 
 def query(opt):
     make_deterministic(opt.seed)
-    photos = query_photos(opt.query)
-    database_names = check_database(opt)
-    top = opt.num_matched
-    if top > len(database_names):
-        raise UserError(f'--num_matched {top} is larger than the database: {opt.database} holds '
-                        f'{len(database_names)} images.')
-    positions, columns = database_positions(database_names, opt.positions)
+    rerank = flags_config(opt)
+    request = check_request(opt.query, opt.database, opt.num_matched, opt.positions, rerank, opt.image_dir)
     model, _, run_dir = load_model(opt)
     model, device = place_model(model, select_device(opt))
-    db_file, db_names, db_root = database(model, opt, device, run_dir, database_names)
-    kept, query_desc = describe_images(model, [path for _, path in photos], opt, device)
+    return answer_request(model, request, opt.export_dir or os.path.join(opt.runsPath, 'query_results'), run_dir,
+                          device, opt.num_matched, opt.image_dir, opt.cacheBatchSize, opt.precision, opt.threads,
+                          opt.resize_max, opt.skip_unreadable, opt.as_half, rerank, opt.output_features_dir)
+
+
+def query_images(model, query, database, export_dir, run_dir, device='cpu', num_matched=DEFAULT_TOP, positions=None,
+                 image_dir=None, batch_size=24, precision='fp32', threads=0, resize_max=None, skip_unreadable=False,
+                 as_half=False, rerank=None, store_dir=None):
+    """The query step: each photo of `query` (image files and folders) answered with its top num_matched images of
+    `database` (a global-feats .h5, or a folder of images extracted once into run_dir's cache), in export_dir.
+    rerank: a patch_netvlad.RerankConfig whose first rerank.num_candidates candidates are re-ordered by their patch
+    score (the database's patch store in store_dir, default beside its global descriptors; image_dir: the folder of
+    an .h5 database's images). The other parameters are the flags of the same names (batch_size:
+    --cacheBatchSize, positions: --positions). Returns each query's answer (its retrievals and estimated position)."""
+    request = check_request(query, database, num_matched, positions, rerank, image_dir)
+    return answer_request(model, request, export_dir, run_dir, torch.device(device), num_matched, image_dir,
+                          batch_size, precision, threads, resize_max, skip_unreadable, as_half, rerank, store_dir)
+
+
+def check_request(query, database, num_matched, positions_csv, rerank=None, image_dir=None):
+    """The query photos, the database and its positions, checked before any work (a Request)."""
+    photos = query_photos(query)
+    names = check_database(database)
+    if rerank is not None and not os.path.isdir(database) and not image_dir:
+        raise UserError(f'--rerank patch matches the database images themselves: with --database {database} (a '
+                        f'descriptor file) give --image_dir, the folder of its images.')
+    if num_matched > len(names):
+        raise UserError(f'--num_matched {num_matched} is larger than the database: {database} holds {len(names)} '
+                        f'images.')
+    positions, columns = database_positions(names, positions_csv)
+    return Request(photos, database, names, positions, columns)
+
+
+def answer_request(model, request, out, run_dir, device, top, image_dir, batch_size, precision, threads, resize_max,
+                   skip_unreadable, as_half, rerank, store_dir):
+    """query_images after its checks."""
+    settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
+    if rerank is not None:
+        patch_projection(model, rerank.pca_dim)  # a run that cannot give patch descriptors stops before any work
+    db_file, db_names, db_root = database(model, request.database, image_dir, settings, device, run_dir,
+                                          request.names)
+    photos = request.photos
+    kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
     if not kept:
         raise UserError(f'None of the {len(photos)} query photos could be read.')
     db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(run_dir, CACHE_FOLDER))
-    scores, found = top_k_by_dot(query_desc, db_desc, top)
-    out = opt.export_dir or os.path.join(opt.runsPath, 'query_results')
-    answers = [answer(photos[q], scores[row], found[row], db_names, positions)
+    scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
+    if rerank is not None:
+        candidates = found[:, :rerank.num_candidates]
+        reranked = rerank_candidates(model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max),
+                                     db_names, PhotoList([photos[q][1] for q in kept], resize_max), candidates,
+                                     store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads,
+                                     run_dir)[0]
+        scores, found = reorder_first(scores, found, reranked)
+    answers = [answer(photos[q], scores[row, :top], found[row, :top], db_names, request.positions)
                for row, q in enumerate(kept)]
-    write_answers(answers, columns, db_root, out)
+    write_answers(answers, request.columns, db_root, out)
     logging.info('====> Answered %d queries against %d database images: %s', len(answers), len(db_names), out)
     return answers
 
@@ -129,31 +182,31 @@ def answer_stem(name):
     return str(Path(name).with_suffix('')).replace('/', '__')
 
 
-def check_database(opt):
+def check_database(database):
     """The database image names: those of the .h5, or those found in the folder (extracted later)."""
-    if os.path.isdir(opt.database):
-        return find_images(opt.database, '--database')
-    if not os.path.isfile(opt.database):
-        raise UserError(f'--database {opt.database}: no such file or folder.')
-    names = h5_names(opt.database)
+    if os.path.isdir(database):
+        return find_images(database, '--database')
+    if not os.path.isfile(database):
+        raise UserError(f'--database {database}: no such file or folder.')
+    names = h5_names(database)
     if not names:
-        raise UserError(f'--database {opt.database} holds no images: not a global-feats file.')
+        raise UserError(f'--database {database} holds no images: not a global-feats file.')
     return names
 
 
-def database(model, opt, device, run_dir, names):
+def database(model, database, image_dir, settings, device, run_dir, names):
     """(global-feats file, image names, folder of the images or None) of the database, a folder extracted into
     the run folder's cache first (only the images not there yet)."""
-    if os.path.isdir(opt.database):
-        path = cache_path(os.path.join(run_dir, CACHE_FOLDER), opt.database)
+    if os.path.isdir(database):
+        path = cache_path(os.path.join(run_dir, CACHE_FOLDER), database)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        extract_folder(model, opt.database, names, path, opt, device, skip_existing=True)
-        return path, names_in(path, names), opt.database
-    dim = descriptor_dim(opt.database, names[0])
+        extract_folder(model, database, names, path, settings, device, skip_existing=True)
+        return path, names_in(path, names), database
+    dim = descriptor_dim(database, names[0])
     if dim != model.output_dim:
-        raise UserError(f'--database {opt.database} holds {dim}-D descriptors but the model of {run_dir} gives '
+        raise UserError(f'--database {database} holds {dim}-D descriptors but the model of {run_dir} gives '
                         f'{model.output_dim}-D ones: it was extracted with another model.')
-    return opt.database, names, opt.image_dir
+    return database, names, image_dir
 
 
 def database_rows(path, names, dim, cache_root):

@@ -35,9 +35,19 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
                   latency_ms=latency_ms, latency_size='x'.join(map(str, opt.latency_size)),
                   latency_threads=LATENCY_THREADS, latency_clock=LATENCY_CLOCK,
                   date=datetime.date.today().isoformat(), **provenance(opt))
+    if 'rerank' in evaluation:
+        record['rerank'] = rerank_record(evaluation['rerank'])
     os.makedirs(opt.runsPath, exist_ok=True)
     append_line(results_path(opt), json.dumps(record) + '\n')
     return record
+
+
+def rerank_record(summary):
+    """What the results file keeps of a Patch-NetVLAD re-ranking: its settings, and its time per query (the query's
+    patch extraction, reading and matching its candidates), in wall time on the torch threads it ran with."""
+    kept = ('config', 'patch_sizes', 'strides', 'patch_weights', 'num_pcs', 'matcher', 'candidates')
+    return dict({key: summary[key] for key in kept}, ms_per_query=1000 * summary['seconds_per_query'], clock='wall',
+                threads=torch.get_num_threads())
 
 
 def provenance(opt):
@@ -121,6 +131,8 @@ def record_result(opt, model, checkpoint, run_dir, result):
     variant = variant_of(checkpoint)
     if opt.precision != 'fp32':
         variant += f' {opt.precision}'
+    if 'rerank' in result:
+        variant += f' + patch re-ranking ({result["rerank"]["config"]})'
     return append_result(opt, variant, result, model_bytes(model, checkpoint, run_dir), latency,
                          run_dir if checkpoint is not None else None)
 
@@ -196,11 +208,13 @@ def table_row(r):
 
 
 def latency_cell(record):
+    rerank = record.get('rerank')
+    added = f' + {rerank["ms_per_query"]:.0f} re-ranking per query ({rerank["clock"]})' if rerank else ''
     if record['latency_ms'] is None:
-        return '-'
+        return '-' + added
     threads, clock = record.get('latency_threads'), record.get('latency_clock')
     how = f', {threads} thread{"s" if threads != 1 else ""}, {clock}' if threads and clock else ''
-    return f'{record["latency_ms"]:.1f} (at {record["latency_size"]}{how})'
+    return f'{record["latency_ms"]:.1f} (at {record["latency_size"]}{how}){added}'
 
 
 def add_flags(p):

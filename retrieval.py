@@ -284,18 +284,20 @@ def recalls_of(curve):
     return {n: float(curve[n - 1]) for n in RECALL_NS if n <= len(curve)}
 
 
-def search_and_recall(whole, num_db, positives, opt, protocol=None):
+def search_and_recall(whole, num_db, positives, opt, protocol=None, rerank=None, rerank_top=0):
     """Search the queries (rows num_db..) of a whole-set descriptor array or file among its database rows.
 
     protocol: the split's GroundTruth, whose rules (panorama suppression, skipped database images, queries not
-    scored) apply; None: plain ranking, every query scored. Returns recalls, curve, descriptor_dim, search_s,
-    queries_scored, predictions and distances (descriptor L2, [numQ, max(25, --save_predictions)]); with
-    --index ivfpq|hnsw also `index`, and with --compare_exact the exact search's `exact` recalls and time beside them.
+    scored) apply; None: plain ranking, every query scored. rerank: a function that re-orders each query's first
+    rerank_top candidates ([Q, rerank_top] database ids -> the same ids in a new order) before Recall@N. Returns
+    recalls, curve, descriptor_dim, search_s, queries_scored, predictions and distances (descriptor L2, [numQ,
+    max(25, --save_predictions, rerank_top)]); with --index ivfpq|hnsw also `index`, and with --compare_exact the
+    exact search's `exact` recalls and time beside them.
     """
     db_desc, query_desc = rows_of(whole, 0, num_db), rows_of(whole, num_db, len(whole))
     use_gpu = opt.cuda and faiss_gpu_available()
     index = getattr(opt, 'index', 'flat')
-    kept = max(CURVE_MAX_N, getattr(opt, 'save_predictions', 0) or 0)
+    kept = max(CURVE_MAX_N, getattr(opt, 'save_predictions', 0) or 0, rerank_top if rerank else 0)
     k = candidates_to_search(protocol, kept)
     scored = scored_queries(positives, protocol)
     started = time.time()
@@ -307,9 +309,12 @@ def search_and_recall(whole, num_db, positives, opt, protocol=None):
         dist, predictions = search_index(built, query_desc, min(k, len(db_desc)))
         del built
     dist, predictions = apply_ranking_rules(dist, predictions, protocol, kept)
+    search_s = time.time() - started
+    if rerank is not None:
+        dist, predictions = reorder_first(dist, predictions, rerank(predictions[:, :rerank_top]))
     curve = scored_recall_curve(predictions, positives, scored)
     result = dict(recalls=recalls_of(curve), curve=curve.tolist(), descriptor_dim=int(whole.shape[1]),
-                  search_s=time.time() - started, queries_scored=len(scored), predictions=predictions,
+                  search_s=search_s, queries_scored=len(scored), predictions=predictions,
                   distances=np.sqrt(np.maximum(dist, 0)))
     if index != 'flat':
         result.update(index=index, index_build_s=build_s)  # search_s includes the build
@@ -329,13 +334,25 @@ def search_and_recall(whole, num_db, positives, opt, protocol=None):
     return result
 
 
+def reorder_first(dist, predictions, reordered):
+    """dist and predictions [Q, k] with each row's first n entries put in the order of reordered [Q, n] (the same
+    database ids, re-ranked; padding -1 last, as in predictions)."""
+    n = reordered.shape[1]
+    source = np.argmax(reordered[:, :, None] == predictions[:, None, :n], axis=2)  # [Q, n]: where each id was
+    dist, predictions = dist.copy(), predictions.copy()
+    dist[:, :n] = np.take_along_axis(dist[:, :n], source, axis=1)
+    predictions[:, :n] = reordered
+    return dist, predictions
+
+
 def scored_recall_curve(predictions, positives, scored):
     """Recall@1..CURVE_MAX_N over the scored queries."""
     return recall_curve(predictions[scored, :CURVE_MAX_N], [positives[q] for q in scored])
 
 
-def evaluate(model, dataset, opt, device):
-    """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate.
+def evaluate(model, dataset, opt, device, rerank=None, rerank_top=0):
+    """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate (rerank, rerank_top: as
+    search_and_recall's).
 
     The descriptors are streamed to a file in --cachePath (default: a new temporary folder), searched there in
     chunks, and deleted afterwards.
@@ -345,7 +362,8 @@ def evaluate(model, dataset, opt, device):
         whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
                                     path=os.path.join(folder, f'{dataset.split}.npy'))
         extraction_s = time.time() - started
-        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct)
+        result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct,
+                                   rerank, rerank_top)
     return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s)
 
 

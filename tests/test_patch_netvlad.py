@@ -2,8 +2,11 @@
 mutual nearest neighbours against brute force, the RANSAC and rapid spatial scores against computations written
 here on generated keypoints, the re-ranked order against the scores, the store read back row by row, and the
 whole chain through a PCA-whitened run folder."""
+import csv
 import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,9 +16,11 @@ import torch.nn.functional as F
 
 import main
 import patch_netvlad as pn
+import retrieval
 from commons import UserError
 from conftest import FAST
 from datasets import load_dataset
+from global_features import PhotoList, describe_images, extraction_settings
 from models import build_model
 from patch_features import PatchStore, StoreWriter, store_path
 from runs import open_run
@@ -351,3 +356,110 @@ def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered
     with pytest.raises(UserError, match='--mode=pca'):
         pn.build_store(open_run(float_opt)[0], database, dataset.db_struct.db_paths, tmp_path / 'raw', config,
                        device)
+
+
+def test_reorder_first_moves_each_distance_with_its_id():
+    rng = np.random.default_rng(0)
+    predictions = np.stack([rng.permutation(20)[:8] for _ in range(5)])
+    predictions[4, 6:] = -1
+    dist = np.sort(rng.random(predictions.shape), axis=1)
+    dist[4, 6:] = np.inf
+    reordered = np.stack([np.concatenate([rng.permutation(row[:5][row[:5] >= 0])]) for row in predictions])
+    new_dist, new_predictions = retrieval.reorder_first(dist, predictions, reordered)
+    for q in range(len(predictions)):
+        by_id = dict(zip(predictions[q].tolist(), dist[q].tolist()))
+        assert new_predictions[q, :5].tolist() == reordered[q].tolist()
+        assert new_predictions[q, 5:].tolist() == predictions[q, 5:].tolist()
+        assert new_dist[q].tolist() == [by_id[i] for i in new_predictions[q].tolist()]
+
+
+def test_rerank_flags_override_the_config_and_name_its_store(make_opt):
+    opt = make_opt(['--mode=test', '--rerank', 'patch', '--rerank_config', 'performance', '--patch_sizes', '3,6',
+                    '--strides', '1,2', '--patchWeights2Use', '0.5,0.5', '--num_pcs', '16', '--matcher',
+                    'spatialApproximator', '--rerank_top', '7'])
+    config = pn.flags_config(opt)
+    assert (config.patch_sizes, config.strides, config.patch_weights, config.pca_dim, config.matcher,
+            config.num_candidates) == ((3, 6), (1, 2), (0.5, 0.5), 16, 'spatial', 7)
+    assert config.name == 'performance_p3-6_s1-2_d16'
+    assert pn.flags_config(make_opt(['--mode=test', '--rerank', 'patch'])) == pn.RERANK_CONFIGS['performance']
+    assert pn.flags_config(make_opt(['--mode=test'])) is None
+    with pytest.raises(UserError, match='--patch_sizes, --strides, --patchWeights2Use'):
+        pn.flags_config(make_opt(['--mode=test', '--rerank', 'patch', '--patch_sizes', '3']))
+    with pytest.raises(UserError, match='--patch_sizes.*comma-separated'):
+        make_opt(['--mode=test', '--patch_sizes', '3;5'])
+
+
+def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whitened_run, clustered_data, run_cli,
+                                                                           tmp_path):
+    """--rerank patch in test mode against the global ranking of the same run and the library's re-ranking of it:
+    the top 10 of each query are the global top 10 in the order rerank_queries gives, and Recall@N is that of
+    the new order, counted here."""
+    flags = ['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', '--resize=128x160', *FAST,
+             '--runsPath', tmp_path]
+    rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--rerank_top', '10']
+    opt = main.parse_options(flags)
+    plain = main.run(opt)
+    reranked = main.run(main.parse_options(flags + rerank))
+    dataset = load_dataset(opt, 'test')
+    num_db = dataset.db_struct.numDb
+    config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], name='speed_p5_s1_d16', pca_dim=16, num_candidates=10)
+    model, _ = open_run(opt)
+    store_dir = f'{whitened_run}/patch_features/test'
+    with pn.open_store(store_dir, config) as store:
+        expected = pn.rerank_queries(model, torch.utils.data.Subset(dataset, range(num_db, len(dataset))),
+                                     plain['predictions'][:, :10], store, config, torch.device('cpu'))[0]
+    assert reranked['predictions'][:, :10].tolist() == expected.tolist()
+    assert reranked['predictions'][:, :10].tolist() != plain['predictions'][:, :10].tolist()
+    positives = dataset.positives()
+    for n, recall in reranked['recalls'].items():
+        hits = [np.isin(reranked['predictions'][q, :n], positives[q]).any() for q in range(len(positives))]
+        assert recall == pytest.approx(np.mean(hits))
+    record = [json.loads(line) for line in open(tmp_path / 'results.jsonl')][-1]
+    assert record['variant'].endswith('+ patch re-ranking (speed_p5_s1_d16)')
+    assert record['rerank']['candidates'] == 10 and record['rerank']['ms_per_query'] > 0
+
+
+def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli):
+    """--mode=query --rerank patch with every database image a candidate: the answers are the database in the
+    order of the library's re-ranking of the global search, read from the store beside the cached database."""
+    database, photos, _ = places
+    out = tmp_path / 'answers'
+    common = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
+              '--threads', '0', '--num_matched', '12']
+    rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--patch_sizes', '2',
+              '--rerank_top', '12']
+    assert run_cli(common + rerank + ['--export_dir', out]) == 0
+    opt = main.parse_options(common)
+    model, _ = open_run(opt)
+    names = sorted(p.relative_to(database).as_posix() for p in database.rglob('*.jpg'))
+    photo_paths = sorted(photos.glob('*.jpg'))
+    settings = extraction_settings('cpu', threads=0)
+    query_desc = describe_images(model, [str(p) for p in photo_paths], settings, torch.device('cpu'))[1]
+    db_desc = describe_images(model, [str(database / n) for n in names], settings, torch.device('cpu'))[1]
+    candidates = np.argsort(-(query_desc @ db_desc.T), axis=1, kind='stable')
+    config = pn.configured('speed', 12, patch_sizes=(2,), num_pcs=16)
+    store_dir = next(Path(whitened_run, 'query_database').glob('database_*'))
+    with pn.open_store(store_dir, config) as store:
+        expected = pn.rerank_queries(model, PhotoList([str(p) for p in photo_paths]), candidates, store, config,
+                                     torch.device('cpu'))[0]
+    for photo, order in zip(photo_paths, expected):
+        with open(out / f'{photo.stem}.csv') as f:
+            listed = [row['database_image'] for row in csv.DictReader(f)]
+        assert listed == [names[i] for i in order]
+
+
+def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, clustered_data, tmp_path, run_cli, capsys):
+    database, photos, _ = places
+    assert run_cli(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',
+                    'patch']) == 2
+    assert '--mode=pca' in capsys.readouterr().err
+    assert not (Path(float_run) / 'patch_features').exists()
+    assert run_cli(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',
+                    'patch', '--rerank_config', 'speed']) == 2
+    assert '--num_pcs 16' in capsys.readouterr().err
+    h5 = tmp_path / 'db.h5'
+    with h5py.File(h5, 'w') as f:
+        f.create_dataset('a.jpg/global_descriptor', data=np.zeros(16, np.float32))
+    assert run_cli(['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', h5, '--nocuda',
+                    '--rerank', 'patch']) == 2
+    assert 'give --image_dir' in capsys.readouterr().err
