@@ -2,7 +2,8 @@
 
 Every stage is a command line parsed and run by main.py exactly as if typed, so each stage reads what the one
 before wrote: cluster -> test (untrained) -> train -> test -> prune (structured 0.2 and 0.5, unstructured) -> quantize
-(static, static of the 50% pruned run, QAT) -> report, then the pictures.
+(static, static of the 50% pruned run, QAT) -> pca -> test with Patch-NetVLAD re-ranking -> report, then the
+pictures.
 """
 import logging
 import os
@@ -23,10 +24,12 @@ from runs import holds_something, load_model
 # Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
 DEMO_SIZES = {
     'default': dict(synth_db=300, synth_queries=150, synth_imsize='120x160', nEpochs=3, finetune_epochs=1,
-                    qat_epochs=1, calib_images=128, latency_size='480x640'),
+                    qat_epochs=1, calib_images=128, latency_size='480x640', pca_dim=256, patch_size=3),
     'tiny': dict(synth_db=30, synth_queries=16, synth_imsize='64x80', nEpochs=1, finetune_epochs=1,
-                 qat_epochs=1, calib_images=8, latency_size='64x80'),
+                 qat_epochs=1, calib_images=8, latency_size='64x80', pca_dim=32, patch_size=2),
 }
+# Patch-NetVLAD's speed config re-ranks the whitened run, with patches of patch_size cells: its 5x5 patches are
+# sized for 480x640 images (VGG16's 30x40 feature map); the demo's images give AlexNet a 6x9 map (3x4 when tiny).
 # The user's train command is Adam at 1e-4 and trains conv5 of an ImageNet-initialised encoder; the demo
 # trains every layer of a random one (--fromscratch), where 1e-4 overshoots (docs/training.md, the demo's
 # learning rate).
@@ -88,6 +91,9 @@ def stage_commands(opt, size):
         + common + evaluate + ['--resume', f'{run}_pruned_structured_50'],
         ['--mode=quantize', '--quantization_type=qat', f'--calib_images={size["calib_images"]}',
          f'--qat_epochs={size["qat_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
+        ['--mode=pca', f'--pca_dim={size["pca_dim"]}'] + common + evaluate + resume,
+        ['--mode=test', '--rerank=patch', '--rerank_config=speed', f'--num_pcs={size["pca_dim"]}',
+         f'--patch_sizes={size["patch_size"]}'] + common + evaluate + ['--resume', f'{run}_pca{size["pca_dim"]}'],
     ], run
 
 
@@ -104,7 +110,7 @@ def demo(opt, parse_options, run_mode):
     for number, argv in enumerate(commands, 1):
         logging.info('\n===== Demo stage %d/%d: python main.py %s', number, len(commands), shlex.join(argv))
         result = run_mode(parse_options(argv))
-        if argv[0] == '--mode=test' and '--resume' in argv:
+        if argv[0] == '--mode=test' and argv[-2:] == ['--resume', run_dir]:  # the trained run's own test
             trained_test = result
     arch, data_path, _ = demo_setting(opt)
     records = [r for r in latest_per_variant(read_results(results_path(opt)))

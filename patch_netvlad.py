@@ -108,7 +108,8 @@ def flags_config(opt):
 class PatchFeatures:
     """One image's Patch-NetVLAD features: per patch size (the config's order), descriptors [n, dim] (float32 unit
     rows) and keypoints [n, 2] (patch centres (x, y) in feature-map cells), rows in the same order; grid: the
-    feature map's (height, width); extraction_s: this image's share of its batch's extraction time."""
+    feature map's (height, width); extraction_s: this image's share of its batch's extraction time (process CPU
+    time, as every time of the re-ranking)."""
     descriptors: list
     keypoints: list
     grid: tuple
@@ -197,7 +198,7 @@ def patch_features(model, images, config, precision='fp32'):
     batch [B, 3, H, W] on the model's device, from one pass of the encoder (under `precision` autocast:
     fp32, bf16, fp16; the aggregation stays float32, as in EmbedNet)."""
     weight, bias = patch_projection(model, config.pca_dim)
-    started = time.perf_counter()
+    started = time.process_time()
     model.eval()
     with torch.inference_mode():
         with autocast(precision, images.device):
@@ -210,7 +211,7 @@ def patch_features(model, images, config, precision='fp32'):
     height, width = features.shape[2:]
     keypoints = [patch_keypoints(height, width, size, stride) for size, stride in zip(config.patch_sizes,
                                                                                      config.strides)]
-    share = (time.perf_counter() - started) / len(images)
+    share = (time.process_time() - started) / len(images)
     return global_desc, [PatchFeatures([p[b] for p in patches], keypoints, (height, width), share)
                          for b in range(len(images))]
 
@@ -388,14 +389,14 @@ def rerank(query, candidate_ids, store, config):
     store, matching_s: matching and scoring})."""
     candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
     valid = candidate_ids[candidate_ids >= 0]
-    started = time.perf_counter()
+    started = time.process_time()
     candidates = store_features(store, valid, config)
-    read = time.perf_counter()
+    read = time.process_time()
     size_scores = np.array([[size_score(query, candidate, index, config) for index in range(len(config.patch_sizes))]
                             for candidate in candidates]).reshape(len(valid), len(config.patch_sizes))
     scores = fuse_scores(size_scores, config.patch_weights)
     order = np.argsort(-scores, kind='stable')
-    timing = dict(extraction_s=query.extraction_s, reading_s=read - started, matching_s=time.perf_counter() - read)
+    timing = dict(extraction_s=query.extraction_s, reading_s=read - started, matching_s=time.process_time() - read)
     padding = len(candidate_ids) - len(valid)
     return (np.concatenate([valid[order], np.full(padding, -1)]),
             np.concatenate([scores[order], np.full(padding, -np.inf)]), timing)

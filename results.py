@@ -44,10 +44,10 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
 
 def rerank_record(summary):
     """What the results file keeps of a Patch-NetVLAD re-ranking: its settings, and its time per query (the query's
-    patch extraction, reading and matching its candidates), in wall time on the torch threads it ran with."""
+    patch extraction, reading and matching its candidates), in process CPU time on the torch threads it ran with."""
     kept = ('config', 'patch_sizes', 'strides', 'patch_weights', 'num_pcs', 'matcher', 'candidates')
-    return dict({key: summary[key] for key in kept}, ms_per_query=1000 * summary['seconds_per_query'], clock='wall',
-                threads=torch.get_num_threads())
+    return dict({key: summary[key] for key in kept}, ms_per_query=1000 * summary['seconds_per_query'],
+                clock=LATENCY_CLOCK, threads=torch.get_num_threads())
 
 
 def provenance(opt):
@@ -209,7 +209,8 @@ def table_row(r):
 
 def latency_cell(record):
     rerank = record.get('rerank')
-    added = f' + {rerank["ms_per_query"]:.0f} re-ranking per query ({rerank["clock"]})' if rerank else ''
+    added = (f' + {rerank["ms_per_query"]:.0f} re-ranking per query ({rerank["threads"]} thread'
+             f'{"s" if rerank["threads"] != 1 else ""}, {rerank["clock"]})' if rerank else '')
     if record['latency_ms'] is None:
         return '-' + added
     threads, clock = record.get('latency_threads'), record.get('latency_clock')

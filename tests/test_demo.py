@@ -4,7 +4,9 @@ import json
 from PIL import Image
 
 VARIANTS = ['off-the-shelf (k-means init)', 'trained', 'pruned structured 20%', 'pruned structured 50%',
-            'pruned unstructured 20%', 'int8 static', 'pruned structured 50% + int8 static', 'int8 qat']
+            'pruned unstructured 20%', 'int8 static', 'pruned structured 50% + int8 static', 'int8 qat',
+            'trained', 'trained + PCA-whitening 32', 'trained + PCA-whitening 32 + patch re-ranking (speed_p2_s1_d32)']
+# --mode=pca evaluates the raw descriptor too: the trained model's second record, the newer one
 
 
 def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
@@ -13,17 +15,21 @@ def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
                     '--nocuda', '--threads=0']) == 0
     records = [json.loads(line) for line in (runs / 'results.jsonl').read_text().splitlines()]
     assert [r['variant'] for r in records] == VARIANTS  # one record per evaluating stage, in order
-    assert all(r['latency_ms'] > 0 and r['latency_size'] == '64x80' for r in records)  # all timed in one run
+    newest = {r['variant']: r for r in records}.values()
+    assert all(r['latency_ms'] > 0 and r['latency_size'] == '64x80' for r in newest)  # all timed in one run
     # each record carries the command line of its own stage, as the user would type it
     assert all(r['command'].startswith('python main.py --mode=') and '--mode=demo' not in r['command']
                for r in records)
     table = (runs / 'results.md').read_text()
     assert table in capsys.readouterr().out
-    for variant in VARIANTS:
+    for variant in set(VARIANTS):
         row = next(line for line in table.splitlines() if f'alexnet {variant} |' in line)
         recalls = [float(v) for v in row.split('|')[3:7]]
         assert len(recalls) == 4 and all(0.0 <= r <= 1.0 for r in recalls)
     assert 'TBD' not in table
+    reranked = records[-1]['rerank']
+    assert reranked['candidates'] == 30 and reranked['ms_per_query'] > 0  # the whole database re-ranked
+    assert f'+ {reranked["ms_per_query"]:.0f} re-ranking per query' in table.splitlines()[-1]
     run = runs / 'alexnet_netvlad_checkpoint' / 'alexnet_netvlad_checkpoint'
     for picture in ('recall_curves.png', 'retrievals.png'):
         with Image.open(run / picture) as image:
