@@ -12,7 +12,7 @@ from tqdm import tqdm
 from centroids import centroids_path, encoder_attributes, new_model, write_centroids
 from commons import UserError, make_deterministic, select_device
 from datasets import load_dataset
-from images import image_loader
+from gpu_decode import image_batches
 from options import add_common_flags, add_dataset_flags, add_extraction_flags, add_network_flags
 
 NUM_DESCRIPTORS = 50000
@@ -36,12 +36,13 @@ def sample_local_descriptors(model, dataset, opt, device):
     per_image = min(DESCRIPTORS_PER_IMAGE, locations)
     num_images = min(math.ceil(NUM_DESCRIPTORS / per_image), dataset.db_struct.numDb)
     image_indices = np.sort(rng.choice(dataset.db_struct.numDb, num_images, replace=False))
-    loader = image_loader(Subset(dataset, image_indices.tolist()), opt, opt.cacheBatchSize)
+    loader, on_device = image_batches(Subset(dataset, image_indices.tolist()), opt, opt.cacheBatchSize, device)
     generator = torch.Generator().manual_seed(opt.seed)
     samples = []
     with torch.inference_mode(), tqdm(total=num_images, desc='local descriptors', unit='img') as progress:
-        for images, _ in loader:
-            features = model.encoder(images.to(device)).flatten(2).float().cpu()  # [B, D, HW]
+        for batch in loader:
+            images, _ = on_device(batch)
+            features = model.encoder(images).flatten(2).float().cpu()  # [B, D, HW]
             features = torch.nn.functional.normalize(features, p=2, dim=1)
             chosen = torch.rand(len(features), locations, generator=generator).argsort(dim=1)[:, :per_image]
             samples.append(torch.gather(features.transpose(1, 2), 1,

@@ -47,8 +47,12 @@ def upright_size(image):
     """(width, height) of an opened image turned upright; for a PNG without EXIF before its pixels PIL decodes them,
     looking for EXIF after them, as ImageOps.exif_transpose does when loading: the two sizes always agree."""
     width, height = image.size
-    sideways = image.getexif().get(ExifTags.Base.Orientation) in SIDEWAYS
-    return (height, width) if sideways else (width, height)
+    return (height, width) if exif_orientation(image) in SIDEWAYS else (width, height)
+
+
+def exif_orientation(image):
+    """The EXIF orientation (1-8) of an opened image; 1 (upright) when it has none."""
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
 
 
 def upright_rgb(image):
@@ -119,19 +123,23 @@ def sizes_vary_from(dataset):
 
 def stack_images(batch):
     """Default collation, with a UserError instead of torch's when images of one batch differ in size."""
-    sizes = {tuple(image.shape[1:]) for image, _ in batch}
-    if len(sizes) > 1:
-        raise UserError(f'Images of one batch have different sizes ({", ".join(f"{h}x{w}" for h, w in sorted(sizes))}'
-                        f'): give --resize HEIGHTxWIDTH so that all images have one size.')
+    check_one_size({tuple(image.shape[1:]) for image, _ in batch})
     return data.default_collate(batch)
 
 
-def image_loader(dataset, opt, batch_size, shuffle=False, generator=None):
+def check_one_size(sizes):
+    """A UserError when the (height, width) sizes of one batch's images are not all one."""
+    if len(sizes) > 1:
+        raise UserError(f'Images of one batch have different sizes ({", ".join(f"{h}x{w}" for h, w in sorted(sizes))}'
+                        f'): give --resize HEIGHTxWIDTH so that all images have one size.')
+
+
+def image_loader(dataset, opt, batch_size, shuffle=False, generator=None, collate_fn=stack_images):
     """The DataLoader of an image list: decoding in --threads workers, pinned memory on CUDA."""
     singles_from = None if shuffle else sizes_vary_from(dataset)
     batching = (dict(batch_size=batch_size, shuffle=shuffle, generator=generator) if singles_from is None else
                 dict(batch_sampler=batches(len(dataset), batch_size, singles_from)))
-    return data.DataLoader(dataset, collate_fn=stack_images, **loading(opt), **batching)
+    return data.DataLoader(dataset, collate_fn=collate_fn, **loading(opt), **batching)
 
 
 def loading(opt):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from commons import UserError
-from images import image_loader
+from gpu_decode import image_batches
 from models import build_encoder
 from netvlad import EPS, NetVLAD
 from patch_features import PatchStore, StoreWriter, model_fingerprint, store_path
@@ -217,8 +217,10 @@ def patch_features(model, images, config, precision='fp32'):
 
 
 def loader(dataset, batch_size, threads, device):
-    """The project's DataLoader of an image dataset (decoding in `threads` workers)."""
-    return image_loader(dataset, types.SimpleNamespace(threads=threads, cuda=device.type == 'cuda'), batch_size)
+    """The project's batches of an image dataset (decoding in `threads` workers; on the card on CUDA): (loader,
+    on_device), as gpu_decode.image_batches."""
+    return image_batches(dataset, types.SimpleNamespace(threads=threads, cuda=device.type == 'cuda'), batch_size,
+                         device)
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -236,9 +238,9 @@ def build_store(model, database, names, folder, config, device, precision='fp32'
     if writer.done < len(names):
         todo = torch.utils.data.Subset(database, range(writer.done, len(names)))
         pending, pending_bytes = [], 0
-        for images, _ in tqdm(loader(todo, batch_size, threads, device), desc=f'patch features ({config.name})',
-                              unit='batch'):
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
+        batches, on_device = loader(todo, batch_size, threads, device)
+        for batch in tqdm(batches, desc=f'patch features ({config.name})', unit='batch'):
+            images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
             batch = patch_features(model, images, config, precision)[1]
             pending += batch
             pending_bytes += sum(d.nbytes for image in batch for d in image.descriptors)
@@ -409,9 +411,9 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
     reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
     timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
     row = 0
-    for images, _ in tqdm(loader(queries, batch_size, threads, device), desc=f're-ranking ({config.name})',
-                          unit='batch'):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+    batches, on_device = loader(queries, batch_size, threads, device)
+    for batch in tqdm(batches, desc=f're-ranking ({config.name})', unit='batch'):
+        images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
         for query in patch_features(model, images, config, precision)[1]:
             reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
             for key, seconds in spent.items():

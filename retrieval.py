@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from descriptors import DescriptorFile, cache_folder
-from images import image_loader
+from gpu_decode import image_batches
 
 RECALL_NS = [1, 5, 10, 20]
 CURVE_MAX_N = 25
@@ -40,21 +40,48 @@ def autocast(precision, device):
 
 def extract_descriptors(model, dataset, opt, device, description='descriptors', path=None):
     """Descriptors of every image of `dataset`, in dataset order: [N, D] float32 in memory or, given `path`, a
-    DescriptorFile there (dtype --desc_dtype) written batch by batch as they are computed."""
-    loader = image_loader(dataset, opt, opt.cacheBatchSize)
+    DescriptorFile there (dtype --desc_dtype) written batch by batch as they are computed.
+
+    On CUDA a batch's descriptors are copied back while the next batch is decoded and run (HostCopy), and JPEGs
+    are decoded on the card (gpu_decode.image_batches)."""
+    loader, on_device = image_batches(dataset, opt, opt.cacheBatchSize, device)
     if path is None:
         descriptors = np.empty((len(dataset), model.output_dim), dtype=np.float32)
     else:
         descriptors = DescriptorFile.create(path, len(dataset), model.output_dim,
                                             getattr(opt, 'desc_dtype', 'float32'))
     model.eval()
-    start = 0
+    start, pending = 0, None
     with torch.inference_mode(), autocast(opt.precision, device):
-        for images, _ in tqdm(loader, desc=description, unit='batch'):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            descriptors[start:start + len(images)] = model(images).float().cpu().numpy()
-            start += len(images)
+        for batch in tqdm(loader, desc=description, unit='batch'):
+            images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
+            copy = HostCopy(model(images).float(), start)
+            if pending is not None:
+                pending.write_to(descriptors)
+            pending, start = copy, start + len(images)
+    if pending is not None:
+        pending.write_to(descriptors)
     return descriptors
+
+
+class HostCopy:
+    """A batch's output on its way to host memory: on CUDA copied into pinned memory without waiting, so that the
+    card runs on while the host prepares the next batch; write_to waits for the copy only then."""
+
+    def __init__(self, output, start):
+        self.start = start
+        if output.device.type != 'cuda':
+            self.host, self.done = output, None
+            return
+        self.host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+        self.host.copy_(output, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def write_to(self, descriptors):
+        if self.done is not None:
+            self.done.synchronize()
+        descriptors[self.start:self.start + len(self.host)] = self.host.numpy()
 
 
 # ---------------------------------------------------------------------------------------------- search
