@@ -93,7 +93,7 @@ def _squared_distances(a, b):
 
 def _vlad(x, weight, bias, centroids, normalize_input):
     """The layer's forward: (descriptor [B, K*D], and what the backward needs: input norms, normalised features,
-    soft-assignment, residual sums V and their row norms, descriptor norm)."""
+    their projections W X, soft-assignment, residual sums V and their row norms, descriptor norm)."""
     batch, dim = x.shape[:2]
     features = x.flatten(2)  # [B, D, HW]
     input_norms = None
@@ -101,9 +101,8 @@ def _vlad(x, weight, bias, centroids, normalize_input):
         input_norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(EPS)  # [B, 1, HW]
         features = features / input_norms
     # the 1x1 conv as one batched product (matmul would copy the features into [B*HW, D] for one big product)
-    logits = torch.bmm(weight.expand(batch, -1, -1), features)  # [B, K, HW]
-    if bias is not None:
-        logits = logits + bias.unsqueeze(1)
+    projections = torch.bmm(weight.expand(batch, -1, -1), features)  # [B, K, HW]
+    logits = projections if bias is None else projections + bias.unsqueeze(1)
     soft_assign = F.softmax(logits, dim=1)
     # sum_i a_k(x_i) x_i  -  c_k sum_i a_k(x_i)
     # products with the small operand transposed: bmm copies a transposed [B, HW, D] operand first
@@ -112,7 +111,7 @@ def _vlad(x, weight, bias, centroids, normalize_input):
     row_norms = torch.linalg.vector_norm(vlad, dim=2, keepdim=True).clamp_min(EPS)  # [B, K, 1]
     intra = (vlad / row_norms).reshape(batch, -1)  # intra-normalisation, flattened cluster-major
     norm = torch.linalg.vector_norm(intra, dim=1, keepdim=True).clamp_min(EPS)  # [B, 1]
-    return intra / norm, (input_norms, features, soft_assign, vlad, row_norms, norm)
+    return intra / norm, (input_norms, features, projections, soft_assign, vlad, row_norms, norm)
 
 
 def _normalize_backward(grad, unit, norm, dim):
@@ -123,35 +122,51 @@ def _normalize_backward(grad, unit, norm, dim):
 
 class _NetVLADFunction(torch.autograd.Function):
     """NetVLAD with a hand-written backward. Autograd's backward of the three L2 normalisations makes about a dozen
-    elementwise passes over the [B, D, HW] input; this one makes three, and takes the gradients of both products
-    that touch the input from one batched product."""
+    elementwise passes over the [B, D, HW] input; this one makes one, in the input's memory layout, and takes the
+    gradients of both products that touch the input from one batched product."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, centroids, normalize_input):
         out, saved = _vlad(x, weight, bias, centroids, normalize_input)
-        input_norms, features, soft_assign, vlad, row_norms, norm = saved
+        input_norms, *kept = saved
         ctx.normalize_input, ctx.has_bias, ctx.input_shape = normalize_input, bias is not None, x.shape
-        ctx.save_for_backward(weight, centroids, features, soft_assign, vlad, row_norms, norm, out,
-                              *(() if input_norms is None else (input_norms,)))
+        ctx.save_for_backward(weight, centroids, *kept, out, *(() if input_norms is None else (input_norms,)))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        weight, centroids, features, soft_assign, vlad, row_norms, norm, out, *input_norms = ctx.saved_tensors
+        weight, centroids, features, projections, soft_assign, vlad, row_norms, norm, out, *input_norms = \
+            ctx.saved_tensors
         batch, num_clusters, dim = vlad.shape
         grad_intra = _normalize_backward(grad_out, out, norm, dim=1).reshape(batch, num_clusters, dim)
         grad_vlad = _normalize_backward(grad_intra, vlad / row_norms, row_norms, dim=2)  # [B, K, D]
         # V = A X^T - c (A 1): gradients of the soft-assignment A [B, K, HW] and of the centroids
-        grad_assign = torch.bmm(grad_vlad, features) - (grad_vlad * centroids).sum(dim=2, keepdim=True)
+        grad_vlad_x = torch.bmm(grad_vlad, features)  # [B, K, HW]
+        grad_assign = grad_vlad_x - (grad_vlad * centroids).sum(dim=2, keepdim=True)
         grad_centroids = -(grad_vlad * soft_assign.sum(dim=2, keepdim=True)).sum(dim=0)
         # softmax over clusters, then the logits W X (+ b)
         grad_logits = soft_assign * (grad_assign - (soft_assign * grad_assign).sum(dim=1, keepdim=True))
         grad_weight = torch.bmm(features, grad_logits.transpose(1, 2)).sum(dim=0).t()  # [K, D]
         grad_bias = grad_logits.sum(dim=(0, 2)) if ctx.has_bias else None
-        # dL/dX = grad_V^T A + W^T grad_logits, as one product: [grad_V^T | W^T] [A ; grad_logits]
-        left = torch.cat([grad_vlad.transpose(1, 2), weight.t().expand(batch, dim, num_clusters)], dim=2)
-        grad_features = torch.bmm(left, torch.cat([soft_assign, grad_logits], dim=1))  # [B, D, HW]
-        if ctx.normalize_input:
-            grad_features = _normalize_backward(grad_features, features, input_norms[0], dim=1)
+        # dL/dX = G = grad_V^T A + W^T grad_logits, as one product: [grad_V^T | W^T] [A ; grad_logits]
+        left_t = torch.cat([grad_vlad, weight.expand(batch, -1, -1)], dim=1)  # [B, 2K, D]
+        right = torch.cat([soft_assign, grad_logits], dim=1)  # [B, 2K, HW]
+        if not ctx.normalize_input:
+            return _product_like(features, left_t, right).reshape(ctx.input_shape), grad_weight, grad_bias, \
+                grad_centroids, None
+        # through X = x / ||x||: (G - X <G, X>) / ||x||, where <G, X> = sum_k A (grad_V X) + grad_logits (W X) comes
+        # from [B, K, HW] products and 1/||x|| scales the small operand: one pass over [B, D, HW] after the product
+        inverse_norms = input_norms[0].reciprocal()  # [B, 1, HW]
+        dots = (soft_assign * grad_vlad_x + grad_logits * projections).sum(dim=1, keepdim=True)
+        grad_features = _product_like(features, left_t, right * inverse_norms)
+        grad_features.addcmul_(features, dots * inverse_norms, value=-1)
         return grad_features.reshape(ctx.input_shape), grad_weight, grad_bias, grad_centroids, None
+
+
+def _product_like(like, left_t, right):
+    """left_t^T right [B, D, HW] laid out in memory as `like` [B, D, HW] (channels last: D varies fastest), so that
+    the elementwise passes that combine the two do not stride across each other."""
+    if like.stride(1) == 1 and like.shape[1] > 1:
+        return torch.bmm(right.transpose(1, 2), left_t).transpose(1, 2)
+    return torch.bmm(left_t.transpose(1, 2), right)

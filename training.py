@@ -244,6 +244,21 @@ def collate_triplets(items):
     return torch.cat([images for images, _ in items]), [count for _, count in items]
 
 
+def batch_rows(triplets, batch):
+    """Whole-set rows of a batch's images as collate_triplets lays them out: each triplet's query, positive and
+    negatives, triplet after triplet."""
+    return [row for i in batch for row in (triplets[i][0], triplets[i][1], *triplets[i][2])]
+
+
+def triplet_batches(source, triplets, batches, opt):
+    """(images, negative counts) of each batch of `triplets`: on the trunk cache, its rows gathered by one index
+    operation per batch; on the images, decoded by the DataLoader's workers."""
+    if isinstance(source, trunk_cache.TrunkFeatures):
+        return ((source.rows(batch_rows(triplets, batch)), [len(triplets[i][2]) for i in batch]) for batch in batches)
+    return DataLoader(TripletImages(source, triplets), batch_sampler=batches, collate_fn=collate_triplets,
+                      **loading(opt))
+
+
 def triplet_indices(neg_counts):
     """Rows of the anchor, positive and negative of every triplet of a batch laid out as collate_triplets does."""
     anchor, positive, negative = [], [], []
@@ -440,12 +455,10 @@ def train_chunk(model, source, triplets, optimizer, opt, device, progress, write
         batches = [list(range(s, min(s + opt.batchSize, len(triplets)))) for s in range(0, len(triplets), opt.batchSize)]
         counts = [len(b) for b in batches]
     filled = [b for b in batches if b]
-    loader = DataLoader(TripletImages(source, triplets), batch_sampler=filled, collate_fn=collate_triplets,
-                        **loading(opt))
     model.train()
     losses = [0.0] * (len(batches) - len(filled) if opt.logged_loss == 'queries' else 0)
     filled_counts = [c for b, c in zip(batches, counts) if b]
-    for (images, neg_counts), count in zip(loader, filled_counts):
+    for (images, neg_counts), count in zip(triplet_batches(source, triplets, filled, opt), filled_counts):
         started = time.time()
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(opt.precision, device):

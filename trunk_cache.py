@@ -42,10 +42,18 @@ class TrunkFeatures(Dataset):
         return len(self.features)
 
     def __getitem__(self, index):
-        row = self.features[index]
-        if isinstance(row, np.ndarray):  # a row of the read-only memory map: read into a float32 copy
-            row = torch.from_numpy(np.array(row, dtype=np.float32))
-        return row.float(), index
+        return self.rows([index])[0], index
+
+    def __getitems__(self, indices):
+        """What a DataLoader fetches for a batch of indices: the items, their rows gathered at once (see rows)."""
+        return list(zip(self.rows(indices), indices))
+
+    def rows(self, indices):
+        """The cached rows `indices` as one float32 tensor [len(indices), C, h, w], gathered by one index operation
+        (from the memory map: read into a float32 copy)."""
+        if isinstance(self.features, np.ndarray):
+            return torch.from_numpy(np.asarray(self.features[np.asarray(indices)], dtype=np.float32))
+        return self.features[torch.as_tensor(indices)].float()
 
     def release(self):
         """Free the memory and delete the file, if any."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch.utils.data import DataLoader, Subset, default_collate
 
 import training
 import trunk_cache
@@ -175,3 +176,31 @@ def test_torchrun_two_processes_train_with_the_trunk_cache(imagenet_home, run_cl
     assert 'Trunk cache: output of the 10 frozen encoder layers' in (run / 'log.txt').read_text()
     checkpoint = torch.load(run / 'checkpoints' / 'checkpoint.pth.tar', weights_only=True)
     assert checkpoint['parallel'] is True and checkpoint['epoch'] == 1 and checkpoint['recalls']
+
+
+@pytest.mark.parametrize('storage', ['ram float32', 'ram float16', 'file float16'])
+def test_a_batch_gathers_exactly_the_rows_of_its_triplets_images(storage, tmp_path):
+    """The step's batch of cached rows (one index operation) and the refresh's (a DataLoader fetching a batch) equal
+    the rows read one image at a time, in the order collate_triplets lays a batch out."""
+    stored = np.random.default_rng(0).standard_normal((30, 4, 3, 5)).astype(np.float16 if 'float16' in storage
+                                                                             else np.float32)
+    if storage.startswith('file'):
+        np.save(tmp_path / 'cache.npy', stored)
+        source = trunk_cache.TrunkFeatures(np.load(tmp_path / 'cache.npy', mmap_mode='r'))
+    else:
+        source = trunk_cache.TrunkFeatures(torch.from_numpy(stored.copy()))
+    triplets = [(20, 3, [7, 1, 9]), (25, 3, [2]), (21, 0, [7, 8, 4, 5]), (29, 11, [6, 7])]
+    batches = [[0, 1], [2], [3, 0]]
+    one_at_a_time = {row: torch.from_numpy(stored[row].astype(np.float32)) for row in range(len(stored))}
+    gathered = list(training.triplet_batches(source, triplets, batches, None))
+    assert len(gathered) == len(batches)
+    for (images, neg_counts), batch in zip(gathered, batches):
+        rows = [row for i in batch for row in (triplets[i][0], triplets[i][1], *triplets[i][2])]
+        assert images.dtype == torch.float32 and torch.equal(images, torch.stack([one_at_a_time[r] for r in rows]))
+        assert neg_counts == [len(triplets[i][2]) for i in batch]
+        per_item = training.collate_triplets([training.TripletImages(source, triplets)[i] for i in batch])
+        assert torch.equal(per_item[0], images) and per_item[1] == neg_counts
+    refresh_rows = [28, 3, 3, 17, 0]
+    loader = DataLoader(Subset(source, refresh_rows), batch_size=4, collate_fn=default_collate)
+    refreshed = torch.cat([images for images, _ in loader])
+    assert torch.equal(refreshed, torch.stack([one_at_a_time[r] for r in refresh_rows]))
