@@ -106,26 +106,29 @@ def decode_batch(items, resize, device):
     return torch.stack(images)
 
 
-def image_list_of(dataset):
-    """(ImageList, indices into it or None) of a dataset that is an ImageList or a Subset (of a Subset ...) of
-    one; (None, None) otherwise."""
+def base_of(dataset):
+    """(the dataset under any Subsets of it, the indices into it that they select, or None for all)."""
     if isinstance(dataset, data.Subset):
-        base, indices = image_list_of(dataset.dataset)
-        if base is None:
-            return None, None
+        base, indices = base_of(dataset.dataset)
         return base, [int(i) if indices is None else indices[int(i)] for i in dataset.indices]
-    return (dataset, None) if isinstance(dataset, ImageList) else (None, None)
+    return dataset, None
 
 
 def image_batches(dataset, opt, batch_size, device):
-    """(loader, on_device) of an image dataset: the DataLoader (batches of --cacheBatchSize, --threads workers)
-    and the function that turns one of its batches into (images [B, 3, H, W] on `device`, indices). On CUDA the JPEGs of an ImageList are decoded on the card (see the module's docstring)."""
-    images, indices = image_list_of(dataset)
-    if device.type != 'cuda' or images is None:
+    """(loader, on_device) of an image dataset: the batches (of --cacheBatchSize, decoded by --threads DataLoader
+    workers) and the function that turns one of them into (images [B, 3, H, W] on `device`, indices). On CUDA the
+    JPEGs of an ImageList are decoded on the card (see the module's docstring). A dataset that gathers its own rows
+    (the trunk cache: `rows(indices)`) hands out each batch by one index operation, on the device it lives on."""
+    base, indices = base_of(dataset)
+    if hasattr(base, 'rows'):
+        order = list(range(len(base))) if indices is None else indices
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        return chunks, lambda rows: (base.rows(rows).to(device, non_blocking=True), torch.tensor(rows))
+    if device.type != 'cuda' or not isinstance(base, ImageList):
         def on_device(batch):
             return batch[0].to(device, non_blocking=True), batch[1]
         return image_loader(dataset, opt, batch_size), on_device
-    encoded = EncodedImages(images)
+    encoded = EncodedImages(base)
     encoded = encoded if indices is None else data.Subset(encoded, indices)
     loader = image_loader(encoded, opt, batch_size, collate_fn=listed)
-    return loader, lambda batch: (decode_batch(batch[0], images.resize, device), batch[1])
+    return loader, lambda batch: (decode_batch(batch[0], base.resize, device), batch[1])

@@ -458,8 +458,8 @@ def train_chunk(model, source, triplets, optimizer, opt, device, progress, write
     model.train()
     losses = [0.0] * (len(batches) - len(filled) if opt.logged_loss == 'queries' else 0)
     filled_counts = [c for b, c in zip(batches, counts) if b]
+    logged, first_step, started = [], step, [time.time()]
     for (images, neg_counts), count in zip(triplet_batches(source, triplets, filled, opt), filled_counts):
-        started = time.time()
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(opt.precision, device):
             descriptors = model(images)
@@ -468,22 +468,38 @@ def train_chunk(model, source, triplets, optimizer, opt, device, progress, write
         loss.backward()
         optimizer.step()
         step += 1
-        losses.append(logged_loss(loss, descriptors, neg_counts, count, opt))
+        logged.append((logged_loss(loss, descriptors, neg_counts, count, opt), len(images), neg_counts))
         progress.update(len(neg_counts))
-        progress.set_postfix(loss=f'{losses[-1]:.4f}')
-        if writer is not None:
-            writer.add_scalar('Train/Loss', losses[-1], step)
-            writer.add_scalar('Train/nNeg', sum(neg_counts) / len(neg_counts), step)
-            writer.add_scalar('Train/images_per_s', len(images) / (time.time() - started), step)
+        started.append(time.time())
+    losses += log_steps(logged, first_step, started, progress, writer)
     return step, losses
 
 
 def logged_loss(loss, descriptors, neg_counts, count, opt):
-    """--logged_loss: the minimised loss, or the mean over the batch's `count` queries of their summed loss."""
+    """(the loss --logged_loss logs, as a tensor, and what its value is divided by): the minimised loss, or the sum
+    over the batch of its queries' losses, divided by the batch's `count` queries. Kept as a tensor, the value is
+    read once per chunk (log_steps), so that a CUDA step never waits for the host."""
     if opt.logged_loss == 'batch':
-        return loss.item()
+        return loss.detach(), 1
     with torch.no_grad():
-        return triplet_terms(descriptors.float(), neg_counts, opt.margin, opt.loss).sum().item() / count
+        return triplet_terms(descriptors.float(), neg_counts, opt.margin, opt.loss).sum(), count
+
+
+def log_steps(logged, first_step, started, progress, writer):
+    """The logged losses of a chunk's steps (read from the device at once), shown on the progress bar and written
+    to TensorBoard with each step's negatives and images/s (started: the time each step began, and the end)."""
+    if not logged:
+        return []
+    values = torch.stack([value for (value, _), _, _ in logged]).tolist()
+    losses = [value / divisor for value, ((_, divisor), _, _) in zip(values, logged)]
+    progress.set_postfix(loss=f'{losses[-1]:.4f}')
+    if writer is not None:
+        for step, (loss, (_, images, neg_counts)) in enumerate(zip(losses, logged), first_step + 1):
+            seconds = started[step - first_step] - started[step - first_step - 1]
+            writer.add_scalar('Train/Loss', loss, step)
+            writer.add_scalar('Train/nNeg', sum(neg_counts) / len(neg_counts), step)
+            writer.add_scalar('Train/images_per_s', images / seconds, step)
+    return losses
 
 
 def train_epoch(model, data, source, optimizer, hard_negatives, opt, device, epoch, num_epochs, rank_world, writer,

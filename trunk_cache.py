@@ -5,11 +5,13 @@ output for a training image is the same at every descriptor-cache refresh and in
 it once for every image of the training split (database and queries), then refreshes the descriptor cache and
 trains through the trainable layers only: no image is decoded again during that fit.
 
-Where it is kept: in RAM when it fits RAM_FRACTION of the memory available (MemAvailable, shared among the ranks of
-one machine), otherwise in <run folder>/trunk_cache_rank<r>.npy, read back as a memory map and deleted when fit
-ends (a killed run leaves it; resuming recomputes and replaces it, so a file is never trusted across processes).
---trunk_cache_dtype auto keeps float32 when float32 fits in RAM (descriptors, mining and losses then equal the
-uncached run's up to float rounding), and float16 otherwise (half the bytes, about 1e-3 relative error on the
+Where it is kept: in a CUDA run on the card when it fits GPU_FRACTION of the card's free memory (each batch's rows
+are then gathered there, and nothing crosses the bus during training); otherwise in RAM when it fits RAM_FRACTION of
+the memory available (MemAvailable, shared among the ranks of one machine); otherwise in
+<run folder>/trunk_cache_rank<r>.npy, read back as a memory map and deleted when fit ends (a killed run leaves it;
+resuming recomputes and replaces it, so a file is never trusted across processes). --trunk_cache_dtype auto keeps
+float32 where float32 fits (descriptors, mining and losses then equal the uncached run's up to float rounding), and
+float16 otherwise (half the bytes, about 1e-3 relative error on the
 features, which can change a close mining decision); float16 / float32 force one.
 Under torchrun every rank computes the whole cache: its share of the triplets may use any image.
 """
@@ -23,10 +25,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from images import image_loader, sizes_vary_from
+from gpu_decode import image_batches
+from images import sizes_vary_from
 from retrieval import autocast
 
 RAM_FRACTION = 0.5  # of MemAvailable: the rest stays for the model, the loaders and the other processes
+GPU_FRACTION = 0.6  # of the card's free memory: the rest for the trainable layers' activations and gradients
 DTYPES = {'float16': np.float16, 'float32': np.float32}
 
 
@@ -44,16 +48,12 @@ class TrunkFeatures(Dataset):
     def __getitem__(self, index):
         return self.rows([index])[0], index
 
-    def __getitems__(self, indices):
-        """What a DataLoader fetches for a batch of indices: the items, their rows gathered at once (see rows)."""
-        return list(zip(self.rows(indices), indices))
-
     def rows(self, indices):
         """The cached rows `indices` as one float32 tensor [len(indices), C, h, w], gathered by one index operation
         (from the memory map: read into a float32 copy)."""
         if isinstance(self.features, np.ndarray):
             return torch.from_numpy(np.asarray(self.features[np.asarray(indices)], dtype=np.float32))
-        return self.features[torch.as_tensor(indices)].float()
+        return self.features[torch.as_tensor(indices, device=self.features.device)].float()
 
     def release(self):
         """Free the memory and delete the file, if any."""
@@ -105,13 +105,24 @@ def available_memory():
     return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
-def storage(num_values, requested, local_world):
-    """(numpy dtype, in RAM?) of a cache of num_values values under --trunk_cache_dtype `requested`."""
-    budget = RAM_FRACTION * available_memory() / local_world
+def storage(num_values, requested, local_world, device=torch.device('cpu')):
+    """(numpy dtype, where: 'cuda', 'ram' or 'disk') of a cache of num_values values under --trunk_cache_dtype
+    `requested`: on the card when it fits GPU_FRACTION of its free memory (CUDA runs), else in RAM when it fits
+    RAM_FRACTION of the available memory, else in a file; auto is float32 where float32 fits, else float16."""
+    budgets = [('ram', RAM_FRACTION * available_memory() / local_world)]
+    if device.type == 'cuda':
+        budgets.insert(0, ('cuda', GPU_FRACTION * torch.cuda.mem_get_info(device)[0]))
+    for where, budget in budgets:
+        dtype = cache_dtype(requested, num_values, budget)
+        if num_values * np.dtype(dtype).itemsize <= budget:
+            return dtype, where
+    return cache_dtype(requested, num_values, budgets[-1][1]), 'disk'
+
+
+def cache_dtype(requested, num_values, budget):
     if requested == 'auto':
         requested = 'float32' if 4 * num_values <= budget else 'float16'
-    dtype = DTYPES[requested]
-    return dtype, num_values * np.dtype(dtype).itemsize <= budget
+    return DTYPES[requested]
 
 
 def trunk_shape(model, dataset, opt, device):
@@ -120,9 +131,10 @@ def trunk_shape(model, dataset, opt, device):
         return tuple(model.frozen_trunk(dataset[0][0][None].to(device)).shape[1:])
 
 
-def allocate(shape, dtype, in_ram, run_dir, rank):
-    if in_ram:
-        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name)), None
+def allocate(shape, dtype, where, run_dir, rank, device):
+    if where != 'disk':
+        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name),
+                           device=device if where == 'cuda' else 'cpu'), None
     os.makedirs(run_dir, exist_ok=True)  # a rank on another machine may not have the run folder
     path = os.path.join(run_dir, f'trunk_cache_rank{rank}.npy')
     return np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape), path
@@ -131,18 +143,22 @@ def allocate(shape, dtype, in_ram, run_dir, rank):
 def compute(model, whole, opt, device, run_dir, rank=0, local_world=1):
     """The trunk output of every image of `whole` (a TrunkFeatures), computed in one pass of the images."""
     shape = (len(whole), *trunk_shape(model, whole, opt, device))
-    dtype, in_ram = storage(int(np.prod(shape)), opt.trunk_cache_dtype, local_world)
-    features, path = allocate(shape, dtype, in_ram, run_dir, rank)
+    dtype, where = storage(int(np.prod(shape)), opt.trunk_cache_dtype, local_world, device)
+    features, path = allocate(shape, dtype, where, run_dir, rank, device)
     logging.info('Trunk cache: output of the %d frozen encoder layers for %d training images, %s each, %s, %.2f GB '
                  '%s', model.frozen_layers, len(whole), 'x'.join(map(str, shape[1:])), np.dtype(dtype).name,
-                 features.nbytes / 1e9, 'in RAM' if in_ram else f'on disk ({path})')
+                 features.nbytes / 1e9, {'cuda': 'on the card', 'ram': 'in RAM'}.get(where, f'on disk ({path})'))
     model.eval()
     start = 0
+    loader, on_device = image_batches(whole, opt, opt.cacheBatchSize, device)
     with torch.inference_mode(), autocast(opt.precision, device):
-        for images, _ in tqdm(image_loader(whole, opt, opt.cacheBatchSize), desc='trunk cache', unit='batch'):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            trunk = model.frozen_trunk(images).float().cpu().contiguous()
-            features[start:start + len(images)] = trunk.to(features.dtype) if in_ram else trunk.numpy()
+        for batch in tqdm(loader, desc='trunk cache', unit='batch'):
+            images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
+            trunk = model.frozen_trunk(images).float()
+            if path is None:
+                features[start:start + len(images)] = trunk.to(features.device, features.dtype)
+            else:
+                features[start:start + len(images)] = trunk.cpu().numpy()
             start += len(images)
     if path is not None:
         features.flush()

@@ -68,9 +68,9 @@ def test_a_subset_of_a_subset_reads_the_right_images(tiny_data):
     split = load_dataset(main.parse_options(['--mode=test', f'--dataPath={tiny_data}', '--split=test']), 'test')
     assert isinstance(split, SplitImages)
     inner = torch.utils.data.Subset(split, [5, 9, 2, 40])
-    base, indices = gpu_decode.image_list_of(torch.utils.data.Subset(inner, [3, 0]))
+    base, indices = gpu_decode.base_of(torch.utils.data.Subset(inner, [3, 0]))
     assert base is split and indices == [40, 5]
-    assert gpu_decode.image_list_of(torch.utils.data.TensorDataset(torch.zeros(2))) == (None, None)
+    assert gpu_decode.base_of(split) == (split, None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='nvjpeg needs a CUDA device')

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data import Subset
 
+import gpu_decode
 import training
 import trunk_cache
 from helpers import free_port
@@ -200,7 +201,12 @@ def test_a_batch_gathers_exactly_the_rows_of_its_triplets_images(storage, tmp_pa
         assert neg_counts == [len(triplets[i][2]) for i in batch]
         per_item = training.collate_triplets([training.TripletImages(source, triplets)[i] for i in batch])
         assert torch.equal(per_item[0], images) and per_item[1] == neg_counts
-    refresh_rows = [28, 3, 3, 17, 0]
-    loader = DataLoader(Subset(source, refresh_rows), batch_size=4, collate_fn=default_collate)
-    refreshed = torch.cat([images for images, _ in loader])
-    assert torch.equal(refreshed, torch.stack([one_at_a_time[r] for r in refresh_rows]))
+    refresh_rows = [28, 3, 3, 17, 0, 12]
+    loader, on_device = gpu_decode.image_batches(Subset(Subset(source, list(range(30))[::-1]), [29 - r for r in
+                                                                                               refresh_rows]),
+                                                 None, 4, torch.device('cpu'))
+    refreshed = [on_device(batch) for batch in loader]
+    assert [len(images) for images, _ in refreshed] == [4, 2]
+    assert torch.equal(torch.cat([images for images, _ in refreshed]),
+                       torch.stack([one_at_a_time[r] for r in refresh_rows]))
+    assert torch.cat([rows for _, rows in refreshed]).tolist() == refresh_rows
