@@ -24,12 +24,13 @@ from runs import holds_something, load_model
 # Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
 DEMO_SIZES = {
     'default': dict(synth_db=300, synth_queries=150, synth_imsize='120x160', nEpochs=3, finetune_epochs=1,
-                    qat_epochs=1, calib_images=128, latency_size='480x640', pca_dim=256, patch_size=3),
+                    qat_epochs=1, calib_images=128, latency_size='480x640', pca_dim=256, rerank_size='240x320'),
     'tiny': dict(synth_db=30, synth_queries=16, synth_imsize='64x80', nEpochs=1, finetune_epochs=1,
-                 qat_epochs=1, calib_images=8, latency_size='64x80', pca_dim=32, patch_size=2),
+                 qat_epochs=1, calib_images=8, latency_size='64x80', pca_dim=32, rerank_size='128x160'),
 }
-# Patch-NetVLAD's speed config re-ranks the whitened run, with patches of patch_size cells: its 5x5 patches are
-# sized for 480x640 images (VGG16's 30x40 feature map); the demo's images give AlexNet a 6x9 map (3x4 when tiny).
+# Patch-NetVLAD's speed config re-ranks the whitened run on images loaded at rerank_size: its 5x5 patches need a
+# feature map of about 14x19 cells or more (480x640 gives VGG16 30x40), and the demo's images give AlexNet 6x9, where
+# a few coarse patches of its repeating facades match wrong places as often as the right one.
 # The user's train command is Adam at 1e-4 and trains conv5 of an ImageNet-initialised encoder; the demo
 # trains every layer of a random one (--fromscratch), where 1e-4 overshoots (docs/training.md, the demo's
 # learning rate).
@@ -93,7 +94,7 @@ def stage_commands(opt, size):
          f'--qat_epochs={size["qat_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
         ['--mode=pca', f'--pca_dim={size["pca_dim"]}'] + common + evaluate + resume,
         ['--mode=test', '--rerank=patch', '--rerank_config=speed', f'--num_pcs={size["pca_dim"]}',
-         f'--patch_sizes={size["patch_size"]}'] + common + evaluate + ['--resume', f'{run}_pca{size["pca_dim"]}'],
+         f'--resize={size["rerank_size"]}'] + common + evaluate + ['--resume', f'{run}_pca{size["pca_dim"]}'],
     ], run
 
 

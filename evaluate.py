@@ -136,7 +136,9 @@ def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', t
         result = dict(search_and_recall(descriptors, dataset.db_struct.numDb, dataset.positives(), settings,
                                         dataset.db_struct, reranker, top), extraction_s=None, images_per_s=None)
     if rerank is not None:
-        result['rerank'] = summary
+        result['rerank'] = dict(summary, global_recalls=result.pop('global_recalls'))
+        logging.info('Recall@N of the global search before re-ranking: %s',
+                     ', '.join(f'R@{n} {r:.4f}' for n, r in result['rerank']['global_recalls'].items()))
         logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query '
                      '(patch extraction %.0f, reading %.0f, matching %.0f); the store of %d database images in %s',
                      summary['candidates'], rerank.name, rerank.matcher, 1000 * summary['seconds_per_query'],

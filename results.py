@@ -43,9 +43,11 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
 
 
 def rerank_record(summary):
-    """What the results file keeps of a Patch-NetVLAD re-ranking: its settings, and its time per query (the query's
+    """What the results file keeps of a Patch-NetVLAD re-ranking: its settings, the global search's Recall@N before
+    it, and its time per query (the query's
     patch extraction, reading and matching its candidates), in process CPU time on the torch threads it ran with."""
-    kept = ('config', 'patch_sizes', 'strides', 'patch_weights', 'num_pcs', 'matcher', 'candidates')
+    kept = ('config', 'patch_sizes', 'strides', 'patch_weights', 'num_pcs', 'matcher', 'candidates',
+            'global_recalls')
     return dict({key: summary[key] for key in kept}, ms_per_query=1000 * summary['seconds_per_query'],
                 clock=LATENCY_CLOCK, threads=torch.get_num_threads())
 

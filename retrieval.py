@@ -318,7 +318,7 @@ def search_and_recall(whole, num_db, positives, opt, protocol=None, rerank=None,
     scored) apply; None: plain ranking, every query scored. rerank: a function that re-orders each query's first
     rerank_top candidates ([Q, rerank_top] database ids -> the same ids in a new order) before Recall@N. Returns
     recalls, curve, descriptor_dim, search_s, queries_scored, predictions and distances (descriptor L2, [numQ,
-    max(25, --save_predictions, rerank_top)]); with --index ivfpq|hnsw also `index`, and with --compare_exact the
+    max(25, --save_predictions, rerank_top)]), with a re-ranking also the global search's own global_recalls; with --index ivfpq|hnsw also `index`, and with --compare_exact the
     exact search's `exact` recalls and time beside them.
     """
     db_desc, query_desc = rows_of(whole, 0, num_db), rows_of(whole, num_db, len(whole))
@@ -337,12 +337,14 @@ def search_and_recall(whole, num_db, positives, opt, protocol=None, rerank=None,
         del built
     dist, predictions = apply_ranking_rules(dist, predictions, protocol, kept)
     search_s = time.time() - started
+    before = {}
     if rerank is not None:
+        before = dict(global_recalls=recalls_of(scored_recall_curve(predictions, positives, scored)))
         dist, predictions = reorder_first(dist, predictions, rerank(predictions[:, :rerank_top]))
     curve = scored_recall_curve(predictions, positives, scored)
     result = dict(recalls=recalls_of(curve), curve=curve.tolist(), descriptor_dim=int(whole.shape[1]),
                   search_s=search_s, queries_scored=len(scored), predictions=predictions,
-                  distances=np.sqrt(np.maximum(dist, 0)))
+                  distances=np.sqrt(np.maximum(dist, 0)), **before)
     if index != 'flat':
         result.update(index=index, index_build_s=build_s)  # search_s includes the build
         logging.info('%s index built in %.1f s, queries searched in %.1f s', index, build_s,

@@ -417,6 +417,7 @@ def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whiten
     record = [json.loads(line) for line in open(tmp_path / 'results.jsonl')][-1]
     assert record['variant'].endswith('+ patch re-ranking (speed_p5_s1_d16)')
     assert record['rerank']['candidates'] == 10 and record['rerank']['ms_per_query'] > 0
+    assert record['rerank']['global_recalls'] == {str(n): r for n, r in plain['recalls'].items()}
 
 
 def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli):
