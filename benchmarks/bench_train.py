@@ -122,6 +122,37 @@ def run_arm(arm, args):
                           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 
 
+def parsed_arm_args(parser, prefix):
+    """The benchmark's arguments with the hidden --arm (one arm, run in its own process) and --workdir (default: a
+    new temporary folder named `prefix`...), whose torch_home becomes $TORCH_HOME."""
+    parser.add_argument('--arm', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    os.environ['TORCH_HOME'] = os.path.join(args.workdir, 'torch_home')
+    return args
+
+
+def prepare_workdir(workdir, arch, db, queries):
+    """The stand-in ImageNet weights of `arch` in $TORCH_HOME and the generated dataset (db / queries of val and
+    test, twice that in train, 240x320) in workdir/data, made once."""
+    save_stand_in(os.environ['TORCH_HOME'], arch)
+    data = os.path.join(workdir, 'data')
+    if not synthetic.dataset_ready(data):
+        synthetic.generate(data, db, queries, (240, 320), seed=123)
+
+
+def run_arms(script, argv, arms):
+    """{arm: its result} of each arm run as `script argv --arm ARM` in a process of its own (its last stdout line,
+    JSON; stderr shows its progress)."""
+    results = {}
+    for arm in arms:
+        out = subprocess.run([sys.executable, script, *argv, '--arm', arm], stdout=subprocess.PIPE, text=True,
+                             check=True).stdout
+        results[arm] = json.loads(out.strip().splitlines()[-1])
+        print(results[arm], flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--arch', default='alexnet', choices=sorted(STAND_IN_FILES))
@@ -132,23 +163,12 @@ def main():
     parser.add_argument('--arms', default=','.join(ARMS))
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'], help='Where every arm trains.')
     parser.add_argument('--threads', type=int, default=2, help='--threads (DataLoader workers) of every arm.')
-    parser.add_argument('--arm', default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix='bench_train_')
-    os.environ['TORCH_HOME'] = os.path.join(args.workdir, 'torch_home')
+    args = parsed_arm_args(parser, 'bench_train_')
     if args.arm:
         return run_arm(args.arm, args)
-    save_stand_in(os.environ['TORCH_HOME'], args.arch)
-    data = os.path.join(args.workdir, 'data')
-    if not synthetic.dataset_ready(data):
-        synthetic.generate(data, args.db, args.queries, (240, 320), seed=123)
+    prepare_workdir(args.workdir, args.arch, args.db, args.queries)
     cli.main(['--mode=cluster', *flags(args)])
-    results = {}
-    for arm in args.arms.split(','):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--workdir', args.workdir, '--arm', arm],
-                             stdout=subprocess.PIPE, text=True, check=True).stdout  # stderr: the arm's progress
-        results[arm] = json.loads(out.strip().splitlines()[-1])
-        print(results[arm], flush=True)
+    results = run_arms(__file__, [*sys.argv[1:], '--workdir', args.workdir], args.arms.split(','))
     for arm, r in results.items():
         print(f'{args.arch} {arm:15s} trunk pass {r["trunk_s"]:6.1f} s  epoch {r["epoch_s"]:7.1f} s  '
               f'val R@1 {r["recalls"]["1"]:.3f}  R@5 {r["recalls"]["5"]:.3f}  peak RSS {r["peak_rss_mib"]:.0f} MiB')

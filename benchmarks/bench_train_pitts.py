@@ -22,9 +22,7 @@ Usage: python benchmarks/bench_train_pitts.py [--workdir DIR] [--arms cached,unc
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -33,9 +31,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import main as cli  # noqa: E402
-import synthetic  # noqa: E402
 import training  # noqa: E402
-from bench_train import save_stand_in  # noqa: E402
+from bench_train import parsed_arm_args, prepare_workdir, run_arms  # noqa: E402
 from centroids import centroids_path, initialised_model  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from retrieval import evaluate  # noqa: E402
@@ -177,24 +174,13 @@ def main():
     parser.add_argument('--workdir', default=None)
     parser.add_argument('--arms', default=','.join(ARMS))
     parser.add_argument('--epochs', type=int, default=30, help='Epochs of the whole run (the reference nEpochs).')
-    parser.add_argument('--arm', default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix='bench_train_pitts_')
-    os.environ['TORCH_HOME'] = os.path.join(args.workdir, 'torch_home')
+    args = parsed_arm_args(parser, 'bench_train_pitts_')
     if args.arm:
         return run_arm(args.arm, args)
-    save_stand_in(os.environ['TORCH_HOME'], 'alexnet')
-    data = os.path.join(args.workdir, 'data')
-    if not synthetic.dataset_ready(data):
-        synthetic.generate(data, SHAPE['db'], SHAPE['queries'], (240, 320), seed=123)
+    prepare_workdir(args.workdir, 'alexnet', SHAPE['db'], SHAPE['queries'])
     if not os.path.isfile(centroids_path(cli.parse_options(['--mode=cluster', *flags(args.workdir)]))):
         cli.main(['--mode=cluster', *flags(args.workdir)])
-    results = {}
-    for arm in args.arms.split(','):
-        out = subprocess.run([sys.executable, __file__, '--workdir', args.workdir, '--arm', arm],
-                             stdout=subprocess.PIPE, text=True, check=True).stdout  # stderr: the arm's progress
-        results[arm] = json.loads(out.strip().splitlines()[-1])
-    report(results, args.epochs)
+    report(run_arms(__file__, ['--workdir', args.workdir], args.arms.split(',')), args.epochs)
 
 
 if __name__ == '__main__':
