@@ -63,9 +63,10 @@ def upright(pixels, orientation):
     return turns[orientation](pixels) if orientation in turns else pixels
 
 
-def prepared(pixels, item, resize):
+def prepared(pixels, item, resize, mean, std):
     """Decoded RGB pixels [3, H, W] (uint8, on the device) as load_image's tensor: upright, resized to (height,
-    width) `resize` (None: as they are), scaled to 0-1 and normalised with the ImageNet mean and std."""
+    width) `resize` (None: as they are), scaled to 0-1 and normalised with the ImageNet mean and std ([3, 1, 1] on
+    the device)."""
     image = upright(pixels, item.orientation).float().div_(255)
     size = (image.shape[2], image.shape[1])
     loaded = size if resize is None else (resize[1], resize[0])
@@ -73,8 +74,6 @@ def prepared(pixels, item, resize):
     if resize is not None:
         image = F.interpolate(image[None], size=tuple(resize), mode='bilinear', antialias=True,
                               align_corners=False)[0]
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
     return image.sub_(mean).div_(std)
 
 
@@ -99,9 +98,11 @@ def decode_batch(items, resize, device):
     """A batch of EncodedImages items as normalised images [B, 3, H, W] on `device`."""
     jpegs = [i for i, item in enumerate(items) if isinstance(item, EncodedImage)]
     images = [None if isinstance(item, EncodedImage) else item.to(device, non_blocking=True) for item in items]
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]  # once per batch: each is a host-to-device copy
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     for i, pixels in zip(jpegs, decode([items[i].data for i in jpegs], device) if jpegs else []):
         images[i] = (load_image(items[i].path, resize).to(device) if pixels is None else
-                     prepared(pixels, items[i], resize))
+                     prepared(pixels, items[i], resize, mean, std))
     check_one_size({tuple(image.shape[1:]) for image in images})
     return torch.stack(images)
 

@@ -464,3 +464,22 @@ def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, cluste
     assert run_cli(['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', h5, '--nocuda',
                     '--rerank', 'patch']) == 2
     assert 'give --image_dir' in capsys.readouterr().err
+
+
+def test_rerank_on_the_default_imagenet_path(imagenet_home, tiny_copy, run_cli, tmp_path):
+    """The default path end to end: the ImageNet-initialised AlexNet (the stand-in weights), clustered, whitened by
+    --mode=pca, then test mode re-ranks each query's top 10: the re-ranked lists are the global lists re-ordered,
+    and the global recall the record keeps is that of the same run without re-ranking."""
+    common = ['--arch=alexnet', '--num_clusters=8', f'--dataPath={tiny_copy}', '--runsPath', tmp_path, *FAST]
+    assert run_cli(['--mode=cluster', *common]) == 0
+    assert run_cli(['--mode=pca', '--pca_dim=16', *common]) == 0
+    run = tmp_path / 'alexnet_offtheshelf_pca16'
+    test = ['--mode=test', f'--resume={run}', '--resize=128x160', *common]
+    plain = main.run(main.parse_options([str(a) for a in test]))
+    reranked = main.run(main.parse_options([str(a) for a in test] + ['--rerank', 'patch', '--rerank_config',
+                                                                     'speed', '--num_pcs', '16', '--rerank_top',
+                                                                     '10']))
+    assert [sorted(row) for row in reranked['predictions'][:, :10].tolist()] == \
+        [sorted(row) for row in plain['predictions'][:, :10].tolist()]
+    assert reranked['rerank']['global_recalls'] == plain['recalls']
+    assert (run / 'patch_features' / 'test' / 'patch-feats-netvlad-speed_p5_s1_d16.h5').is_file()
