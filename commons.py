@@ -31,6 +31,11 @@ def error_summary(error):
     return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
 
 
+def plural(count, noun, nouns=None):
+    """'1 query', '2 queries': a count with its noun (nouns: the plural when it is not noun + 's')."""
+    return f'{count} {noun if count == 1 else nouns or noun + "s"}'
+
+
 def parse_size(text):
     try:
         height, width = (int(v) for v in text.lower().split('x'))
@@ -99,6 +104,7 @@ def atomic_write(path, write, mode='wb'):
     os.makedirs(folder, exist_ok=True)
     descriptor, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
+        os.fchmod(descriptor, new_file_mode())  # mkstemp's file is private (0600); the result is not
         with os.fdopen(descriptor, mode) as f:
             write(f)
             f.flush()
@@ -110,6 +116,14 @@ def atomic_write(path, write, mode='wb'):
         raise_if_disk_full(error, path)
         raise
     fsync_folder(folder)
+
+
+def new_file_mode():
+    """The mode open() gives a new file: 0o666 less the process's umask (a run folder shared by a lab, or read by
+    hloc under another account, needs its files readable as the user's umask says)."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_output_path(path, folder=False, flag=None):

@@ -5,8 +5,10 @@ descriptors (extract_part), and `--descriptors PART...` merges the parts and sea
 """
 import argparse
 import csv
+import hashlib
 import logging
 import os
+import shlex
 import time
 
 import numpy as np
@@ -21,10 +23,10 @@ from folder_dataset import evaluation_name, two_folders
 from global_features import extraction_settings
 from msls import write_predictions
 from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags, add_rerank_flags
-from patch_netvlad import flags_config, patch_projection, rerank_candidates
+from patch_netvlad import check_first_image, flags_config, patch_projection, rerank_candidates
 from results import record_result
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
-from runs import load_model, place_model
+from runs import load_model, place_model, stored_flags
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 STORE_FOLDER = 'patch_features'  # RUN/patch_features/<split>: the database's Patch-NetVLAD store of --rerank patch
@@ -70,12 +72,11 @@ def extract_part(model, dataset, opt, device, rank, world):
     extract_descriptors(model, Subset(dataset, range(start, stop)), opt, device,
                         f'{opt.split} part {rank}/{world}', path=partial)
     os.replace(partial, path)  # a killed process leaves no file that looks complete
+    prefix, suffix = os.path.join(opt.cachePath, part_name(opt.split, model.output_dim, 0, world)).split('part000')
     logging.info('====> Part %d of %d: descriptors of images %d..%d of %d written to %s in %.1f s. When all %d '
-                 'parts are written, search them with: python main.py --mode=test --split=%s --resume=%s '
-                 '--descriptors %s', rank, world, start, stop, len(dataset), path, time.time() - started, world,
-                 opt.split, opt.resume or '(none)',
-                 os.path.join(opt.cachePath, part_name(opt.split, model.output_dim, 0, world).replace(
-                     'part000', 'part*')))
+                 'parts are written, search them in one process (without torchrun) with: %s --descriptors %spart*%s',
+                 rank, world, start, stop, len(dataset), path, time.time() - started, world, opt.command,
+                 shlex.quote(prefix), shlex.quote(suffix))
     return dict(part=path, rows=[start, stop], world=world)
 
 
@@ -100,18 +101,47 @@ def test(opt):
                          opt.compare_exact, opt.desc_dtype, opt.cachePath, opt.save_predictions, parts, rerank,
                          opt.output_features_dir or os.path.join(run_dir, STORE_FOLDER, split), run_dir)
     predictions, distances = result.pop('predictions'), result.pop('distances')
+    stem = result_stem(opt, split, rerank, run_dir)
     if opt.save_predictions:
-        save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, split,
+        save_predictions(dataset, predictions, distances, opt.save_predictions, run_dir, stem,
                          picture=not opt.descriptors)
     if opt.dataset == 'msls' and not opt.database_folder:
-        save_msls_predictions(dataset, predictions, run_dir, split)
-    result.update(split=split, dataset=named.dataset, run=run_dir, precision=opt.precision, device=str(device))
-    path = os.path.join(run_dir, f'test_{split}.json' if rerank is None else f'test_{split}_rerank_{rerank.name}.json')
+        save_msls_predictions(dataset, predictions, run_dir, stem)
+    result.update(split=split, dataset=named.dataset, dataPath=opt.dataPath, run=run_dir, precision=opt.precision,
+                  device=str(device))
+    path = os.path.join(run_dir, f'test_{stem}.json')
     atomic_write_json(result, path)
     record_result(named, model, checkpoint, run_dir, result)
     logging.info('Tested %d images%s; results in %s', len(dataset),
                  f' at {result["images_per_s"]:.1f} images/s' if result['images_per_s'] else '', path)
     return dict(result, predictions=predictions)
+
+
+def result_stem(opt, split, rerank, run_dir):
+    """What names a test's files in the run folder (test_<stem>.json, predictions_<stem>.csv): the split, then,
+    where they are not the run's own, the dataset (named by its data folder), the approximate index and the
+    re-ranking config, so that no evaluation replaces the file of another. The run's own dataset (its flags.json's)
+    searched exactly keeps the plain test_<split>.json that users' scripts read. A run without flags.json
+    (off-the-shelf, imported) records no data folder: there only a dataset other than pittsburgh is named."""
+    stored = stored_flags(run_dir)
+    where = data_location(opt)
+    other = where != data_location(argparse.Namespace(**stored)) if 'dataset' in stored else \
+        opt.dataset != 'pittsburgh'
+    parts = [split]
+    if other and not two_folders(opt):  # two folders: the split's name holds theirs
+        folder = os.path.basename(os.path.abspath(opt.dataPath))
+        parts.append(f'{opt.dataset}-{folder}-{hashlib.sha1(repr(where).encode()).hexdigest()[:6]}')
+    if opt.index != 'flat':
+        parts.append(opt.index)
+    if rerank is not None:
+        parts += ['rerank', rerank.name]
+    return '_'.join(parts)
+
+
+def data_location(flags):
+    """(dataset, absolute data folder, absolute images folder) of a dataset's flags."""
+    return (flags.dataset, *(os.path.abspath(path) if path else None
+                             for path in (flags.dataPath, getattr(flags, 'imagesPath', None))))
 
 
 def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', threads=0, index='flat',
@@ -156,6 +186,7 @@ def patch_reranker(model, dataset, config, store_dir, device, settings, run):
     patch_projection(model, config.pca_dim)  # a run that cannot give patch descriptors stops before any work
     num_db = dataset.db_struct.numDb
     database, queries = Subset(dataset, range(num_db)), Subset(dataset, range(num_db, len(dataset)))
+    check_first_image(model, database, config, device)  # patches that cannot be placed stop before the extraction
     summary = {}
 
     def rerank(candidates):
@@ -167,11 +198,11 @@ def patch_reranker(model, dataset, config, store_dir, device, settings, run):
     return rerank, summary
 
 
-def save_predictions(dataset, predictions, distances, top_n, run_dir, split, picture=True):
-    """<run>/predictions_<split>.csv (each query's top_n database images, descriptor distance, metres) and, unless
-    picture=False (no images at hand: --descriptors), .png."""
+def save_predictions(dataset, predictions, distances, top_n, run_dir, stem, picture=True):
+    """<run>/predictions_<stem>.csv (stem: result_stem; each query's top_n database images, descriptor distance,
+    metres) and, unless picture=False (no images at hand: --descriptors), .png."""
     struct = dataset.db_struct
-    path = os.path.join(run_dir, f'predictions_{split}.csv')
+    path = os.path.join(run_dir, f'predictions_{stem}.csv')
 
     def write(f):
         writer = csv.writer(f)
@@ -186,17 +217,17 @@ def save_predictions(dataset, predictions, distances, top_n, run_dir, split, pic
     atomic_write(path, write, mode='w')
     logging.info('Top-%d predictions of every query in %s', top_n, path)
     if picture:
-        picture_path = os.path.join(run_dir, f'predictions_{split}.png')
+        picture_path = os.path.join(run_dir, f'predictions_{stem}.png')
         retrieval_strips(dataset, predictions, range(min(PICTURE_QUERIES, struct.numQ)), picture_path)
         logging.info('The first %d queries and their retrievals pictured in %s', min(PICTURE_QUERIES, struct.numQ),
                      picture_path)
 
 
-def save_msls_predictions(dataset, predictions, run_dir, split):
+def save_msls_predictions(dataset, predictions, run_dir, stem):
     """The predictions file mapillary_sls's evaluate.py reads, for the scored queries (those with a positive)."""
     struct = dataset.db_struct
     scored = [q for q, p in enumerate(dataset.positives()) if len(p) > 0]
-    path = os.path.join(run_dir, f'msls_predictions_{split}.csv')
+    path = os.path.join(run_dir, f'msls_predictions_{stem}.csv')
     os.makedirs(run_dir, exist_ok=True)
     write_predictions(path, [struct.query_paths[q] for q in scored], struct.db_paths,
                       predictions[scored, :max(RECALL_NS)])

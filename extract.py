@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from commons import make_deterministic, select_device
-from global_features import FEATURES_FILE, extract_folder, extraction_settings, find_images
+from commons import make_deterministic, plural, select_device
+from global_features import FEATURES_FILE, extract_folder, extraction_settings, find_images, h5_names
 from options import add_describing_flags, add_image_folder_flags
 from runs import load_model, place_model
 
@@ -45,5 +45,7 @@ def extract_features(model, image_dir, export_dir, device='cpu', batch_size=24, 
     os.makedirs(export_dir, exist_ok=True)
     settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
     extract_folder(model, image_dir, names, path, settings, torch.device(device))
-    logging.info('====> Wrote the descriptors of %d images to %s', len(names), path)
+    written = len(set(h5_names(path)).intersection(names))  # --skip_unreadable leaves some out
+    logging.info('====> Wrote the descriptors of %s to %s%s', plural(written, 'image'), path,
+                 f' ({len(names) - written} unreadable left out)' if written < len(names) else '')
     return path

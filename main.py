@@ -140,6 +140,8 @@ def explicit_flags(parser, argv):
 
 
 def run(opt):
+    from runs import restore_run_flags
+    restore_run_flags(opt)  # the dataset a run was trained on, unless the command line names another
     if getattr(opt, 'dataset', None) == 'synthetic' and hasattr(opt, 'synth_db'):
         from synthetic import ensure_synthetic
         ensure_synthetic(opt)

@@ -109,7 +109,8 @@ def model_bytes(model, checkpoint, run_dir):
 
 
 def compare(before, after, path, title):
-    """Print a before/after table with ratios and write it, with both records, as JSON to `path`."""
+    """Print a before/after table with ratios and write it, with both records, as JSON to `path` (in a folder
+    being built: the caller names the report's final path once the folder is in place)."""
     rows = [key for key in before if isinstance(before[key], (int, float)) and key in after]
     ratios = {key: after[key] / before[key] for key in rows if before[key]}
     logging.info('%s\n%-24s %14s %14s %8s', title, 'metric', 'before', 'after', 'ratio')
@@ -117,5 +118,4 @@ def compare(before, after, path, title):
         logging.info('%-24s %14.4g %14.4g %8.3f', key, before[key], after[key], ratios.get(key, float('nan')))
     report = dict(title=title, before=before, after=after, ratio_after_over_before=ratios)
     atomic_write_json(report, path)
-    logging.info('Report written to %s', path)
     return report

@@ -130,6 +130,27 @@ def patch_keypoints(height, width, size, stride):
     return (torch.stack([x, y], dim=-1).reshape(-1, 2) + (size - 1) / 2).float().numpy()
 
 
+def check_patches_fit(grid, image_size, config):
+    """A patch size larger than the feature map places no patch: its score would be the same for every candidate,
+    and a config of such sizes only would re-rank nothing. One paragraph naming the flags instead."""
+    too_large = [size for size in config.patch_sizes if size > min(grid)]
+    if too_large:
+        example = f'--patch_sizes {min(grid)}' + (' --strides 1 --patchWeights2Use 1' if len(config.patch_sizes) > 1
+                                                  else '')
+        raise UserError(f'Patch-NetVLAD re-ranking ({config.name}) cannot place a {too_large[0]}x{too_large[0]} patch '
+                        f'in the {grid[0]}x{grid[1]}-cell feature map of a {image_size[0]}x{image_size[1]}-pixel '
+                        f'image: patch sizes must be at most {min(grid)} cells here. Give smaller --patch_sizes (e.g. '
+                        f'{example}), or larger images (--resize; --resize_max in query '
+                        f'mode). Nothing was recorded.')
+
+
+@torch.inference_mode()
+def check_first_image(model, dataset, config, device):
+    """check_patches_fit on the first image of `dataset` (of (image, index)), before any store is built."""
+    image = dataset[0][0]
+    check_patches_fit(model.features(image[None].to(device)).shape[2:], image.shape[1:], config)
+
+
 def patch_projection(model, dim):
     """(weight [dim, K*D], bias [dim]) of the run's PCA whitening cut to its `dim` leading components: its rows are
     the principal directions by decreasing variance (pca.py's and the NetVLAD authors' whitening alike), so the
@@ -209,6 +230,7 @@ def patch_features(model, images, config, precision='fp32'):
             patches = [p.cpu().numpy() for p in patch_descriptors(features, model.pool, weight, bias,
                                                                   config.patch_sizes, config.strides)]
     height, width = features.shape[2:]
+    check_patches_fit((height, width), images.shape[2:], config)
     keypoints = [patch_keypoints(height, width, size, stride) for size, stride in zip(config.patch_sizes,
                                                                                      config.strides)]
     share = (time.process_time() - started) / len(images)
@@ -428,6 +450,7 @@ def rerank_candidates(model, database, db_names, queries, candidates, store_dir,
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
     order of db_names, queries in the order of the rows of candidates. Returns (re-ranked ids [Q, k], patch scores
     [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
+    check_first_image(model, database, config, device)
     started = time.perf_counter()
     path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
     store_s = time.perf_counter() - started

@@ -24,7 +24,7 @@ from descriptors import DescriptorFile, cache_folder
 from options import AT_LEAST_1, add_evaluating_flags, add_latency_flags, add_overwrite_flag, number_in
 from results import record_result, variant_of
 from retrieval import as_float32, chunk_rows, extract_descriptors, log_recalls, search_and_recall
-from runs import check_derived_target, derived_run_folder, load_model
+from runs import check_derived_target, copy_flags, derived_run_folder, load_model
 
 WHITENING_EPS = 1e-9       # added to each eigenvalue before 1/sqrt, as in the MATLAB release
 COLUMN_BLOCK = 2048        # descriptor dimensions per block of the float64 products
@@ -168,6 +168,7 @@ def pca(opt):
     eval_set = load_dataset(opt, opt.split)
     with building_folder(out_dir) as folder:
         setup_logging(folder)
+        copy_flags(run_dir, folder)
         results, state, path = whiten_into(folder, model, checkpoint, run_dir, sample_set, eval_set, dim, opt, device)
     record_result(opt, model, state, out_dir, results['whitened'])
     logging.info('Whitened model in %s; raw and whitened results in %s',

@@ -41,9 +41,10 @@ def struct_path(data_path, name):
 def parse_db_struct(path):
     """Read the `dbStruct` of a .mat file by field name, checking every field the NetVLAD authors' dbBase needs."""
     if not os.path.isfile(path):
-        raise UserError(f'Dataset file {path} does not exist. --dataPath must hold datasets/<split>.mat '
-                        f'(pitts30k_*.mat, pitts250k_*.mat, tokyo247.mat, tokyoTM_*.mat); see docs/datasets.md for '
-                        f'where to get them.')
+        raise UserError(f'Dataset file {path} does not exist. For the dbStruct datasets (--dataset pittsburgh, '
+                        f'tokyoTM) --dataPath must hold datasets/<split>.mat (pitts30k_*.mat, pitts250k_*.mat, '
+                        f'tokyo247.mat, tokyoTM_*.mat); see docs/datasets.md for where to get them. Another dataset '
+                        f'is read with --dataset (synthetic, folder, msls).')
     try:
         struct = scipy.io.loadmat(path)['dbStruct']
         names = struct.dtype.names or ()

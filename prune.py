@@ -49,7 +49,7 @@ import torch.nn.utils.prune as torch_prune
 from tqdm import tqdm
 
 from checkpoint import model_state, save_checkpoint
-from commons import UserError, building_folder, make_deterministic, select_device, setup_logging
+from commons import UserError, building_folder, make_deterministic, plural, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from measure import (
     LATENCY_TEXT,
@@ -64,7 +64,14 @@ from models import conv_indices
 from options import AT_LEAST_0, FRACTION_OPEN, add_evaluating_flags, add_latency_flags, add_overwrite_flag
 from results import append_result
 from retrieval import evaluate, log_recalls
-from runs import apply_backprop_flag, check_derived_target, check_float_run, derived_run_folder, open_run
+from runs import (
+    apply_backprop_flag,
+    check_derived_target,
+    check_float_run,
+    copy_flags,
+    derived_run_folder,
+    open_run,
+)
 from training import add_training_flags, apply_recipe, fit, training_splits
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
@@ -75,6 +82,7 @@ CHANNEL_MULTIPLE = 8
 PRUNING_CRITERIA = ('activation', 'l2')
 # Training-database images whose activations rank the channels (seeded choice).
 CRITERION_IMAGES = 64
+REPORT_NAME = 'prune_report.json'
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -273,8 +281,8 @@ def fine_tune(model, splits, opt, device, run_dir):
     if splits is None:
         logging.info('No fine-tuning (--finetune_epochs=%d).', opt.finetune_epochs)
         return {}
-    logging.info('Fine-tuning for %d epochs with the triplet loss on the train split, %s at lr %g',
-                 opt.finetune_epochs, opt.optim, opt.lr)
+    logging.info('Fine-tuning for %s with the triplet loss on the train split, %s at lr %g',
+                 plural(opt.finetune_epochs, 'epoch'), opt.optim, opt.lr)
     return fit(model, splits, opt, device, run_dir=run_dir, num_epochs=opt.finetune_epochs, save=False)
 
 
@@ -347,6 +355,7 @@ def prune(opt):
     check_derived_target(run_dir, opt)
     with building_folder(run_dir) as folder:
         setup_logging(folder)  # only now: bad flags or data write nothing
+        copy_flags(opt.resume, folder)
         logging.info('Pruning %s (%s, %.0f%%) into %s; evaluating on split %s', opt.resume, opt.pruning_type,
                      100 * opt.pruning_amount, run_dir, opt.split)
         pruned = copy.deepcopy(model)
@@ -360,7 +369,7 @@ def prune(opt):
         save_pruned(pruned, opt, folder, layers, tuned)
         after['file_bytes'] = directory_size(folder)
         before['latency_ms'], after['latency_ms'] = interleaved_latency([model, pruned], opt.latency_size)
-        report = compare(before, after, os.path.join(folder, 'prune_report.json'),
+        report = compare(before, after, os.path.join(folder, REPORT_NAME),
                          f'{opt.pruning_type} pruning of {opt.pruning_amount:g} ({opt.split} split, latency at '
                          f'{opt.latency_size[0]}x{opt.latency_size[1]}, {LATENCY_TEXT})')
     append_result(opt, variant_name(opt), result, after['file_bytes'], after['latency_ms'], run_dir)
@@ -370,8 +379,8 @@ def prune(opt):
 
 def log_summary(report, run_dir):
     before, after, ratio = report['before'], report['after'], report['ratio_after_over_before']
-    logging.info('====> Pruned model in %s: parameters %.2fx, MACs %.2fx, file %.2fx, %.2fx faster, '
-                 'Recall@1 %.4f -> %.4f', run_dir, ratio['parameters_nonzero'], ratio['macs'],
+    logging.info('====> Pruned model in %s (report: %s): parameters %.2fx, MACs %.2fx, file %.2fx, %.2fx faster, '
+                 'Recall@1 %.4f -> %.4f', run_dir, os.path.join(run_dir, REPORT_NAME), ratio['parameters_nonzero'], ratio['macs'],
                  ratio['file_bytes'], before['latency_ms'] / after['latency_ms'], before['recall@1'],
                  after['recall@1'])
 

@@ -42,7 +42,7 @@ from models import config_from_state_dict, trunk
 from options import AT_LEAST_1, add_calibration_flag, add_evaluating_flags, add_latency_flags, add_overwrite_flag
 from results import append_result, variant_of
 from retrieval import evaluate, log_recalls
-from runs import apply_backprop_flag, check_derived_target, derived_run_folder, open_run
+from runs import apply_backprop_flag, check_derived_target, copy_flags, derived_run_folder, open_run
 from training import add_training_flags, apply_recipe, fit, training_splits
 
 QUANTIZATION_TYPES = ('static', 'qat')
@@ -50,6 +50,7 @@ TRAIN_SPLITS = ('train', 'train250k')
 # QAT fine-tunes at a tenth of --lr: a fresh optimizer at the training rate first undoes the trained model
 # (docs/compression.md has the measurement).
 QAT_LR_FACTOR = 0.1
+REPORT_NAME = 'quantize_report.json'
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -187,8 +188,9 @@ def quantize(opt):
                                                                   splits, opt, device)
     append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
                   after['latency_ms'], out_dir)
-    logging.info('====> int8 model (%s) in %s: file %.2fx smaller, %.2fx faster on the CPU, Recall@1 %.4f -> %.4f',
-                 opt.quantization_type, out_dir, before['file_bytes'] / after['file_bytes'],
+    logging.info('====> int8 model (%s) in %s (report: %s): file %.2fx smaller, %.2fx faster on the CPU, Recall@1 '
+                 '%.4f -> %.4f', opt.quantization_type, out_dir, os.path.join(out_dir, REPORT_NAME),
+                 before['file_bytes'] / after['file_bytes'],
                  before['latency_ms'] / after['latency_ms'], before.get('recall@1', float('nan')),
                  after.get('recall@1', float('nan')))
     return report
@@ -197,6 +199,7 @@ def quantize(opt):
 def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, opt, device):
     """Quantize, save into out_dir, evaluate and time: (report, before, after, evaluation, checkpoint)."""
     setup_logging(out_dir)  # only now: bad flags or data write nothing
+    copy_flags(opt.resume, out_dir)
     if device.type != 'cpu':
         logging.info('int8 models run on the CPU (x86 oneDNN int8 kernels): calibration, conversion and int8 '
                      'evaluation run on the CPU%s.',
@@ -218,7 +221,7 @@ def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, o
     else:
         program, head_model = quantize_qat(model, calib_loader, splits, opt, device, out_dir)
     checkpoint = save_quantized(program, head_model, config, source, opt, out_dir, len(calib_set))
-    logging.info('int8 model written to %s in %.1f s', os.path.join(out_dir, 'checkpoints'), time.time() - started)
+    logging.info('int8 model made in %.1f s', time.time() - started)
 
     quantized = open_run(_options(opt, resume=out_dir, ckpt='latest'))[0]  # what --mode=test runs
     after, result = measure_model(quantized, eval_set, opt, torch.device('cpu'))
@@ -226,7 +229,7 @@ def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, o
     save_checkpoint(checkpoint, out_dir, is_best=True)
     after['file_bytes'] = directory_size(out_dir)
     before['latency_ms'], after['latency_ms'] = interleaved_latency([original, quantized], opt.latency_size)
-    report = compare(before, after, os.path.join(out_dir, 'quantize_report.json'),
+    report = compare(before, after, os.path.join(out_dir, REPORT_NAME),
                      f'int8 quantization ({opt.quantization_type}) of {opt.resume} ({opt.split} split, CPU latency '
                      f'at {opt.latency_size[0]}x{opt.latency_size[1]}, {LATENCY_TEXT})')
     return report, before, after, result, checkpoint

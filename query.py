@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from commons import UserError, atomic_write, atomic_write_text, make_deterministic, select_device
+from commons import UserError, atomic_write, atomic_write_text, make_deterministic, plural, select_device
 from descriptors import load_descriptor_file
 from figures import query_strip
 from folder_dataset import utm_from_filename
@@ -129,15 +129,19 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
     if rerank is not None:
         candidates = found[:, :rerank.num_candidates]
-        reranked = rerank_candidates(model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max),
-                                     db_names, PhotoList([photos[q][1] for q in kept], resize_max), candidates,
-                                     store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads,
-                                     run_dir)[0]
+        reranked, _, summary = rerank_candidates(
+            model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names,
+            PhotoList([photos[q][1] for q in kept], resize_max), candidates,
+            store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads, run_dir)
         scores, found = reorder_first(scores, found, reranked)
+        logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query; '
+                     'the patch store of the database in %s', summary['candidates'], rerank.name, rerank.matcher,
+                     1000 * summary['seconds_per_query'], summary['store'])
     answers = [answer(photos[q], scores[row, :top], found[row, :top], db_names, request.positions)
                for row, q in enumerate(kept)]
     write_answers(answers, request.columns, db_root, out)
-    logging.info('====> Answered %d queries against %d database images: %s', len(answers), len(db_names), out)
+    logging.info('====> Answered %s against %d database images: %s', plural(len(answers), 'query', 'queries'),
+                 len(db_names), out)
     return answers
 
 

@@ -96,7 +96,7 @@ def append_line(path, line):
     whole line on a descriptor opened with O_APPEND puts it at the end of the file in one piece, so lines of two
     processes appending at once never interleave (POSIX, for regular files). A write that fails (a full disk) is cut
     back to the previous size; the lock keeps other appenders waiting meanwhile, so that only this line is cut."""
-    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open()
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by os.close
         size = os.fstat(descriptor).st_size

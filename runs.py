@@ -79,6 +79,45 @@ def stored_flags(run_dir):
                         f'from a copy or delete it (stored flags are then not restored).') from None
 
 
+# The data a run was trained on (restored together, and only when the dataset is the run's) and the training settings
+# that prune's fine-tuning and QAT reuse: without them on the command line, a mode that loads a run takes the run's.
+DATA_FLAGS = ('dataPath', 'imagesPath', 'resize', 'positive_dist_threshold', 'train_positives_dist_threshold',
+              'synth_db', 'synth_queries', 'synth_imsize')
+TRAINING_FLAGS = ('optim', 'lr', 'lrStep', 'lrGamma', 'weightDecay', 'momentum', 'margin', 'loss', 'batchSize',
+                  'nNeg', 'nNegSample', 'cacheRefreshRate', 'recipe', 'batch_queries', 'min_positive_dist',
+                  'neg_memory', 'nNegCache')
+
+
+def restore_run_flags(opt):
+    """Take the dataset, its paths and the training settings that --resume's flags.json stored and the command line
+    leaves out (flags given win), logged in one line; opt.restored names them."""
+    stored = stored_flags(opt.resume) if getattr(opt, 'resume', '') and hasattr(opt, 'imagesPath') else {}
+    restored = {}
+    if 'dataset' in stored and 'dataset' not in opt.explicit:
+        restored['dataset'] = stored['dataset']
+    same_data = stored.get('dataset') == restored.get('dataset', opt.dataset) if stored else False
+    for key in (DATA_FLAGS if same_data else ()) + TRAINING_FLAGS:
+        if key in stored and hasattr(opt, key) and key not in opt.explicit:
+            restored[key] = tuple(stored[key]) if isinstance(stored[key], list) else stored[key]
+    restored = {key: value for key, value in restored.items() if getattr(opt, key) != value}
+    for key, value in restored.items():
+        setattr(opt, key, value)
+    opt.restored = set(restored)
+    if restored:
+        logging.info('From %s (flags given on the command line win): %s',
+                     os.path.join(opt.resume, 'checkpoints', 'flags.json'),
+                     ' '.join(f'--{key} {"x".join(map(str, value)) if isinstance(value, tuple) else value}'
+                              for key, value in restored.items()))
+
+
+def copy_flags(source_run, folder):
+    """A derived run (pruned, whitened, int8) keeps the flags.json of the run it was made from: its data and
+    training settings are the source's."""
+    path = os.path.join(source_run, 'checkpoints', 'flags.json')
+    if os.path.isfile(path):
+        atomic_copy(path, os.path.join(folder, 'checkpoints', 'flags.json'))
+
+
 def first_trainable(checkpoint, arch, opt, run_dir):
     """Encoder index of the first layer the run trains: stored in its checkpoint by this project; for a reference
     checkpoint, the reference's rule (from conv5 / conv5_1 with ImageNet weights, every layer --fromscratch)."""

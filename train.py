@@ -10,7 +10,15 @@ import time
 import torch.distributed as dist
 
 from centroids import initialised_model
-from commons import UserError, atomic_write_json, locked_folder, make_deterministic, select_device, setup_logging
+from commons import (
+    UserError,
+    atomic_write_json,
+    locked_folder,
+    make_deterministic,
+    plural,
+    select_device,
+    setup_logging,
+)
 from models import layer_index, layer_name
 from options import (
     AT_LEAST_1,
@@ -101,12 +109,15 @@ def resumed_run(opt, run_dir):
 def train(opt):
     rank, _ = init_distributed(opt)
     run_dir = opt.resume or opt.savePath
+    flag_changes = restore_flags(opt, run_dir) if opt.resume else []
+    apply_recipe(opt, fixed=stored_flags(run_dir) if opt.resume else ())
+    splits = training_splits(opt, rank)  # the dataset is checked first: before weights, centroids or any write
     created = [] if opt.resume or rank != 0 else missing_folders(run_dir)
     if created:
         os.makedirs(run_dir)
     try:
         with locked_folder(run_dir, rank):
-            return train_in_folder(opt, rank, run_dir)
+            return train_in_folder(opt, rank, run_dir, splits, flag_changes)
     finally:
         for folder in created:  # a run that stopped on its input leaves no empty folders behind
             if os.path.isdir(folder) and not os.listdir(folder):
@@ -123,14 +134,12 @@ def missing_folders(path):
     return missing
 
 
-def train_in_folder(opt, rank, run_dir):
-    """The training run in its locked folder: every check first, then the first write."""
+def train_in_folder(opt, rank, run_dir, splits, flag_changes):
+    """The training run on its checked dataset (training_splits), in its locked folder: every check first, then the
+    first write. flag_changes: the lines of restore_flags, logged into the run's log."""
     if not opt.resume:
         check_new_run_folder(run_dir)
-    flag_changes = restore_flags(opt, run_dir) if opt.resume else []
-    apply_recipe(opt, fixed=stored_flags(run_dir) if opt.resume else ())
     model, state = resumed_run(opt, run_dir) if opt.resume else (initialised_model(opt), None)
-    splits = training_splits(opt, rank)
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the run folder before rank 0 writes into it
     setup_logging(run_dir, rank)  # only now: a run that fails on its input writes nothing
@@ -138,8 +147,8 @@ def train_in_folder(opt, rank, run_dir):
         logging.info(change)
     make_deterministic(opt.seed)
     device = select_device(opt)
-    logging.info('Training %s into %s: %s, lr %g, batch %d, %d epochs', opt.arch, run_dir, opt.optim, opt.lr,
-                 opt.batchSize, opt.nEpochs)
+    logging.info('Training %s into %s: %s, lr %g, batch %d, %s', opt.arch, run_dir, opt.optim, opt.lr,
+                 opt.batchSize, plural(opt.nEpochs, 'epoch'))
     started = time.time()
     # flags.json is written beside each checkpoint: a resumed run's flags change only once its state has loaded
     state = fit(model, splits, opt, device, run_dir, opt.nEpochs, state,

@@ -128,13 +128,17 @@ def add_training_flags(p):
 
 def apply_recipe(opt, fixed=()):
     """Set every rule of --recipe that was not given on the command line (nor is in `fixed`: the stored flags of a
-    resumed run, which already hold its recipe's values)."""
+    resumed run, which already hold its recipe's values; nor restored from the run by runs.restore_run_flags). Adam
+    gets no weight decay unless --weightDecay is given, as in the reference port."""
     settings = dict(RECIPES[opt.recipe])
     if opt.recipe == 'authors' and not opt.fromscratch:
         settings['backPropToLayer'] = AUTHORS_FIRST_TRAINED[opt.arch]
     for flag, value in settings.items():
-        if hasattr(opt, flag) and flag not in opt.explicit and flag not in fixed:
+        if hasattr(opt, flag) and flag not in opt.explicit and flag not in fixed and \
+                flag not in getattr(opt, 'restored', ()):
             setattr(opt, flag, value)
+    if opt.optim == 'ADAM' and 'weightDecay' not in opt.explicit:
+        opt.weightDecay = 0.0  # what make_optimizer gives Adam, so that the log and flags.json say it
 
 
 def recipe_text(opt):
