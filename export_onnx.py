@@ -65,6 +65,8 @@ def add_flags(p):
                             'convs calibrated on --calib_images training-database images, and evaluate it on --split '
                             '(Recall@N, size, latency; appended to the results file).')
     add_calibration_flag(group)
+    group.add_argument('--overwrite', action='store_true',
+                       help='Replace an existing FILE (and FILE_int8.onnx); without it, an existing one is refused.')
 
 
 def export_path(opt):
@@ -83,6 +85,12 @@ def check_request(opt):
     folder = os.path.dirname(os.path.abspath(export_path(opt)))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f'--export_path {export_path(opt)}: {folder} is a file, not a folder.')
+    written = [export_path(opt)] + ([int8_path(export_path(opt))] if opt.onnx_int8 else [])
+    existing = [path for path in written if os.path.exists(path)]
+    if existing and not opt.overwrite:
+        raise UserError(f'{" and ".join(existing)} already exist{"s" if len(existing) == 1 else ""} (from an earlier '
+                        f'--mode=export). Add --overwrite to replace {"it" if len(existing) == 1 else "them"}, or give '
+                        f'another --export_path. Nothing was written.')
 
 
 def metadata(model, checkpoint, opt):

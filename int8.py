@@ -21,6 +21,9 @@ from models import EmbedNet, build_head
 PROGRAM_NAME = 'encoder_int8.pt2'
 COMPILE_ENV = 'NETVLAD_INT8_COMPILE'
 X86_MACHINES = ('x86_64', 'amd64', 'x86', 'i386', 'i686')
+# Importing torchao registers its KernelPreference enum with torch's pytree, which recent torch warns about (a
+# deprecation between the two libraries, nothing the user can act on): that one warning is left out of the output.
+logging.getLogger('torch.utils._pytree').addFilter(lambda record: 'KernelPreference' not in record.getMessage())
 
 
 # ---------------------------------------------------------------------------------------------- the program

@@ -24,9 +24,11 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Each flag's help with its default, where it has one."""
+    """Each flag's help with its default, where it has one, or marked required."""
 
     def _get_help_string(self, action):
+        if action.required:
+            return f'Required. {action.help}'
         shown = action.default not in (None, False, '', argparse.SUPPRESS) and action.option_strings
         return f'{action.help} (default: {default_text(action.default)})' if shown else action.help
 
@@ -277,7 +279,8 @@ def add_rerank_flags(p):
                        help='Spatial scoring of the matched patches (default: the config\'s).')
     group.add_argument('--output_features_dir', default=None,
                        help='Folder of the database\'s patch-feature store (default: beside the global descriptors: '
-                            'RUN/patch_features/<split> in test mode, the database\'s folder in query mode).')
+                            'RUN/patch_features/<split> in test mode; in query mode beside a --database .h5, or '
+                            'RUN/query_database for a database folder).')
 
 
 def add_evaluating_flags(p, trains=False, run_required=False):

@@ -150,7 +150,7 @@ def set_latencies(path, latencies):
 
 
 def record_key(record):
-    return record['arch'], record['variant'], record['dataset'], record['split']
+    return record['arch'], record['variant'], record['dataset'], record['split'], record.get('run')
 
 
 def read_results(path):
@@ -190,7 +190,7 @@ def parsed_record(line):
 
 
 def latest_per_variant(records):
-    """The newest record of each (arch, variant, dataset, split), in the order they first appeared."""
+    """The newest record of each (arch, variant, dataset, split, run folder), in the order they first appeared."""
     latest = {}
     for record in records:
         latest[record_key(record)] = record
@@ -200,12 +200,17 @@ def latest_per_variant(records):
 def markdown_table(records):
     header = ('| Model | Dataset / split | R@1 | R@5 | R@10 | R@20 | Descriptor | Size (MB) | Latency (ms/img) |\n'
               '|---|---|---|---|---|---|---|---|---|')
-    return '\n'.join([header] + [table_row(r) for r in latest_per_variant(records)])
+    shown = latest_per_variant(records)
+    runs_of = {}  # the run folders of each model label: two runs of one label are told apart by their folder
+    for r in shown:
+        runs_of.setdefault((r['arch'], r['variant']), set()).add(r.get('run'))
+    return '\n'.join([header] + [table_row(r, len(runs_of[r['arch'], r['variant']]) > 1) for r in shown])
 
 
-def table_row(r):
+def table_row(r, name_run=False):
     recalls = ' | '.join(f'{r["recalls"][n]:.3f}' if n in r['recalls'] else '-' for n in RECALL_COLUMNS)
-    return (f'| {r["arch"]} {r["variant"]} | {r["dataset"]} {r["split"]} | {recalls} | '
+    run = f' ({r["run"]})' if name_run and r.get('run') else ''
+    return (f'| {r["arch"]} {r["variant"]}{run} | {r["dataset"]} {r["split"]} | {recalls} | '
             f'{r["descriptor_dim"]} | {r["file_mb"]:.1f} | {latency_cell(r)} |')
 
 
