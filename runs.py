@@ -79,24 +79,25 @@ def stored_flags(run_dir):
                         f'from a copy or delete it (stored flags are then not restored).') from None
 
 
-# The data a run was trained on (restored together, and only when the dataset is the run's) and the training settings
-# that prune's fine-tuning and QAT reuse: without them on the command line, a mode that loads a run takes the run's.
+# The data a run was trained on (restored only when the dataset is the run's), its optimiser's settings (only when
+# the optimiser is the run's) and the other training settings that prune's fine-tuning and QAT reuse: without them on
+# the command line, a mode that loads a run takes the run's.
 DATA_FLAGS = ('dataPath', 'imagesPath', 'resize', 'positive_dist_threshold', 'train_positives_dist_threshold',
               'synth_db', 'synth_queries', 'synth_imsize')
-TRAINING_FLAGS = ('optim', 'lr', 'lrStep', 'lrGamma', 'weightDecay', 'momentum', 'margin', 'loss', 'batchSize',
-                  'nNeg', 'nNegSample', 'cacheRefreshRate', 'recipe', 'batch_queries', 'min_positive_dist',
-                  'neg_memory', 'nNegCache')
+OPTIMISER_FLAGS = ('lr', 'lrStep', 'lrGamma', 'weightDecay', 'momentum')
+TRAINING_FLAGS = ('margin', 'loss', 'batchSize', 'nNeg', 'nNegSample', 'cacheRefreshRate', 'recipe', 'batch_queries',
+                  'min_positive_dist', 'neg_memory', 'nNegCache')
 
 
 def restore_run_flags(opt):
     """Take the dataset, its paths and the training settings that --resume's flags.json stored and the command line
     leaves out (flags given win), logged in one line; opt.restored names them."""
     stored = stored_flags(opt.resume) if getattr(opt, 'resume', '') and hasattr(opt, 'imagesPath') else {}
-    restored = {}
-    if 'dataset' in stored and 'dataset' not in opt.explicit:
-        restored['dataset'] = stored['dataset']
-    same_data = stored.get('dataset') == restored.get('dataset', opt.dataset) if stored else False
-    for key in (DATA_FLAGS if same_data else ()) + TRAINING_FLAGS:
+    restored = {key: stored[key] for key in ('dataset', 'optim')
+                if key in stored and hasattr(opt, key) and key not in opt.explicit}
+    same = {key: key in stored and stored[key] == restored.get(key, getattr(opt, key, None))
+            for key in ('dataset', 'optim')}
+    for key in (DATA_FLAGS if same['dataset'] else ()) + (OPTIMISER_FLAGS if same['optim'] else ()) + TRAINING_FLAGS:
         if key in stored and hasattr(opt, key) and key not in opt.explicit:
             restored[key] = tuple(stored[key]) if isinstance(stored[key], list) else stored[key]
     restored = {key: value for key, value in restored.items() if getattr(opt, key) != value}

@@ -449,6 +449,34 @@ def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run
         assert listed == [names[i] for i in order]
 
 
+def test_a_patch_larger_than_the_feature_map_stops_and_records_nothing(whitened_run, clustered_data, places,
+                                                                      tmp_path, run_cli, capsys):
+    """At 64x80 AlexNet's feature map is 3x4 cells: the speed config's 5x5 patch fits nowhere, so re-ranking would
+    change nothing. Test and query mode stop with one paragraph naming the flags that fix it, and write no result."""
+    before = sorted(Path(whitened_run).rglob('*'))
+    runs = tmp_path / 'runs'
+    assert run_cli(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',
+                    'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--runsPath', runs]) == 2
+    paragraph = capsys.readouterr().err
+    assert '5x5 patch' in paragraph and '3x4-cell feature map' in paragraph
+    assert '--patch_sizes 3' in paragraph and '--resize' in paragraph
+    assert not runs.exists() and sorted(Path(whitened_run).rglob('*')) == before
+    database, photos, _ = places
+    assert run_cli(['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
+                    '--threads', '0', '--num_matched', '3', '--rerank', 'patch', '--rerank_config', 'speed',
+                    '--num_pcs', '16', '--export_dir', tmp_path / 'answers']) == 2
+    assert '--patch_sizes 3' in capsys.readouterr().err and not (tmp_path / 'answers').exists()
+
+
+def test_query_mode_says_that_it_reranked(whitened_run, places, tmp_path, run_cli, capsys):
+    database, photos, _ = places
+    assert run_cli(['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
+                    '--threads', '0', '--num_matched', '3', '--rerank', 'patch', '--rerank_config', 'speed',
+                    '--num_pcs', '16', '--patch_sizes', '2', '--rerank_top', '5', '--export_dir', tmp_path]) == 0
+    assert 'Re-ranked the top 5 candidates of each query with Patch-NetVLAD (speed_p2_s1_d16, spatial)' in \
+        capsys.readouterr().out
+
+
 def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, clustered_data, tmp_path, run_cli, capsys):
     database, photos, _ = places
     assert run_cli(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',
