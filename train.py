@@ -33,7 +33,7 @@ from runs import check_float_run, check_new_run_folder, is_dead_start, open_run,
 from training import add_training_flags, apply_recipe, fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
-NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
+NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'restored', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
                 'runsPath', 'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
 
 
@@ -69,7 +69,7 @@ def restore_flags(opt, run_dir):
 
 def write_flags(opt, run_dir, model):
     """flags.json: the flags of the run, with the first trainable layer resolved (name and encoder index)."""
-    flags = {k: v for k, v in vars(opt).items() if k not in ('explicit', 'mode', 'resume', 'ckpt')}
+    flags = {k: v for k, v in vars(opt).items() if k not in ('explicit', 'restored', 'mode', 'resume', 'ckpt')}
     flags.update(backPropToLayer=layer_name(model.arch, model.frozen_layers), first_trainable=model.frozen_layers)
     atomic_write_json(flags, os.path.join(run_dir, 'checkpoints', 'flags.json'))
 

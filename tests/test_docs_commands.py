@@ -13,7 +13,7 @@ from commons import UserError
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
 SHELL_ENDS = {'|', '||', '&&', ';', '>', '>>', '2>&1', '&'}
-REQUIRED = re.compile(r'the following arguments are required: (.*?)\. See')
+REQUIRED = re.compile(r'the following arguments are required: (.*?)\. See', re.I)
 
 
 def code_spans(text):
