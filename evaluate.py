@@ -121,14 +121,13 @@ def result_stem(opt, split, rerank, run_dir):
     """What names a test's files in the run folder (test_<stem>.json, predictions_<stem>.csv): the split, then,
     where they are not the run's own, the dataset (named by its data folder), the approximate index and the
     re-ranking config, so that no evaluation replaces the file of another. The run's own dataset (its flags.json's)
-    searched exactly keeps the plain test_<split>.json that users' scripts read. A run without flags.json
-    (off-the-shelf, imported) records no data folder: there only a dataset other than pittsburgh is named."""
+    searched exactly keeps the plain test_<split>.json that users' scripts read. A run without flags.json records
+    no dataset of its own (imported and reference-port runs; the off-the-shelf network is initialised from the
+    centroids of the dataset it is tested on): its dataset is the one tested, as before."""
     stored = stored_flags(run_dir)
     where = data_location(opt)
-    other = where != data_location(argparse.Namespace(**stored)) if 'dataset' in stored else \
-        opt.dataset != 'pittsburgh'
     parts = [split]
-    if other and not two_folders(opt):  # two folders: the split's name holds theirs
+    if 'dataset' in stored and where != data_location(argparse.Namespace(**stored)) and not two_folders(opt):
         folder = os.path.basename(os.path.abspath(opt.dataPath))
         parts.append(f'{opt.dataset}-{folder}-{hashlib.sha1(repr(where).encode()).hexdigest()[:6]}')
     if opt.index != 'flat':

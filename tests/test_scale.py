@@ -282,7 +282,7 @@ def test_approximate_index_reports_recall_beside_exact(clustered_data, tmp_path,
     assert cli(clustered_data, runs, '--mode=test') == 0
     exact = json.loads((runs / 'alexnet_offtheshelf' / 'test_test.json').read_text())
     assert cli(clustered_data, runs, '--mode=test', '--index=ivfpq', '--compare_exact') == 0
-    result = json.loads((runs / 'alexnet_offtheshelf' / 'test_test.json').read_text())
+    result = json.loads((runs / 'alexnet_offtheshelf' / 'test_test_ivfpq.json').read_text())  # beside the exact one
     assert result['index'] == 'ivfpq' and result['exact']['recalls'] == exact['recalls']
     assert 'Recall@N        exact      ivfpq     change' in capsys.readouterr().out
 
