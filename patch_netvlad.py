@@ -19,6 +19,7 @@ A run without PCA whitening is refused (a UserError naming --mode=pca): its raw 
 The database's patch features are computed once into a store file (patch_features.py).
 """
 import dataclasses
+import logging
 import time
 import types
 
@@ -131,10 +132,10 @@ def patch_keypoints(height, width, size, stride):
 
 
 def check_patches_fit(grid, image_size, config):
-    """A patch size larger than the feature map places no patch: its score would be the same for every candidate,
-    and a config of such sizes only would re-rank nothing. One paragraph naming the flags instead."""
+    """A patch size larger than the feature map places no patch: its score is the same for every candidate (it
+    adds nothing). When no size fits, re-ranking would change nothing: one paragraph naming the flags instead."""
     too_large = [size for size in config.patch_sizes if size > min(grid)]
-    if too_large:
+    if len(too_large) == len(config.patch_sizes):
         example = f'--patch_sizes {min(grid)}' + (' --strides 1 --patchWeights2Use 1' if len(config.patch_sizes) > 1
                                                   else '')
         raise UserError(f'Patch-NetVLAD re-ranking ({config.name}) cannot place a {too_large[0]}x{too_large[0]} patch '
@@ -146,9 +147,18 @@ def check_patches_fit(grid, image_size, config):
 
 @torch.inference_mode()
 def check_first_image(model, dataset, config, device):
-    """check_patches_fit on the first image of `dataset` (of (image, index)), before any store is built."""
+    """check_patches_fit on the first image of `dataset` (of (image, index)), before any store is built; a warning
+    naming the sizes that do not fit it, when others do."""
     image = dataset[0][0]
-    check_patches_fit(model.features(image[None].to(device)).shape[2:], image.shape[1:], config)
+    grid = model.features(image[None].to(device)).shape[2:]
+    check_patches_fit(grid, image.shape[1:], config)
+    too_large = [size for size in config.patch_sizes if size > min(grid)]
+    if too_large:
+        logging.warning('Patch-NetVLAD (%s): patch size%s %s place%s no patch in the %dx%d-cell feature map of a '
+                        '%dx%d-pixel image, and add%s nothing to its scores (smaller --patch_sizes or larger images '
+                        'change that).', config.name, 's' if len(too_large) > 1 else '',
+                        ','.join(map(str, too_large)), '' if len(too_large) > 1 else 's', *grid, *image.shape[1:],
+                        '' if len(too_large) > 1 else 's')
 
 
 def patch_projection(model, dim):

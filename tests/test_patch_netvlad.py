@@ -468,6 +468,16 @@ def test_a_patch_larger_than_the_feature_map_stops_and_records_nothing(whitened_
     assert '--patch_sizes 3' in capsys.readouterr().err and not (tmp_path / 'answers').exists()
 
 
+def test_sizes_that_fit_nowhere_are_named_when_others_fit(whitened_run, clustered_data, tmp_path, run_cli, capsys):
+    """The performance config (2, 5, 8) at 64x80 (3x4 cells): only size 2 fits; it re-ranks, and says that 5 and 8
+    add nothing."""
+    assert run_cli(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',
+                    'patch', '--num_pcs', '16', '--rerank_top', '3', '--runsPath', tmp_path,
+                    '--output_features_dir', tmp_path / 'store']) == 0
+    out = capsys.readouterr().out
+    assert 'patch sizes 5,8 place no patch in the 3x4-cell feature map' in out and 'Re-ranked the top 3' in out
+
+
 def test_query_mode_says_that_it_reranked(whitened_run, places, tmp_path, run_cli, capsys):
     database, photos, _ = places
     assert run_cli(['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
