@@ -380,7 +380,7 @@ def prune(opt):
 def log_summary(report, run_dir):
     before, after, ratio = report['before'], report['after'], report['ratio_after_over_before']
     logging.info('====> Pruned model in %s (report: %s): parameters %.2fx, MACs %.2fx, file %.2fx, %.2fx faster, '
-                 'Recall@1 %.4f -> %.4f', run_dir, os.path.join(run_dir, REPORT_NAME), ratio['parameters_nonzero'], ratio['macs'],
-                 ratio['file_bytes'], before['latency_ms'] / after['latency_ms'], before['recall@1'],
+                 'Recall@1 %.4f -> %.4f', run_dir, os.path.join(run_dir, REPORT_NAME), ratio['parameters_nonzero'],
+                 ratio['macs'], ratio['file_bytes'], before['latency_ms'] / after['latency_ms'], before['recall@1'],
                  after['recall@1'])
 

@@ -33,8 +33,8 @@ from runs import check_float_run, check_new_run_folder, is_dead_start, open_run,
 from training import add_training_flags, apply_recipe, fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
-NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'restored', 'command', 'cuda', 'nocuda', 'nGPU', 'threads', 'dataPath',
-                'runsPath', 'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
+NOT_RESTORED = {'mode', 'resume', 'ckpt', 'explicit', 'restored', 'command', 'cuda', 'nocuda', 'nGPU', 'threads',
+                'dataPath', 'runsPath', 'savePath', 'unsafe_load', 'split', 'trunk_cache', 'trunk_cache_dtype'}
 
 
 def add_flags(p):
