@@ -72,6 +72,28 @@ def check_state_dict(checkpoint, path):
                         f'number from 0) of the first layer that trains.')
 
 
+def check_entries(state, expected, path, int8_names=()):
+    """Each entry of `state` is one of `expected` (a model's state dict, which may be on the meta device) with its
+    shape and a dtype it can hold: floating point where the model's is, the model's own otherwise (int8 for
+    `int8_names`); none is missing. A UserError names the first entry that is not so."""
+    for key in expected:
+        if key not in state:
+            raise UserError(f'Checkpoint {path} has no entry {key}, which the model it describes needs.')
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f'Checkpoint {path} holds an entry {key} that the model it describes does not have.')
+        want = expected[key]
+        if key in int8_names:
+            fits = value.dtype == torch.int8
+        else:
+            fits = value.is_floating_point() if want.is_floating_point() else value.dtype == want.dtype
+        if not fits or value.shape != want.shape:
+            needed = 'int8' if key in int8_names else 'floating point' if want.is_floating_point() else want.dtype
+            raise UserError(f'Checkpoint {path}: entry {key} is {value.dtype} of shape {list(value.shape)}; the '
+                            f'model it describes needs {needed} of shape {list(want.shape)}. The file is damaged or '
+                            f'was not written for this model.')
+
+
 def unpack_state_dict(state_dict, packed):
     """The state dict with the sparse weights that prune.py stored packed put back, dense, at their positions.
 
