@@ -14,8 +14,25 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one paragraph (usage aside), as every other bad input of the toolkit."""
 
     def __init__(self, mode, **kwargs):
+        self.flags = set()  # every option string declared, in this parser or its groups (-h, --help included)
         super().__init__(allow_abbrev=False, **kwargs)  # a flag of another mode must not pass for one of this mode
         self.mode = mode
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update(action.option_strings)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        declare = group.add_argument
+
+        def add_argument(*names, **options):
+            action = declare(*names, **options)
+            self.flags.update(action.option_strings)
+            return action
+        group.add_argument = add_argument
+        return group
 
     def error(self, message):
         message = re.sub(r'^argument (--\w+)(?:/[^:]*)?: (\S+ is outside)', r'\1=\2', message)  # --lr=0 is outside...
