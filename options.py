@@ -181,8 +181,9 @@ def add_run_flags(p, required=False):
                        help='Run folder to load: DIR/checkpoints/checkpoint.pth.tar.')
     group.add_argument('--ckpt', default='latest', choices=['latest', 'best'], help='Which checkpoint of --resume to load.')
     group.add_argument('--unsafe_load', action='store_true',
-                       help='Load checkpoints with pickle (weights_only=False) and int8 programs without checking '
-                            'them; only for files you trust.')
+                       help='Load checkpoints with full pickle (weights_only=False, which can run code) without '
+                            'checking their zip, and int8 runs of the former torch.export layout (encoder_int8.pt2); '
+                            'only for files you trust.')
 
 
 def add_overwrite_flag(p):
