@@ -340,7 +340,7 @@ def checked_config(config, folder):
     arch = config.get('arch') if isinstance(config, dict) else None
     channels = config.get('encoder_channels') if arch in ARCHS else None
     valid = arch in ARCHS and config.get('pooling') in POOLINGS and \
-        all(isinstance(config.get(key), bool) for key in ('vladv2', 'input_norm')) and \
+        isinstance(config.get('vladv2'), bool) and isinstance(config.get('input_norm', False), bool) and \
         all(config.get(key) is None or _positive_int(config[key]) for key in ('num_clusters', 'pca_dim')) and \
         (config['pooling'] != 'netvlad' or config.get('num_clusters') is not None) and \
         (channels is None or isinstance(channels, list) and len(channels) == len(ARCHS[arch]['channels']) and
