@@ -32,8 +32,8 @@ LEGACY_PROGRAM_NAME = 'encoder_int8.pt2'
 COMPILE_ENV = 'NETVLAD_INT8_COMPILE'
 X86_MACHINES = ('x86_64', 'amd64', 'x86', 'i386', 'i686')
 SCHEMES = ('static', 'qat')
-# The export example of a rebuilt encoder is allocated at load time: its image side is bounded.
-MAX_EXAMPLE_SIDE = 4096
+# The export example of a rebuilt encoder (a calibration image's size) is allocated, untouched, at load time.
+MAX_EXAMPLE_SIDE = 8192
 
 
 # ---------------------------------------------------------------------------------------------- the program
@@ -187,7 +187,7 @@ def rebuilt_program(config, record, state, path):
     """The int8 encoder program of a saved encoder state, rebuilt from the run's float architecture (see the module
     docstring): the same program --mode=quantize converted."""
     register_x86_int8_lowering()
-    example = torch.zeros(2, 3, *record['example_size'])
+    example = torch.empty(2, 3, *record['example_size'])  # export traces shapes only: its values are never read
     skeleton = build_model(dict(config, first_trainable=0))
     prepared = prepared_encoder(trunk(skeleton), example, record['scheme'], record['reduce_range'])
     observers = weight_observers(prepared)
