@@ -2,6 +2,8 @@
 model a run folder holds)."""
 import os
 import pickle
+import re
+import zipfile
 
 import numpy as np
 import torch
@@ -10,6 +12,13 @@ from commons import UserError, atomic_torch_save, error_summary
 from models import layer_name
 
 CHECKPOINT_NAMES = {'latest': 'checkpoint.pth.tar', 'best': 'model_best.pth.tar'}
+# The entries torch.save writes below the archive's root folder.
+TORCH_ENTRIES = re.compile(r'\w[^/]*/(data\.pkl|data/\d+|version|byteorder|\.format_version|\.storage_alignment'
+                           r'|\.data/version|\.data/serialization_id)')
+# Bounds on what a checkpoint's pickle may hold: its size, and the values and nesting of its plain data.
+MAX_PICKLE_BYTES = 64 * 2 ** 20
+MAX_PLAIN_ITEMS = 1_000_000
+MAX_PLAIN_DEPTH = 32
 # Older reference checkpoints pickle numpy scalars (best_score, recalls); these globals rebuild them safely. The scalar
 # builder is taken from a scalar's own pickling recipe (public API); files written under numpy 1.x name it
 # numpy.core.multiarray.scalar, numpy 2 names it numpy._core.multiarray.scalar.
@@ -31,6 +40,8 @@ def read_checkpoint(path, unsafe=False):
                         f'checkpoint.pth.tar (or model_best.pth.tar with --ckpt=best).'
                         + (' A --mode=quantize that wrote this folder was interrupted while it replaced checkpoints/ '
                            '(the previous one is checkpoints.previous/): run it again.' if interrupted else ''))
+    if not unsafe:
+        check_archive(path)
     try:
         if unsafe:
             checkpoint = torch.load(path, map_location='cpu', weights_only=False)
@@ -55,7 +66,43 @@ def read_checkpoint(path, unsafe=False):
     checkpoint['state_dict'] = {str(key).replace('module.', ''): value
                                 for key, value in checkpoint['state_dict'].items()}
     check_state_dict(checkpoint, path)
-    return plain_numbers(checkpoint)
+    try:
+        return plain_numbers(checkpoint, [MAX_PLAIN_ITEMS])
+    except ValueError:
+        raise UserError(f'Checkpoint {path} holds more than {MAX_PLAIN_ITEMS} values or values nested deeper than '
+                        f'{MAX_PLAIN_DEPTH}; a checkpoint of this toolkit holds a state dict and a few numbers. It is '
+                        f'not loaded.') from None
+
+
+def check_archive(path):
+    """The zip archive of a checkpoint as torch.save writes it, before torch reads it: entries of torch's names
+    below one root folder, each once (names compared as a case-insensitive reader would, `./` removed), stored
+    uncompressed, each local header naming the entry the central directory names, the pickle at most
+    MAX_PICKLE_BYTES. The pickle is then read by the restricted unpickler in time linear in its size. A file in
+    torch's legacy (pre-zip) format is one pickle stream, read by the same unpickler."""
+    with open(path, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04':  # torch takes anything else for its legacy format
+            return
+    seen = set()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                key = name.replace('/./', '/').lower()
+                if key in seen or not TORCH_ENTRIES.fullmatch(name) or info.compress_type != zipfile.ZIP_STORED or \
+                        name.endswith('/data.pkl') and info.file_size > MAX_PICKLE_BYTES:
+                    raise ValueError(f'entry {name[:120]!r}')
+                seen.add(key)
+                archive.open(info).close()  # the local header must name the same entry
+    except (ValueError, zipfile.BadZipFile, OSError, NotImplementedError) as error:
+        raise UserError(f'Checkpoint {path} is not in the format torch.save writes (one root folder with '
+                        f'data.pkl, data/<n> and version entries, each once, stored uncompressed, the pickle at most '
+                        f'{MAX_PICKLE_BYTES // 2 ** 20} MiB): {error_summary(error)}. It is not loaded; load it only '
+                        f'if you trust its source, with --unsafe_load.') from None
+    if len({name.split('/', 1)[0] for name in seen}) != 1:
+        raise UserError(f'Checkpoint {path} is not in the format torch.save writes: its entries lie below '
+                        f'{"several root folders" if seen else "no root folder"}. It is not loaded; load it only if '
+                        f'you trust its source, with --unsafe_load.')
 
 
 def check_state_dict(checkpoint, path):
@@ -72,6 +119,28 @@ def check_state_dict(checkpoint, path):
                         f'number from 0) of the first layer that trains.')
 
 
+def check_entries(state, expected, path, int8_names=()):
+    """Each entry of `state` is one of `expected` (a model's state dict, which may be on the meta device) with its
+    shape and a dtype it can hold: floating point where the model's is, the model's own otherwise (int8 for
+    `int8_names`); none is missing. A UserError names the first entry that is not so."""
+    for key in expected:
+        if key not in state:
+            raise UserError(f'Checkpoint {path} has no entry {key}, which the model it describes needs.')
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f'Checkpoint {path} holds an entry {key} that the model it describes does not have.')
+        want = expected[key]
+        if key in int8_names:
+            fits = value.dtype == torch.int8
+        else:
+            fits = value.is_floating_point() if want.is_floating_point() else value.dtype == want.dtype
+        if not fits or value.shape != want.shape:
+            needed = 'int8' if key in int8_names else 'floating point' if want.is_floating_point() else want.dtype
+            raise UserError(f'Checkpoint {path}: entry {key} is {value.dtype} of shape {list(value.shape)}; the '
+                            f'model it describes needs {needed} of shape {list(want.shape)}. The file is damaged or '
+                            f'was not written for this model.')
+
+
 def unpack_state_dict(state_dict, packed):
     """The state dict with the sparse weights that prune.py stored packed put back, dense, at their positions.
 
@@ -80,7 +149,9 @@ def unpack_state_dict(state_dict, packed):
     """
     items = list(state_dict.items())
     for key, item in sorted(packed.items(), key=lambda pair: pair[1]['position']):
-        numel = int(np.prod(item['shape']))
+        numel = int(np.prod(item['shape'], dtype=object))
+        if item['mask'].numel() != (numel + 7) // 8:  # the mask is in the file: the dense weight's size is bounded
+            raise ValueError(f'the mask of {key} does not have one bit per entry of its shape')
         nonzero = torch.from_numpy(np.unpackbits(item['mask'].numpy(), count=numel).astype(bool))
         dense = torch.zeros(numel, dtype=item['values'].dtype)
         dense[nonzero] = item['values']
@@ -88,12 +159,17 @@ def unpack_state_dict(state_dict, packed):
     return dict(items)
 
 
-def plain_numbers(value):
-    """Numpy scalars and arrays of old checkpoints as plain Python numbers, recursively (tensors untouched)."""
+def plain_numbers(value, budget, depth=0):
+    """Numpy scalars and arrays of old checkpoints as plain Python numbers, recursively (tensors untouched). A
+    ValueError past MAX_PLAIN_DEPTH levels or once budget[0] values are spent (a pickle can share one list many times
+    over, which a walk would visit an exponential number of times)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_PLAIN_DEPTH:
+        raise ValueError('checkpoint too large or too deep')
     if isinstance(value, dict):
-        return {key: plain_numbers(item) for key, item in value.items()}
+        return {key: plain_numbers(item, budget, depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(plain_numbers(item) for item in value)
+        return type(value)(plain_numbers(item, budget, depth + 1) for item in value)
     if isinstance(value, np.generic):
         return value.item()
     return value

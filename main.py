@@ -80,14 +80,10 @@ def requested_mode(argv):
     raise UserError(f'{given}: give one of {", ".join(MODES)}. See python main.py --help.')
 
 
-def flags_of(parser):
-    return {option for action in parser._actions for option in action.option_strings}
-
-
 def warn_unread(mode, extras):
     """One warning line for flags of other modes; an error for anything no mode reads."""
     given = [token.split('=')[0] for token in extras if token.startswith('--')]
-    elsewhere = {other: flags_of(mode_parser(other)) for other in MODES if other != mode}
+    elsewhere = {other: mode_parser(other).flags for other in MODES if other != mode}
     unknown = [flag for flag in given if not any(flag in flags for flags in elsewhere.values())]
     if unknown or not given:
         raise UserError(f'Unrecognised argument{"s" if len(unknown or extras) > 1 else ""} '

@@ -95,7 +95,7 @@ def directory_size(path):
     """Bytes of the model files of a run folder (checkpoints/ without the training-only flags)."""
     folder = os.path.join(path, 'checkpoints')
     return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
-               if name.endswith(('.pth.tar', '.pt2')) and name != 'model_best.pth.tar')
+               if name.endswith(('.pth.tar', '.pth', '.pt2')) and name != 'model_best.pth.tar')
 
 
 def model_bytes(model, checkpoint, run_dir):

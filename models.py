@@ -24,6 +24,8 @@ ARCHS = {
                     conv_names={'conv1': 0, 'conv2': 3, 'conv3': 6, 'conv4': 8, 'conv5': 10}),
 }
 
+POOLINGS = ('netvlad', 'max', 'avg')
+
 
 def layer_index(arch, name, flag='--backPropToLayer'):
     """Encoder index of the conv called `name` (conv5, conv5_1, ...); a UserError naming the flag otherwise."""

@@ -14,8 +14,25 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one paragraph (usage aside), as every other bad input of the toolkit."""
 
     def __init__(self, mode, **kwargs):
+        self.flags = set()  # every option string declared, in this parser or its groups (-h, --help included)
         super().__init__(allow_abbrev=False, **kwargs)  # a flag of another mode must not pass for one of this mode
         self.mode = mode
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update(action.option_strings)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        declare = group.add_argument
+
+        def add_argument(*names, **options):
+            action = declare(*names, **options)
+            self.flags.update(action.option_strings)
+            return action
+        group.add_argument = add_argument
+        return group
 
     def error(self, message):
         message = re.sub(r'^argument (--\w+)(?:/[^:]*)?: (\S+ is outside)', r'\1=\2', message)  # --lr=0 is outside...
@@ -166,8 +183,9 @@ def add_run_flags(p, required=False):
                        help='Run folder to load: DIR/checkpoints/checkpoint.pth.tar.')
     group.add_argument('--ckpt', default='latest', choices=['latest', 'best'], help='Which checkpoint of --resume to load.')
     group.add_argument('--unsafe_load', action='store_true',
-                       help='Load checkpoints with pickle (weights_only=False) and int8 programs without checking '
-                            'them; only for files you trust.')
+                       help='Load checkpoints with full pickle (weights_only=False, which can run code) without '
+                            'checking their zip, and int8 runs of the former torch.export layout (encoder_int8.pt2); '
+                            'only for files you trust.')
 
 
 def add_overwrite_flag(p):

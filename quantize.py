@@ -8,17 +8,18 @@ The flow is the one PyTorch supports today for int8 convnets on x86 (torchao PT2
        train); QAT then fine-tunes the fake-quantised network for --qat_epochs with the triplet loss and mining of
        training.fit and its optimiser flags (--optim, ...), at a tenth of --lr, training the layers the source run
        trained (from its first trainable layer, or --backPropToLayer)
-    -> convert_pt2e (weights folded into int8 constants) -> torch.export.save.
+    -> the prepared encoder saved as tensors (int8 weights, observer statistics); loading rebuilds the program from
+       them with convert_pt2e (int8.py), as every later mode does.
 Only the encoder is quantised (with the input re-normalisation of an imported network in front, models.trunk):
 NetVLAD's soft-assignment, residual sums and normalisations (and PCA whitening) stay float32, stored as a state dict
-beside the program. At load time the program is compiled by Inductor with freezing,
+beside the encoder. At load time the program is compiled by Inductor with freezing,
 which lowers its quantize/dequantize pattern to oneDNN int8 convolutions (VNNI/AMX), once per input shape (seconds).
 NETVLAD_INT8_COMPILE=0 runs the program uncompiled instead: a slow float simulation of the same int8 arithmetic.
 On a CUDA machine int8 inference runs on the CPU (QAT fine-tuning itself uses the GPU).
 
-Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pt2 (the program) and
-checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, encoder_program, ...), the folder
-built whole beside it and swapped in (runs.building_folder: a killed quantize never leaves the program of one
+Output, beside the input run: <resume>_quantized_<type>/checkpoints/ with encoder_int8.pth (the encoder's tensors and
+quantizer settings) and checkpoint.pth.tar (a plain dict: quantized, state_dict of the float head, config, ...), the
+folder built whole beside it and swapped in (runs.building_folder: a killed quantize never leaves the encoder of one
 quantization beside the head of another), which
 --mode=test --resume=<that folder> runs without recalibration and without the training code; and
 quantize_report.json: file size, median CPU latency per image at --latency_size and Recall@N on --split, fp32 before
@@ -36,7 +37,7 @@ from checkpoint import save_checkpoint, trainable_state, write_checkpoint_files
 from commons import UserError, building_folder, make_deterministic, select_device, setup_logging
 from datasets import load_dataset, training_database_sample
 from images import image_loader
-from int8 import PROGRAM_NAME, FakeQuantEmbedNet, converted_program, export_encoder, head_state, x86_quantizer
+from int8 import FakeQuantEmbedNet, head_state, int8_reduce_range, prepared_encoder, quantization_record, save_encoder
 from measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, model_bytes
 from models import config_from_state_dict, trunk
 from options import AT_LEAST_1, add_calibration_flag, add_evaluating_flags, add_latency_flags, add_overwrite_flag
@@ -75,20 +76,21 @@ def example_batch(loader):
 # ---------------------------------------------------------------------------------------------- the two flows
 
 def quantize_static(model, loader):
-    """Post-training quantisation: observe activation ranges on the calibration images, then convert."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    """Post-training quantisation: observe activation ranges on the calibration images. Returns the calibrated
+    prepared encoder, the float head's model and the quantization record."""
     example = example_batch(loader)
-    prepared = prepare_pt2e(export_encoder(trunk(model).eval(), example).module(), x86_quantizer(is_qat=False))
+    record = quantization_record('static', int8_reduce_range(), example)
+    prepared = prepared_encoder(trunk(model).eval(), example, 'static', record['reduce_range'])
     calibrate(prepared, loader)
-    return converted_program(prepared, example), model
+    return prepared, model, record
 
 
 def quantize_qat(model, loader, splits, opt, device, run_dir):
     """Quantisation-aware training: calibrate the fake-quantisers, fine-tune with the triplet loss (the layers the
-    float model trains), convert."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    float model trains). Returns the trained prepared encoder, the model with its head and the quantization record."""
     example = example_batch(loader)
-    prepared = prepare_qat_pt2e(export_encoder(trunk(model).train(), example).module(), x86_quantizer(is_qat=True))
+    record = quantization_record('qat', int8_reduce_range(), example)
+    prepared = prepared_encoder(trunk(model), example, 'qat', record['reduce_range'])
     calibrate(prepared, loader)
     qat_model = FakeQuantEmbedNet(prepared, model.pool, model.frozen_layers, getattr(model, 'whiten', None),
                                   model.arch)
@@ -100,7 +102,7 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
     logging.info('QAT done: epoch %d, val Recall@5 of the fake-quantised model %.4f', state.get('epoch', 0),
                  state.get('best_score', 0.0))
     qat_model = qat_model.eval().to('cpu').to(memory_format=torch.contiguous_format)
-    return converted_program(qat_model.encoder, example), qat_model
+    return qat_model.encoder, qat_model, record
 
 
 # ---------------------------------------------------------------------------------------------- the mode
@@ -149,17 +151,15 @@ def quantized_variant(source, opt):
     return name if variant_of(source) == 'trained' else f'{variant_of(source)} + {name}'
 
 
-def save_quantized(program, head_model, config, source, opt, out_dir, calib_count):
-    """checkpoints/ with encoder_int8.pt2 (the int8 program) and checkpoint.pth.tar (plain data: float head, config,
-    provenance)."""
+def save_quantized(prepared, record, head_model, config, source, opt, out_dir, calib_count):
+    """checkpoints/ with encoder_int8.pth (the encoder's tensors) and checkpoint.pth.tar (plain data: float head,
+    config, provenance)."""
     folder = os.path.join(out_dir, 'checkpoints')
     os.makedirs(folder, exist_ok=True)
-    torch.export.save(program, os.path.join(folder, PROGRAM_NAME))  # the archive is named after its file
-    with open(os.path.join(folder, PROGRAM_NAME), 'rb') as f:
-        os.fsync(f.fileno())
+    save_encoder(prepared, record, folder)
     checkpoint = dict(quantized=opt.quantization_type, variant=quantized_variant(source, opt),
                       state_dict=head_state(head_model), config=config, pooling=config['pooling'],
-                      encoder_program=PROGRAM_NAME, source_run=opt.resume, epoch=int(source.get('epoch', 0)),
+                      source_run=opt.resume, epoch=int(source.get('epoch', 0)),
                       recalls={}, best_score=0.0, calib_images=calib_count,
                       qat_epochs=opt.qat_epochs if opt.quantization_type == 'qat' else 0,
                       weights='int8 per-channel symmetric', activations='uint8 per-tensor affine',
@@ -217,10 +217,10 @@ def quantize_into(out_dir, model, source, config, calib_set, eval_set, splits, o
     started = time.time()
     calib_loader = image_loader(calib_set, opt, opt.cacheBatchSize)
     if opt.quantization_type == 'static':
-        program, head_model = quantize_static(model, calib_loader)
+        prepared, head_model, record = quantize_static(model, calib_loader)
     else:
-        program, head_model = quantize_qat(model, calib_loader, splits, opt, device, out_dir)
-    checkpoint = save_quantized(program, head_model, config, source, opt, out_dir, len(calib_set))
+        prepared, head_model, record = quantize_qat(model, calib_loader, splits, opt, device, out_dir)
+    checkpoint = save_quantized(prepared, record, head_model, config, source, opt, out_dir, len(calib_set))
     logging.info('int8 model made in %.1f s', time.time() - started)
 
     quantized = open_run(_options(opt, resume=out_dir, ckpt='latest'))[0]  # what --mode=test runs

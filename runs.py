@@ -14,7 +14,7 @@ import re
 import torch
 
 from centroids import initialised_model
-from checkpoint import checkpoint_path, is_best_state, read_checkpoint
+from checkpoint import check_entries, checkpoint_path, is_best_state, read_checkpoint
 from commons import UserError, atomic_copy, empty_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
@@ -150,18 +150,16 @@ def open_run(opt, which=None):
     checkpoint = read_checkpoint(path, opt.unsafe_load)
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
-        return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load), checkpoint
+        return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load, path), checkpoint
     if 'encoder.0.weight' not in state_dict:
         raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
     config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
     check_config_against_flags(config, opt, path)
     config['first_trainable'] = first_trainable(checkpoint, config['arch'], opt, opt.resume)
+    with torch.device('meta'):  # the shapes the architecture needs, before memory is taken for them
+        check_entries(state_dict, build_model(config).state_dict(), path)
     model = build_model(config)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise UserError(f'Checkpoint {path} does not match the model it describes: '
-                        f'{" ".join(str(error).split())}') from None
+    model.load_state_dict(state_dict)
     return model, checkpoint
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import trunk_cache
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
-from datasets import load_dataset, query_sample, with_positive_floor
+from datasets import load_dataset, positives_within, query_sample, with_positive_floor
 from images import loading
 from models import trainable_layers_text
 from options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, number_in
@@ -328,6 +328,22 @@ def gather_rows(rows, world):
 
 # ---------------------------------------------------------------------------------------------- training
 
+def no_training_positive_text(truth, opt):
+    """Why no training query has a positive: none within the radius, or only trivial ones, which the floor (the
+    dataset's rule or --min_positive_dist) or the dataset's other-time rule removes."""
+    radius = math.sqrt(truth.nonTrivPosDistSqThr)
+    where = f'the training split {truth.name} of --dataset={opt.dataset} (--dataPath={opt.dataPath})'
+    if not any(len(p) for p in positives_within(truth, radius)):
+        return f'No query of {where} has a database image within {radius:.0f} m: nothing to train on.'
+    floor = truth.min_train_pos_dist or 0.0
+    other_time = ' or was taken at its own time (the dataset\'s rule)' if truth.train_pos_other_time else ''
+    return (f'Every database image within {radius:.0f} m of a query of {where} lies within {floor:g} m of it'
+            f'{other_time}: such trivial positives do not train, so nothing is left to train on. The {floor:g} m '
+            f'floor is the larger of --min_positive_dist={opt.min_positive_dist:g} (--recipe authors sets 1 m) and '
+            f'the dataset\'s own; lower --min_positive_dist, or train on a split whose queries have database images '
+            f'farther away.')
+
+
 class TrainingData:
     """The training split with what mining needs: positives, negatives pool, and the descriptor cache."""
 
@@ -340,8 +356,7 @@ class TrainingData:
         self.queries = np.array([q for q, p in enumerate(nontrivial) if len(p) > 0])
         self.nontrivial = nontrivial
         if len(self.queries) == 0:
-            raise UserError(f'No training query of {opt.dataPath} has a database image within '
-                            f'{math.sqrt(struct.nonTrivPosDistSqThr):.0f} m: nothing to train on.')
+            raise UserError(no_training_positive_text(struct, opt))
 
     def refresh_cache(self, model, source, rows, opt, device, rank, world, cache=None):
         """Descriptors of the given whole-set rows into the float16 cache (computed sharded across ranks).

@@ -118,9 +118,11 @@ def int8_latency(arch, model, args, log, device, jsonl):
     try:
         from torch.export.passes import move_to_device_pass
 
+        from int8 import converted_program
         from quantize import quantize_static
         calibration = torch.utils.data.TensorDataset(torch.randn(4, 3, 240, 320), torch.zeros(4))
-        program, _ = quantize_static(model.cpu(), torch.utils.data.DataLoader(calibration, batch_size=2))
+        prepared, _, _ = quantize_static(model.cpu(), torch.utils.data.DataLoader(calibration, batch_size=2))
+        program = converted_program(prepared, calibration.tensors[0][:2])
         model.to(device)
         encoder = move_to_device_pass(program, str(device)).module()
         images = torch.randn(1, 3, *IMAGE_SIZE, device=device).contiguous(memory_format=torch.channels_last)

@@ -59,10 +59,10 @@ def speed_table(arch, size, threads, folder):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(4)), batch_size=2)
     # torchao int8 through the quantize mode's own functions, saved and reloaded as --mode=test runs it
     opt = main.parse_options(['--mode=quantize', f'--resume={run}', '--quantization_type=static'])
-    program, head = quantize_static(model, loader)
-    save_quantized(program, head, dict(arch=arch, pooling='netvlad', num_clusters=64, vladv2=False,
-                                       encoder_channels=None, pca_dim=None, input_norm=False), {}, opt,
-                   run + '_int8', len(images))
+    prepared, head, record = quantize_static(model, loader)
+    config = dict(arch=arch, pooling='netvlad', num_clusters=64, vladv2=False, encoder_channels=None, pca_dim=None,
+                  input_norm=False)
+    save_quantized(prepared, record, head, config, {}, opt, run + '_int8', len(images))
     torchao_int8 = open_run(main.parse_options(['--mode=test', f'--resume={run}_int8']))[0]
     float_path = os.path.join(folder, f'{arch}.onnx')
     write_onnx(model, float_path, {})

@@ -69,12 +69,11 @@ def int8_model(model, image_size, folder, calib_batches=2):
     """The static int8 artifact of `model`, saved and loaded back as --mode=test does; returns it and its size."""
     images = torch.randn(2 * calib_batches, 3, *image_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(len(images))), 2)
-    program, head_model = quantize.quantize_static(model, loader)
-    torch.export.save(program, os.path.join(folder, int8.PROGRAM_NAME))
+    prepared, head_model, record = quantize.quantize_static(model, loader)
+    int8.save_encoder(prepared, record, folder)
     checkpoint = dict(quantized='static', state_dict=int8.head_state(head_model),
                       config=dict(arch=arch_of(model), pooling='netvlad', num_clusters=model.pool.num_clusters,
-                                  vladv2=False, encoder_channels=None, pca_dim=None),
-                      encoder_program=int8.PROGRAM_NAME)
+                                  vladv2=False, encoder_channels=None, pca_dim=None, input_norm=False))
     torch.save(checkpoint, os.path.join(folder, 'checkpoint.pth.tar'))
     size = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
     return int8.load_quantized_model(checkpoint, os.path.dirname(folder)), size

@@ -70,6 +70,18 @@ def float_run(clustered_data, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def static_run(float_run, clustered_data):
+    """The static int8 quantization of float_run, made through the CLI (programs run uncompiled: fast)."""
+    from int8 import COMPILE_ENV
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(COMPILE_ENV, '0')
+        assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={float_run}',
+                          f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=16',
+                          *FAST]) == 0
+    return float_run.parent / 'run_quantized_static'
+
+
+@pytest.fixture(scope='session')
 def imagenet_stand_in(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds a stand-in for torchvision's ImageNet AlexNet weights (a random state dict
     under the exact file name torchvision looks for, so it loads it without downloading). Returns (torch_home,

@@ -44,6 +44,47 @@ def test_malformed_checkpoints_are_one_paragraph(float_run, clustered_data, tmp_
     assert message in error_paragraph(capsys.readouterr().err)
 
 
+def int32_weights(checkpoint):
+    return dict(checkpoint, state_dict={k: v.to(torch.int32) for k, v in checkpoint['state_dict'].items()})
+
+
+def narrower_centroids(checkpoint):
+    checkpoint['state_dict']['pool.centroids'] = checkpoint['state_dict']['pool.centroids'][:, :100]
+    return checkpoint
+
+
+@pytest.mark.parametrize('change, entry, expected', [
+    (int32_weights, 'encoder.0.weight', 'floating point'),
+    (narrower_centroids, 'pool.centroids', 'shape [8, 256]'),
+], ids=['int32 weights', 'centroids of another width'])
+def test_weights_of_another_dtype_or_shape_name_the_entry(float_run, clustered_data, tmp_path, capsys, change, entry,
+                                                          expected):
+    run = changed_run(float_run, tmp_path, change)
+    assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
+                      *FAST]) == 2
+    message = error_paragraph(capsys.readouterr().err)
+    assert f'entry {entry} ' in message and expected in message
+    assert not (tmp_path / 'results.jsonl').exists()
+
+
+def test_only_trivial_training_positives_name_the_floor_and_the_split(clustered_data, tmp_path, capsys):
+    """--recipe authors keeps training positives farther than 1 m: queries whose only database image within 10 m is
+    0.5 m away have none, and the message says so."""
+    data = shutil.copytree(clustered_data, tmp_path / 'data')
+    path = data / 'datasets' / 'pitts30k_train.mat'
+    struct = scipy.io.loadmat(path, simplify_cells=True)['dbStruct']
+    num_db, num_q = np.shape(struct['utmDb'])[1], np.shape(struct['utmQ'])[1]
+    struct['utmDb'] = np.stack([np.arange(num_db) * 100.0, np.zeros(num_db)])
+    struct['utmQ'] = struct['utmDb'][:, np.arange(num_q) % num_db] + np.array([[0.5], [0.0]])
+    scipy.io.savemat(path, {'dbStruct': struct})
+    argv = ['--mode=train', *MODEL, '--recipe=authors', f'--dataPath={data}', f'--runsPath={tmp_path}',
+            f'--savePath={tmp_path / "run"}', '--nEpochs=1', *FAST[:6]]
+    assert main.main(argv) == 2
+    message = error_paragraph(capsys.readouterr().err)
+    assert '--min_positive_dist=1' in message and 'trivial' in message and 'pitts30k_train.mat' in message
+    assert 'within 1 m' in message and '(--dataPath=.)' not in message
+
+
 def test_an_empty_checkpoint_file_is_one_paragraph(float_run, clustered_data, tmp_path, capsys):
     run = shutil.copytree(float_run, tmp_path / 'run')
     (run / 'checkpoints' / 'checkpoint.pth.tar').write_bytes(b'')

@@ -148,8 +148,8 @@ def test_static_and_qat_quantization_keep_the_frozen_layers(walk, imagenet_stand
                    walk['root'], f'--quantization_type={kind}', '--calib_images=16', '--optim=ADAM', '--lr=0.01',
                    '--cacheRefreshRate=0', '--nNegSample=50') == 0
         folder = walk['root'] / f'run_quantized_{kind}' / 'checkpoints'
-        program = torch.export.load(folder / int8.PROGRAM_NAME)
-        weights = int8.int8_weights(program)
+        model, _ = open_run(main.parse_options(['--mode=test', f'--resume={folder.parent}', *COMMON]))
+        weights = int8.int8_weights(model.encoder.program)
         for index, (int8_weight, _) in zip(FROZEN_CONVS, weights):
             expected, _ = reference_quantization(stand_in[f'encoder.{index}.weight'])
             assert (int8_weight.int() - expected.int()).abs().max() <= 1

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import commons
 import int8
 import main
+import quantize
 import training
 from checkpoint import model_state, save_checkpoint
 from helpers import error_paragraph, files_under
@@ -133,11 +134,11 @@ def test_int8_checkpoints_folder_is_replaced_as_one_unit(tmp_path):
     """A killed save leaves the previous folder whole; a finished one leaves only the new folder."""
     target = tmp_path / 'checkpoints'
     target.mkdir()
-    (target / 'encoder_int8.pt2').write_text('old program')
+    (target / 'encoder_int8.pth').write_text('old program')
     (target / 'checkpoint.pth.tar').write_text('old head')
     new = tmp_path / 'checkpoints.partial'
     new.mkdir()
-    (new / 'encoder_int8.pt2').write_text('new program')
+    (new / 'encoder_int8.pth').write_text('new program')
     (new / 'checkpoint.pth.tar').write_text('new head')
     real_replace = os.replace
 
@@ -153,14 +154,14 @@ def test_int8_checkpoints_folder_is_replaced_as_one_unit(tmp_path):
     assert not target.exists()
     previous = tmp_path / 'checkpoints.previous'
     assert {p: (previous / p).read_text() for p in files_under(previous)} == {
-        'checkpoint.pth.tar': 'old head', 'encoder_int8.pt2': 'old program'}
+        'checkpoint.pth.tar': 'old head', 'encoder_int8.pth': 'old program'}
     commons.replace_folder(str(new), str(tmp_path / 'again'))
-    assert files_under(tmp_path) == ['again/checkpoint.pth.tar', 'again/encoder_int8.pt2',
-                                     'checkpoints.previous/checkpoint.pth.tar', 'checkpoints.previous/encoder_int8.pt2']
+    assert files_under(tmp_path) == ['again/checkpoint.pth.tar', 'again/encoder_int8.pth',
+                                     'checkpoints.previous/checkpoint.pth.tar', 'checkpoints.previous/encoder_int8.pth']
 
 
-def test_a_second_quantize_replaces_program_and_head_together(float_run, clustered_data, tmp_path, monkeypatch):
-    """A quantize killed while saving its program leaves the previous run's program and head, both whole."""
+def test_a_second_quantize_replaces_encoder_and_head_together(float_run, clustered_data, tmp_path, monkeypatch):
+    """A quantize killed after saving its encoder leaves the previous run's encoder and head, both whole."""
     monkeypatch.setenv(int8.COMPILE_ENV, '0')
     run = shutil.copytree(float_run, tmp_path / 'run')
     argv = ['--mode=quantize', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
@@ -168,13 +169,13 @@ def test_a_second_quantize_replaces_program_and_head_together(float_run, cluster
     assert main.main(argv) == 0
     folder = tmp_path / 'run_quantized_static' / 'checkpoints'
     before = {name: (folder / name).read_bytes() for name in files_under(folder)}
-    real_save = torch.export.save
+    real_save = quantize.save_encoder
 
-    def killed_after_the_program(program, path, **kwargs):
-        real_save(program, path, **kwargs)
+    def killed_after_the_encoder(*args):
+        real_save(*args)
         raise KeyboardInterrupt('killed')
 
-    monkeypatch.setattr(torch.export, 'save', killed_after_the_program)
+    monkeypatch.setattr(quantize, 'save_encoder', killed_after_the_encoder)
     with pytest.raises(KeyboardInterrupt):
         main.main(argv + ['--calib_images=4', '--overwrite'])
     assert {name: (folder / name).read_bytes() for name in files_under(folder)} == before
