@@ -127,6 +127,9 @@ TIME_EXCLUSION_FACTOR = 10  # dbTokyoTimeMachine.m: 10 x N retrieved on val
 QAT_LR = 0.1                # docs/compression.md: QAT fine-tunes at a tenth of --lr
 CRITERION_IMAGES = 64       # docs/compression.md: activations of 64 training-database images
 CHANNEL_MULTIPLE = 8        # docs/compression.md: kept widths are multiples of 8
+RANSAC_STRIDES = 1.5        # Patch-NetVLAD's patch_matcher.py: ransacReprojThreshold=16*stride*1.5 pixels (VGG16)
+RANSAC_ITERATIONS = 2000    # cv2.findHomography's default maxIters, which Patch-NetVLAD keeps
+APPROXIMATE = dict(IVF_NPROBE=32, PQ_MAX_BYTES=64, HNSW_M=32, HNSW_EF_SEARCH=128)  # docs/scale.md
 
 
 def parsed(mode, *flags):
@@ -217,6 +220,8 @@ def test_the_patch_netvlad_configs_are_the_references():
             (sizes, strides, weights, dim), name
         assert config == patch_netvlad.configured(name), f'{name}: its matcher is not {matcher}'
         assert config.name == name and config.num_candidates == 100
+        assert patch_netvlad.RERANK_CONFIGS[name] == config
+    assert (patch_netvlad.RANSAC_THRESHOLD, patch_netvlad.RANSAC_HYPOTHESES) == (RANSAC_STRIDES, RANSAC_ITERATIONS)
 
 
 def test_the_evaluation_and_clustering_constants_are_the_references():
@@ -229,6 +234,7 @@ def test_the_evaluation_and_clustering_constants_are_the_references():
     assert training.TIE_TOLERANCE == 1e-6  # getBestEpoch.m
     assert quantize.QAT_LR_FACTOR == QAT_LR
     assert (prune.CRITERION_IMAGES, prune.CHANNEL_MULTIPLE) == (CRITERION_IMAGES, CHANNEL_MULTIPLE)
+    assert {name: getattr(retrieval, name) for name in APPROXIMATE} == APPROXIMATE
 
 
 # ---------------------------------------------------------------------------------------------- 25 m and 10 m
