@@ -373,3 +373,20 @@ def test_the_lr_halves_after_5_epochs_and_again_after_10():
     assert rate == pytest.approx(expected, rel=1e-12)
     assert (rate[5], rate[6]) == pytest.approx((0.0001, 0.00005), rel=1e-12)
     assert [training.lr_drops_before(e, opt) for e in (5, 6, 10, 11)] == [0, 1, 1, 2]
+
+
+def test_a_query_is_mined_with_one_of_its_own_positives():
+    """Queries with fewer positives than others in their chunk: the padding of their positives' rows is never taken
+    for a database image (database image 0 lies on query 0 but is not its positive)."""
+    num_db, num_q = 6, 2
+    cache = torch.tensor([[0.0, 0.0], [0.3, 0.0], [5.0, 5.0], [5.2, 5.0], [0.5, 0.1], [5.3, 5.1], [0.0, 0.0],
+                          [5.0, 5.05]])  # database rows, then the two queries
+    nontrivial = [np.array([1]), np.array([2, 3])]
+    data = SimpleNamespace(num_db=num_db, nontrivial=nontrivial, potential=[np.array([1]), np.array([2, 3])],
+                           refresh_cache=lambda *args: cache)
+    opt = main.parse_options(['--mode=train'])
+    memory = np.full((num_q, training.memory_width(opt)), -1, dtype=np.int64)
+    triplets = training.chunk_triplets(data, None, None, np.arange(num_q), memory, opt, None,
+                                       np.random.default_rng(0), 0, 1)
+    positives = {query - num_db: positive for query, positive, _ in triplets}
+    assert positives[0] == 1 and positives[1] in (2, 3)
