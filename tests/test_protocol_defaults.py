@@ -268,8 +268,13 @@ def write_folder_split(root, split, offsets):
 
 
 def write_db_struct(root, name, offsets, pos_dist=25.0, non_trivial_sq=100.0):
-    """A dbStruct file as the authors write them: one query, database images `offsets` metres east of it."""
+    """A dbStruct file as the authors write them: one query, database images `offsets` metres east of it (their
+    image files empty)."""
     names = lambda count, prefix: np.array([[f'{prefix}{i}.jpg'] for i in range(count)], dtype=object)
+    (root / 'queries_real').mkdir(exist_ok=True)
+    for i in range(len(offsets)):
+        (root / f'db{i}.jpg').write_bytes(b'')
+    (root / 'queries_real' / 'q0.jpg').write_bytes(b'')
     struct = dict(whichSet='test', dbImageFns=names(len(offsets), 'db'), utmDb=np.stack(
         [500000.0 + offsets, np.full(len(offsets), 4000000.0)]), qImageFns=names(1, 'q'),
         utmQ=np.array([[500000.0], [4000000.0]]), numImages=float(len(offsets)), numQueries=1.0,
@@ -310,6 +315,16 @@ def test_a_dbstruct_database_image_counts_as_correct_within_its_posdistthr_only(
     assert [list(p) for p in truth.positives()] == [[0, 1, 2]]
     assert [list(p) for p in truth.nontrivial_positives()] == [[0]]
     assert (recall_at_1(truth, 2), recall_at_1(truth, 3)) == (1.0, 0.0)
+
+
+def test_training_reads_the_train_split_and_validates_on_every_val_query(tmp_path):
+    """Outside torchrun the process validates (the port: every val query; the authors: 1000 of them)."""
+    write_db_struct(tmp_path, 'pitts30k_train', distances_around(10.0))
+    write_db_struct(tmp_path, 'pitts30k_val', distances_around(25.0))
+    opt = main.parse_options(['--mode=train', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
+    data, val_set = training.training_splits(opt)
+    assert list(data.queries) == [0] and [list(p) for p in data.nontrivial] == [[0]]
+    assert val_set is not None and val_set.split == 'val' and [list(p) for p in val_set.positives()] == [[0]]
 
 
 def test_the_synthetic_dataset_writes_the_pittsburgh_thresholds(tmp_path):
