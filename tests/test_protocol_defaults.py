@@ -24,6 +24,7 @@ import prune
 import quantize
 import retrieval
 import training
+from commons import UserError
 from datasets import load_dataset, with_positive_floor
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -183,6 +184,33 @@ def test_a_seed_command_reads_its_flags_and_the_reference_defaults(command, give
     for flag, value in expected.items():
         if flag not in ('mode', 'resume', 'runsPath', 'savePath'):
             assert opt[flag] == value, (command, flag)
+
+
+ACCEPTED_EDGES = [  # values the references give a meaning to
+    ('train', '--patience=0'),          # port main.py: 0 is off (and the authors' recipe)
+    ('train', '--cacheRefreshRate=0'),  # once per epoch
+    ('train', '--nGPU=0'),              # the CPU
+    ('train', '--val_queries=0'),       # every val query (the port)
+    ('train', '--weightDecay=0'), ('train', '--momentum=0'), ('train', '--min_positive_dist=0'),
+    ('train', '--batchSize=1'), ('train', '--nNeg=1'), ('train', '--evalEvery=1'), ('train', '--lrGamma=1'),
+    ('prune', '--pruning_amount=0.99'), ('prune', '--finetune_epochs=0'), ('quantize', '--qat_epochs=1'),
+]
+REJECTED_EDGES = [('train', '--lr=0'), ('train', '--margin=0'), ('train', '--batchSize=0'), ('train', '--momentum=1'),
+                  ('train', '--lrGamma=0'), ('prune', '--pruning_amount=0'), ('prune', '--pruning_amount=1'),
+                  ('quantize', '--qat_epochs=0')]
+
+
+@pytest.mark.parametrize('mode, flag', ACCEPTED_EDGES)
+def test_a_flag_accepts_the_edge_values_the_references_use(mode, flag, tmp_path):
+    opt = main.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
+    name, value = flag[2:].split('=')
+    assert getattr(opt, name) == float(value)
+
+
+@pytest.mark.parametrize('mode, flag', REJECTED_EDGES)
+def test_a_flag_refuses_a_value_outside_its_range(mode, flag, tmp_path):
+    with pytest.raises(UserError, match=flag.split('=')[0]):
+        main.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
 
 
 def test_adam_gets_no_weight_decay_and_sgd_the_references():
