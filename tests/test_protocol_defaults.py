@@ -26,6 +26,7 @@ import retrieval
 import training
 from commons import UserError
 from datasets import load_dataset, with_positive_floor
+from test_datasets import write_msls_side
 
 # ---------------------------------------------------------------------------------------------- the tables
 
@@ -343,6 +344,18 @@ def test_a_dbstruct_database_image_counts_as_correct_within_its_posdistthr_only(
     assert [list(p) for p in truth.positives()] == [[0, 1, 2]]
     assert [list(p) for p in truth.nontrivial_positives()] == [[0]]
     assert (recall_at_1(truth, 2), recall_at_1(truth, 3)) == (1.0, 0.0)
+
+
+def test_an_msls_database_image_is_correct_within_25_m_and_a_training_positive_within_10_m(tmp_path):
+    offsets = np.concatenate([distances_around(10.0), distances_around(25.0)])
+    side = tmp_path / 'train_val' / 'trondheim'
+    write_msls_side(side / 'database', [f'db{i}' for i in range(4)],
+                    [(500000.0 + offset, 4000000.0) for offset in offsets], [False] * 4)
+    write_msls_side(side / 'query', ['q0'], [(500000.0, 4000000.0)], [False])
+    opt = main.parse_options(['--mode=train', '--dataset=msls', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
+    truth = load_dataset(opt, 'train', images=False).db_struct
+    assert [list(p) for p in truth.positives()] == [[0, 1, 2]]
+    assert [list(p) for p in truth.nontrivial_positives()] == [[0]]
 
 
 def test_training_reads_the_train_split_and_validates_on_every_val_query(tmp_path):
