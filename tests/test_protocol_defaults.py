@@ -368,13 +368,24 @@ def test_training_reads_the_train_split_and_validates_on_every_val_query(tmp_pat
     assert val_set is not None and val_set.split == 'val' and [list(p) for p in val_set.positives()] == [[0]]
 
 
-def test_the_synthetic_dataset_writes_the_pittsburgh_thresholds(tmp_path):
-    opt = main.parse_options(['--mode=synth', f'--dataPath={tmp_path}', '--synth_db=2', '--synth_queries=1',
+def test_the_synthetic_dataset_has_the_pittsburgh_thresholds_and_its_documented_streets(tmp_path):
+    """docs/datasets.md: streets 1 km apart, a database view every 5 m, the train split twice as large; and the
+    Pittsburgh thresholds in dbStruct fields 7, 8 and 9 (posDistThr 25, posDistSqThr 625, nonTrivPosDistSqThr 100).
+    61 database images need two streets of at most 60 views each."""
+    opt = main.parse_options(['--mode=synth', f'--dataPath={tmp_path}', '--synth_db=61', '--synth_queries=2',
                               '--synth_imsize=32x32'])
     main.run(opt)
-    for split in ('train', 'val', 'test'):
+    for split, num_db in (('train', 122), ('val', 61), ('test', 61)):
         fields = scipy.io.loadmat(tmp_path / 'datasets' / f'pitts30k_{split}.mat')['dbStruct'][0, 0]
-        assert [float(fields[i].ravel()[0]) for i in (7, 8, 9)] == [25.0, 625.0, 100.0]  # SPEC 2: fields 7, 8, 9
+        assert [float(fields[i].ravel()[0]) for i in (7, 8, 9)] == [25.0, 625.0, 100.0]
+        utm_db = fields[2].T
+        assert len(utm_db) == num_db
+        steps = np.linalg.norm(np.diff(utm_db, axis=0), axis=1)
+        streets = 1 + int((steps > 100).sum())
+        assert streets == math.ceil(num_db / 60), split
+        assert steps[steps <= 100] == pytest.approx(5.0)  # a view every 5 m along a street
+        starts = utm_db[np.r_[0, np.flatnonzero(steps > 100) + 1]]
+        assert np.abs(np.diff(starts, axis=0)[:, 1]) == pytest.approx(1000.0, abs=50)  # streets 1 km apart
 
 
 # ---------------------------------------------------------------------------------------------- the margin
