@@ -132,7 +132,7 @@ def line_offsets(source):
 
 
 def mutants_of(path, skipped=()):
-    """Each mutant of a module: dict(file, line, where, original, mutated, source)."""
+    """Each mutant of a module: dict(file, line, column, where, original, mutated, source)."""
     source = (REPO / path).read_text()
     encoded, starts = source.encode(), line_offsets(source)
     mutants = []
@@ -143,8 +143,8 @@ def mutants_of(path, skipped=()):
         new = mutated_value(original)
         text = repr(new) if not isinstance(node, ast.UnaryOp) or new >= 0 else f'({new!r})'
         mutated = (encoded[:begin] + text.encode() + encoded[end:]).decode()
-        mutants.append(dict(file=path, line=node.lineno, where=where, original=encoded[begin:end].decode(),
-                            mutated=text, source=mutated))
+        mutants.append(dict(file=path, line=node.lineno, column=node.col_offset, where=where,
+                            original=encoded[begin:end].decode(), mutated=text, source=mutated))
     return mutants
 
 
@@ -279,7 +279,7 @@ def run_mutant(tree, mutant, test_files, budget, baseline):
 
 
 def mutant_key(mutant):
-    return mutant['file'], mutant['line'], mutant['where'], mutant['original']
+    return mutant['file'], mutant['line'], mutant['column']
 
 
 def main():
