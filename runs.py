@@ -6,6 +6,7 @@ A run's frozen layers belong to it: its checkpoint stores the first encoder laye
 here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import torch
 
 from centroids import initialised_model
 from checkpoint import checkpoint_path, is_best_state, read_checkpoint
-from commons import UserError, atomic_copy, empty_folder
+from commons import UserError, atomic_copy, empty_folder, locked_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
 
@@ -39,6 +40,32 @@ def is_dead_start(path):
     and no checkpoint.pth.tar (a model_best.pth.tar alone is the first save, killed before its second file)."""
     return os.path.isdir(path) and all(START_FILES.fullmatch(name) for name in os.listdir(path)) and \
         not os.path.exists(checkpoint_path(path))
+
+
+@contextlib.contextmanager
+def run_folder(path, rank=0, create=True):
+    """Hold the lock of the run folder `path` (created first when `create` and missing) while the block runs; the
+    folders created here are removed again if the block leaves them empty (a run that stopped on its input)."""
+    created = missing_folders(path) if create and rank == 0 else []
+    if created:
+        os.makedirs(path)
+    try:
+        with locked_folder(path, rank):
+            yield
+    finally:
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, innermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def check_new_run_folder(path):
@@ -111,8 +138,8 @@ def open_run(opt, which=None):
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
         return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load), checkpoint
-    if 'encoder.0.weight' not in state_dict:
-        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
+    if not any(key.startswith('encoder.0.') for key in state_dict):
+        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.*): not a NetVLAD model.')
     config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
     check_config_against_flags(config, opt, path)
     config['first_trainable'] = first_trainable(checkpoint, config['arch'], opt, opt.resume)
