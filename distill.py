@@ -24,6 +24,7 @@ from options import (
     add_network_flags,
     add_run_flags,
 )
+from results import variant_of
 from runs import check_new_run_folder, derived_run_folder, open_run, run_folder
 from training import add_optimizer_flags
 
@@ -93,10 +94,10 @@ def write_flags(opt, out_dir):
 
 def distill(opt):
     make_deterministic(opt.seed)
-    teacher, _ = open_teacher(opt)
+    teacher, teacher_checkpoint = open_teacher(opt)
     opt.teacher = os.path.normpath(opt.resume)
     opt.distilled = dict(teacher=opt.teacher, teacher_arch=teacher.arch, student=opt.student,
-                         variant=f'distilled {opt.student}')
+                         variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
     out_dir = opt.savePath or derived_run_folder(opt.resume, f'distilled_{opt.student}')
     images = training_images(opt)
     with run_folder(out_dir):
