@@ -4,7 +4,6 @@ descriptors live in the teacher's space (see distillation.py), written as the ru
 
 Training images need no labels: an image folder (--image_dir) or the images of the dataset's train split.
 """
-import argparse
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from options import (
     add_run_flags,
 )
 from results import variant_of
-from runs import check_new_run_folder, derived_run_folder, open_run, run_folder
+from runs import check_new_run_folder, derived_run_folder, open_other_run, open_run, run_folder
 from training import add_optimizer_flags
 
 # Flags a continued distillation must share with the run it continues.
@@ -78,7 +77,7 @@ def student_run(opt, teacher, out_dir):
     if not os.path.isfile(checkpoint_path(out_dir)):
         check_new_run_folder(out_dir)
         return student_for(teacher, opt.student, pretrained=not opt.fromscratch), None
-    student, state = open_run(argparse.Namespace(**dict(vars(opt), resume=out_dir, ckpt='latest', explicit=set())))
+    student, state = open_other_run(opt, out_dir)
     if any(state.get(key) != opt.distilled[key] for key in SAME_ON_CONTINUE):
         raise UserError(f'{out_dir} holds the distillation of {state.get("teacher")} into {state.get("student")}, '
                         f'not of {opt.teacher} into {opt.student}: give another --savePath, or move that folder '

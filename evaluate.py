@@ -24,7 +24,7 @@ from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags, add_rer
 from patch_netvlad import flags_config, patch_projection, rerank_candidates
 from results import record_result, variant_of
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
-from runs import load_model, open_run, place_model
+from runs import load_model, open_database_run, place_model
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 STORE_FOLDER = 'patch_features'  # RUN/patch_features/<split>: the database's Patch-NetVLAD store of --rerank patch
@@ -164,13 +164,8 @@ def database_model(opt, model, rerank, world, device):
     if rerank is not None or opt.descriptors or world > 1:
         raise UserError('--database_run extracts the database with another model in this one process: it cannot be '
                         'combined with --rerank, --descriptors or torchrun.')
-    db_model, db_checkpoint = open_run(argparse.Namespace(**dict(vars(opt), resume=opt.database_run, ckpt='latest',
-                                                                 explicit=set())))
-    if db_model.output_dim != model.output_dim:
-        raise UserError(f'--database_run={opt.database_run} gives {db_model.output_dim}-D descriptors and '
-                        f'--resume={opt.resume} {model.output_dim}-D ones: an asymmetric search needs one descriptor '
-                        f'space (a --mode=distill student and its teacher).')
-    return place_model(db_model, device)[0].eval(), f'{db_model.arch} {variant_of(db_checkpoint)}'
+    db_model, db_checkpoint = open_database_run(opt, model)
+    return place_model(db_model, device)[0], f'{db_model.arch} {variant_of(db_checkpoint)}'
 
 
 def encoders_of(opt, run_dir, checkpoint, db_name):

@@ -6,6 +6,7 @@ A run's frozen layers belong to it: its checkpoint stores the first encoder laye
 here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
+import argparse
 import contextlib
 import json
 import logging
@@ -150,6 +151,22 @@ def open_run(opt, which=None):
         raise UserError(f'Checkpoint {path} does not match the model it describes: '
                         f'{" ".join(str(error).split())}') from None
     return model, checkpoint
+
+
+def open_other_run(opt, run_dir):
+    """open_run of the latest checkpoint of another run folder than --resume, with the model flags taken from it."""
+    return open_run(argparse.Namespace(**dict(vars(opt), resume=run_dir, ckpt='latest', explicit=set())))
+
+
+def open_database_run(opt, model):
+    """(model, checkpoint) of --database_run, which describes the database images of an asymmetric search whose
+    queries `model` (--resume's) describes: a --mode=distill student's teacher, in the same descriptor space."""
+    db_model, db_checkpoint = open_other_run(opt, opt.database_run)
+    if db_model.output_dim != model.output_dim:
+        raise UserError(f'--database_run={opt.database_run} gives {db_model.output_dim}-D descriptors and '
+                        f'--resume={opt.resume} {model.output_dim}-D ones: an asymmetric search needs one descriptor '
+                        f'space (a --mode=distill student and its teacher).')
+    return db_model.eval(), db_checkpoint
 
 
 def latest_is_best(run_dir, unsafe=False):

@@ -1,6 +1,7 @@
 """--mode=distill: the student's descriptor lives in the teacher's space (dimension, normalisation), the loss and
 its gradient, asymmetric Recall@N against a brute-force search, a distilled run through every mode, resuming after a
 kill, and bad input."""
+import csv
 import json
 import shutil
 import subprocess
@@ -256,3 +257,21 @@ def test_the_mode_lists_its_flags():
                                text=True).stdout
     for flag in ('--student', '--image_dir', '--savePath', '--nEpochs', '--fromscratch'):
         assert flag in help_text, textwrap.shorten(help_text, 200)
+
+
+def test_query_with_a_database_run_ranks_student_photos_among_teacher_descriptors(student_run, teacher_run, places,
+                                                                                   tmp_path):
+    database, photos, positions = places
+    out = tmp_path / 'answers'
+    assert main.main(['--mode=query', f'--resume={student_run}', f'--database_run={teacher_run[0]}', '--query',
+                      photos, f'--database={database}', f'--export_dir={out}', '--num_matched=4', *FAST]) == 0
+    names = sorted(positions)
+    student = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
+    with torch.no_grad():
+        db_desc = teacher_run[1].eval()(torch.stack([read_image(database / n).float() for n in names])).numpy()
+        for i in range(3):
+            photo_desc = student(read_image(photos / f'photo{i}.jpg').float()[None]).numpy()[0]
+            order = np.argsort(-(db_desc @ photo_desc))[:4]
+            with open(out / f'photo{i}.csv', newline='') as f:
+                assert [row['database_image'] for row in csv.DictReader(f)] == [names[j] for j in order]
+    assert (teacher_run[0] / 'query_database').is_dir() and not (student_run / 'query_database').exists()
