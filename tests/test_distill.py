@@ -86,14 +86,17 @@ def random_images(count=3, size=(64, 80), seed=0):
 
 
 @pytest.mark.parametrize('student', list(STUDENTS))
-@pytest.mark.parametrize('kind', ['float', 'pruned', 'whitened'])
+@pytest.mark.parametrize('kind', ['float', 'pruned', 'whitened', 'imported'])
 def test_student_descriptor_has_the_teachers_dimension_and_norm(kind, student, tmp_path):
-    teacher = save_run(tmp_path / 'teacher', CONFIGS[kind])
+    # imported: as a MATLAB network, its own input normalisation and whitening (the student takes the project's input)
+    config = dict(CONFIGS['whitened'], input_norm=True) if kind == 'imported' else CONFIGS[kind]
+    teacher = save_run(tmp_path / 'teacher', config)
     model = student_for(teacher, student, pretrained=False).eval()
     with torch.no_grad():
         descriptors = model(random_images())
         teacher_descriptors = teacher(random_images())
     assert descriptors.shape == teacher_descriptors.shape
+    assert not hasattr(model, 'input_norm')  # torchvision's students take ImageNet-normalised RGB, as given
     assert torch.allclose(descriptors.norm(dim=1), torch.ones(3), atol=1e-5)
     for key, value in teacher.state_dict().items():  # the head is a copy of the teacher's
         if key.startswith(('pool.', 'whiten.')):
@@ -199,20 +202,24 @@ def test_the_distilled_run_reloads_through_every_mode(student_run, teacher_run, 
                       '--calib_images=8', '--latency_size=64x80', *FAST]) == 0
     int8_model = open_run(main.parse_options(['--mode=test', f'--resume={student_run}_quantized_static']))[0]
     assert int8_model.output_dim == teacher_run[1].output_dim
+    record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['teacher'] == str(teacher_run[0]) and record['variant'].endswith('+ int8 static')
 
 
 def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_images, tmp_path):
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-    assert main.main(distill_argv(teacher_run[0], training_images, whole, '--fromscratch')) == 0
+    # both in a child process, which runs with the same threads (the same float sums) as the other
+    assert run_killed(distill_argv(teacher_run[0], training_images, whole, '--fromscratch'), 'distillation',
+                      'save_checkpoint', call=0) == 0
     argv = distill_argv(teacher_run[0], training_images, killed, '--fromscratch')
     assert run_killed(argv, 'distillation', 'save_checkpoint', 2) != 0  # killed before epoch 2's checkpoint
     assert torch.load(checkpoint_path(str(killed)), weights_only=False)['epoch'] == 1
-    assert main.main(argv) == 0
+    assert run_killed(argv, 'distillation', 'save_checkpoint', call=0) == 0
     expected = torch.load(checkpoint_path(str(whole)), weights_only=False)
     resumed = torch.load(checkpoint_path(str(killed)), weights_only=False)
-    assert resumed['epoch'] == 2 and resumed['epoch_losses'] == pytest.approx(expected['epoch_losses'])
+    assert resumed['epoch'] == 2 and resumed['epoch_losses'] == expected['epoch_losses']
     for key, value in expected['state_dict'].items():
-        assert torch.allclose(resumed['state_dict'][key].float(), value.float(), atol=1e-6), key
+        assert torch.equal(resumed['state_dict'][key], value), key
 
 
 @pytest.fixture(scope='module')
