@@ -76,7 +76,8 @@ def bench(args):
     os.makedirs(args.work_dir, exist_ok=True)
     os.chdir(args.work_dir)
     data_flags = ['--dataset', 'synthetic', '--nGPU', '0', '--threads', str(args.threads),
-                  f'--synth_db={args.synth_db}', f'--synth_queries={args.synth_queries}']
+                  f'--synth_db={args.synth_db}', f'--synth_queries={args.synth_queries}',
+                  f'--synth_imsize={args.synth_imsize}']
     rows = []
     for arch in args.teachers:
         teacher = teacher_run(arch, args.teacher_epochs if arch in args.trained_teachers else 0, data_flags)
@@ -117,6 +118,7 @@ def parse_args():
     p.add_argument('--distill_epochs', default='5')
     p.add_argument('--synth_db', type=int, default=300)
     p.add_argument('--synth_queries', type=int, default=150)
+    p.add_argument('--synth_imsize', default='120x160')
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--repeats', type=int, default=2)
