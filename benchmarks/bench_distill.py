@@ -17,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
+from checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from driver import run_command  # noqa: E402
 from measure import count_macs, interleaved_latency, model_bytes  # noqa: E402
 from results import cpu_model  # noqa: E402
@@ -59,7 +60,8 @@ def distilled(teacher, student, epochs, data_flags):
     """(student run, distillation seconds): distilled unless done."""
     run = f'{teacher}_distilled_{student}'
     seconds = None
-    if not os.path.exists(os.path.join(run, 'checkpoints', 'flags.json')):
+    done = os.path.exists(checkpoint_path(run)) and read_checkpoint(checkpoint_path(run))['epoch'] >= int(epochs)
+    if not done:  # a run killed before its last epoch continues (its time is then that of the rest)
         started = time.time()
         run_command('--mode=distill', '--resume', teacher, '--student', student, '--nEpochs', epochs, '--fromscratch',
                     *data_flags)
@@ -75,6 +77,8 @@ def model_of(run):
 def bench(args):
     os.makedirs(args.work_dir, exist_ok=True)
     os.chdir(args.work_dir)
+    if args.table:
+        return print_table(saved_rows(args.teachers))
     data_flags = ['--dataset', 'synthetic', '--nGPU', '0', '--threads', str(args.threads),
                   f'--synth_db={args.synth_db}', f'--synth_queries={args.synth_queries}',
                   f'--synth_imsize={args.synth_imsize}']
@@ -93,7 +97,17 @@ def bench(args):
             row.update(latency_ms=latency, gmac=count_macs(model, LATENCY_SIZE) / 1e9,
                        mb=model_bytes(model, None, run) / 2 ** 20)
             rows.append(row)
+        with open(f'rows_{arch}.json', 'w') as f:  # each teacher's rows as soon as they are measured
+            json.dump(rows[-len(runs):], f)
     print_table(rows)
+
+
+def saved_rows(teachers):
+    rows = []
+    for arch in teachers:
+        with open(f'rows_{arch}.json') as f:
+            rows += json.load(f)
+    return rows
 
 
 def print_table(rows):
@@ -120,6 +134,7 @@ def parse_args():
     p.add_argument('--synth_queries', type=int, default=150)
     p.add_argument('--synth_imsize', default='120x160')
     p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--table', action='store_true', help='Only print the table of the rows measured before.')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--repeats', type=int, default=2)
     return p.parse_args()
