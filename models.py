@@ -24,8 +24,8 @@ ARCHS = {
                     conv_names={'conv1': 0, 'conv2': 3, 'conv3': 6, 'conv4': 8, 'conv5': 10}),
 }
 # Students of --mode=distill: a torchvision network cut before its classifier (its layers in order, as `layers`
-# lists them), the width of its last feature map, and the input width of its first conv (which tells them apart in a
-# state dict, with the number of layers).
+# lists them) and the width of its last feature map (which, with the first conv, tells them apart in a state dict:
+# see student_arch).
 STUDENTS = {
     'mobilenet_v3_large': dict(builder=torchvision.models.mobilenet_v3_large, weights='MobileNet_V3_Large_Weights',
                                channels=960, layers=lambda net: list(net.features)),
