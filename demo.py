@@ -2,7 +2,8 @@
 
 Every stage is a command line parsed and run by main.py exactly as if typed, so each stage reads what the one
 before wrote: cluster -> test (untrained) -> train -> test -> prune (structured 0.2 and 0.5, unstructured) -> quantize
-(static, static of the 50% pruned run, QAT) -> pca -> test with Patch-NetVLAD re-ranking -> report, then the
+(static, static of the 50% pruned run, QAT) -> distill into MobileNetV3-Large (its test, its queries against the
+trained model's database, its int8 static variant) -> pca -> test with Patch-NetVLAD re-ranking -> report, then the
 pictures.
 """
 import logging
@@ -24,9 +25,11 @@ from runs import holds_something, load_model
 # Sized for about ten minutes on a 2-core CPU (default) or about a minute (tiny, for tests).
 DEMO_SIZES = {
     'default': dict(synth_db=300, synth_queries=150, synth_imsize='120x160', nEpochs=3, finetune_epochs=1,
-                    qat_epochs=1, calib_images=128, latency_size='480x640', pca_dim=256, rerank_size='240x320'),
+                    qat_epochs=1, calib_images=128, latency_size='480x640', pca_dim=256, rerank_size='240x320',
+                    distill_epochs=10),
     'tiny': dict(synth_db=30, synth_queries=16, synth_imsize='64x80', nEpochs=1, finetune_epochs=1,
-                 qat_epochs=1, calib_images=8, latency_size='64x80', pca_dim=32, rerank_size='128x160'),
+                 qat_epochs=1, calib_images=8, latency_size='64x80', pca_dim=32, rerank_size='128x160',
+                 distill_epochs=1),
 }
 # Patch-NetVLAD's speed config re-ranks the whitened run on images loaded at rerank_size: its 5x5 patches need a
 # feature map of about 14x19 cells or more (480x640 gives VGG16 30x40), and the demo's images give AlexNet 6x9, where
@@ -36,6 +39,7 @@ DEMO_SIZES = {
 # learning rate).
 TRAIN_FLAGS = ['--optim', 'ADAM', '--lr', '0.00001']
 STRIP_QUERIES = 4
+STUDENT = 'mobilenet_v3_large'  # the trained model distilled into it: its own row, its queries, its int8 variant
 STRUCTURED_AMOUNTS = (0.2, 0.5)  # the two amounts whose recall targets the demo shows: within 0.02 and 0.05 of trained
 
 
@@ -52,11 +56,18 @@ def add_flags(p):
 def time_together(records, untrained_argv, parse_options, path):
     """The CPU latency of every variant of the table, timed in one interleaved run in this process, each model in
     channels-last memory format: rows timed by separate processes (at separate loads) would not compare."""
-    options = [parse_options(untrained_argv + (['--resume', r['run']] if r.get('run') else [])) for r in records]
+    options = [parse_options(without_arch(untrained_argv) + ['--resume', r['run']] if r.get('run') else untrained_argv)
+               for r in records]
     models = [load_model(o)[0].cpu().eval().to(memory_format=torch.channels_last) for o in options]
     size = options[0].latency_size
     latencies = interleaved_latency(models, size)
     set_latencies(path, {record_key(r): (ms, 'x'.join(map(str, size))) for r, ms in zip(records, latencies)})
+
+
+def without_arch(argv):
+    """A command line without its --arch: a run's own architecture (a distilled student's) is read from it."""
+    at = argv.index('--arch')
+    return argv[:at] + argv[at + 2:]
 
 
 def demo_setting(opt):
@@ -76,6 +87,7 @@ def stage_commands(opt, size):
     common += [f'--{k}={size[k]}' for k in ('synth_db', 'synth_queries', 'synth_imsize')]
     evaluate = ['--split', 'test', '--latency_size', size['latency_size']]
     resume = ['--resume', run]
+    student = ['--resume', f'{run}_distilled_{STUDENT}']
     return [
         ['--mode=cluster'] + common,
         ['--mode=test'] + common + evaluate,
@@ -92,6 +104,11 @@ def stage_commands(opt, size):
         + common + evaluate + ['--resume', f'{run}_pruned_structured_50'],
         ['--mode=quantize', '--quantization_type=qat', f'--calib_images={size["calib_images"]}',
          f'--qat_epochs={size["qat_epochs"]}'] + TRAIN_FLAGS + common + evaluate + resume,
+        ['--mode=distill', f'--student={STUDENT}', f'--nEpochs={size["distill_epochs"]}'] + common + resume,
+        ['--mode=test'] + without_arch(common) + evaluate + student,
+        ['--mode=test'] + without_arch(common) + evaluate + student + ['--database_run', run],
+        ['--mode=quantize', '--quantization_type=static', f'--calib_images={size["calib_images"]}']
+        + without_arch(common) + evaluate + student,
         ['--mode=pca', f'--pca_dim={size["pca_dim"]}'] + common + evaluate + resume,
         ['--mode=test', '--rerank=patch', '--rerank_config=speed', f'--num_pcs={size["pca_dim"]}',
          f'--resize={size["rerank_size"]}'] + common + evaluate + ['--resume', f'{run}_pca{size["pca_dim"]}'],
@@ -115,7 +132,7 @@ def demo(opt, parse_options, run_mode):
             trained_test = result
     arch, data_path, _ = demo_setting(opt)
     records = [r for r in latest_per_variant(read_results(results_path(opt)))
-               if r['arch'] == arch and r['dataset'] == 'synthetic' and r['split'] == 'test']
+               if r['arch'] in (arch, STUDENT) and r['dataset'] == 'synthetic' and r['split'] == 'test']
     plot_recall_curves(records, os.path.join(run_dir, 'recall_curves.png'))
     test_set = load_dataset(parse_options(['--mode=test', '--dataset=synthetic', '--dataPath', data_path]), 'test')
     queries = np.linspace(0, test_set.db_struct.numQ - 1, STRIP_QUERIES).round().astype(int)  # spread over streets

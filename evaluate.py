@@ -24,9 +24,9 @@ from global_features import extraction_settings
 from msls import write_predictions
 from options import AT_LEAST_0, add_evaluating_flags, add_latency_flags, add_rerank_flags
 from patch_netvlad import check_first_image, flags_config, patch_projection, rerank_candidates
-from results import record_result
+from results import record_result, variant_of
 from retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
-from runs import load_model, place_model, stored_flags
+from runs import load_model, open_database_run, place_model, stored_flags
 
 PICTURE_QUERIES = 10  # --save_predictions: queries shown in the picture
 STORE_FOLDER = 'patch_features'  # RUN/patch_features/<split>: the database's Patch-NetVLAD store of --rerank patch
@@ -45,6 +45,9 @@ def add_flags(p):
                       help='Write each query\'s top N database images with their descriptor distance and distance in '
                            'metres (<run>/predictions_<split>.csv), and a picture of the first queries with their '
                            'retrievals (green within the positive threshold, red beyond).')
+    test.add_argument('--database_run', default=None, metavar='RUN',
+                      help='Asymmetric search: describe the database images with this run (e.g. the teacher of a '
+                           '--mode=distill student) and the queries with --resume.')
     test.add_argument('--descriptors', nargs='+', default=None, metavar='PART',
                       help='Search the descriptor parts that test mode under torchrun wrote '
                            '(<split>_<dim>d_partRRRofWWW.npy, all of them) instead of extracting.')
@@ -90,6 +93,7 @@ def test(opt):
     dataset = load_dataset(opt, opt.split, images=not opt.descriptors or rerank is not None)
     model, checkpoint, run_dir = load_model(opt)
     model, device = place_model(model, device)
+    db_model, db_name = database_model(opt, model, rerank, world, device)
     if world > 1:
         return extract_part(model, dataset, opt, device, rank, world)
     split = evaluation_name(opt)
@@ -99,7 +103,8 @@ def test(opt):
     parts = opt.descriptors and open_descriptor_parts(opt.descriptors, opt.split, dataset, model.output_dim)
     result = recall_at_n(model, dataset, device, opt.cacheBatchSize, opt.precision, opt.threads, opt.index,
                          opt.compare_exact, opt.desc_dtype, opt.cachePath, opt.save_predictions, parts, rerank,
-                         opt.output_features_dir or os.path.join(run_dir, STORE_FOLDER, split), run_dir)
+                         opt.output_features_dir or os.path.join(run_dir, STORE_FOLDER, split), run_dir,
+                         db_model)
     predictions, distances = result.pop('predictions'), result.pop('distances')
     stem = result_stem(opt, split, rerank, run_dir)
     if opt.save_predictions:
@@ -108,7 +113,7 @@ def test(opt):
     if opt.dataset == 'msls' and not opt.database_folder:
         save_msls_predictions(dataset, predictions, run_dir, stem)
     result.update(split=split, dataset=named.dataset, dataPath=opt.dataPath, run=run_dir, precision=opt.precision,
-                  device=str(device))
+                  device=str(device), **encoders_of(opt, run_dir, checkpoint, db_name))
     path = os.path.join(run_dir, f'test_{stem}.json')
     atomic_write_json(result, path)
     record_result(named, model, checkpoint, run_dir, result)
@@ -123,7 +128,8 @@ def result_stem(opt, split, rerank, run_dir):
     re-ranking config, so that no evaluation replaces the file of another. The run's own dataset (its flags.json's)
     searched exactly keeps the plain test_<split>.json that users' scripts read. A run without flags.json records
     no dataset of its own (imported and reference-port runs; the off-the-shelf network is initialised from the
-    centroids of the dataset it is tested on): its dataset is the one tested, as before."""
+    centroids of the dataset it is tested on): its dataset is the one tested, as before. A search of another run's
+    database (--database_run) is named apart too."""
     stored = stored_flags(run_dir)
     where = data_location(opt)
     parts = [split]
@@ -134,6 +140,8 @@ def result_stem(opt, split, rerank, run_dir):
         parts.append(opt.index)
     if rerank is not None:
         parts += ['rerank', rerank.name]
+    if opt.database_run:
+        parts.append('asymmetric')
     return '_'.join(parts)
 
 
@@ -145,14 +153,15 @@ def data_location(flags):
 
 def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', threads=0, index='flat',
                 compare_exact=False, desc_dtype='float32', cache_path=None, save_predictions=0, descriptors=None,
-                rerank=None, store_dir=None, run=''):
+                rerank=None, store_dir=None, run='', db_model=None):
     """The test step: Recall@N of `model` on a whole-set dataset (datasets.load_dataset), each query searched among
     the database images. descriptors: the whole set's descriptors when extracted already (open_descriptor_parts),
     else they are extracted. rerank: a patch_netvlad.RerankConfig: each query's first rerank.num_candidates are
     re-ranked by their patch score, with the database's patch store in store_dir (`run` names the model in its
     errors). The other parameters are the flags of the same names (batch_size: --cacheBatchSize, cache_path:
     --cachePath, save_predictions: how many predictions to keep at least). Returns recalls, curve, predictions,
-    distances, the timings and, when re-ranked, its summary (`rerank`)."""
+    distances, the timings and, when re-ranked, its summary (`rerank`). db_model: the model that describes the
+    database images when it is not `model` (asymmetric search)."""
     device = torch.device(device)
     settings = argparse.Namespace(**vars(extraction_settings(device, batch_size, precision, threads)), index=index,
                                   compare_exact=compare_exact, desc_dtype=desc_dtype, cachePath=cache_path,
@@ -160,7 +169,7 @@ def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', t
     reranker, summary = patch_reranker(model, dataset, rerank, store_dir, device, settings, run)
     top = rerank.num_candidates if rerank else 0
     if descriptors is None:
-        result = evaluate(model, dataset, settings, device, reranker, top)
+        result = evaluate(model, dataset, settings, device, reranker, top, db_model)
     else:
         result = dict(search_and_recall(descriptors, dataset.db_struct.numDb, dataset.positives(), settings,
                                         dataset.db_struct, reranker, top), extraction_s=None, images_per_s=None)
@@ -175,6 +184,28 @@ def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', t
                      1000 * summary['matching_s_per_query'], dataset.db_struct.numDb, summary['store'])
     log_recalls(result['recalls'])
     return result
+
+
+def database_model(opt, model, rerank, world, device):
+    """(model, name) of --database_run on `device` (None, None without it), checked to describe images in
+    descriptors of `model`'s dimension."""
+    if not opt.database_run:
+        return None, None
+    if rerank is not None or opt.descriptors or world > 1:
+        raise UserError('--database_run extracts the database with another model in this one process: it cannot be '
+                        'combined with --rerank, --descriptors or torchrun.')
+    db_model, db_checkpoint = open_database_run(opt, model)
+    return place_model(db_model, device)[0], f'{db_model.arch} {variant_of(db_checkpoint)}'
+
+
+def encoders_of(opt, run_dir, checkpoint, db_name):
+    """Which model described which side: the results record's `query_encoder` and `database_encoder` (run folder
+    and name), and the teacher of a distilled run."""
+    teacher = {'teacher': checkpoint['teacher']} if checkpoint and 'teacher' in checkpoint else {}
+    if db_name is None:
+        return teacher
+    return dict(teacher, query_encoder=dict(run=run_dir, name=f'{opt.arch} {variant_of(checkpoint)}'),
+                database_encoder=dict(run=opt.database_run, name=db_name))
 
 
 def patch_reranker(model, dataset, config, store_dir, device, settings, run):

@@ -21,6 +21,7 @@ MODE_TABLE = {
     'cluster': ('cluster', 'cluster', 'k-means centroids of local descriptors, which NetVLAD is initialised from'),
     'train': ('train', 'train', 'weakly supervised triplet training (or --resume a run)'),
     'test': ('evaluate', 'test', 'Recall@N of a run (or of the untrained network) on a split'),
+    'distill': ('distill', 'distill', "a run distilled into a MobileNetV3/ResNet18 student that searches its database"),
     'prune': ('prune', 'prune', 'structured or unstructured pruning, fine-tuned and compared'),
     'quantize': ('quantize', 'quantize', 'int8 quantization (static or QAT), compared'),
     'pca': ('pca', 'pca', 'PCA whitening of the descriptor fitted on training images, compared'),

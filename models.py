@@ -23,6 +23,18 @@ ARCHS = {
                     channels=[64, 192, 384, 256, 256],
                     conv_names={'conv1': 0, 'conv2': 3, 'conv3': 6, 'conv4': 8, 'conv5': 10}),
 }
+# Students of --mode=distill: a torchvision network cut before its classifier (its layers in order, as `layers`
+# lists them) and the width of its last feature map (which, with the first conv, tells them apart in a state dict:
+# see student_arch).
+STUDENTS = {
+    'mobilenet_v3_large': dict(builder=torchvision.models.mobilenet_v3_large, weights='MobileNet_V3_Large_Weights',
+                               channels=960, layers=lambda net: list(net.features)),
+    'mobilenet_v3_small': dict(builder=torchvision.models.mobilenet_v3_small, weights='MobileNet_V3_Small_Weights',
+                               channels=576, layers=lambda net: list(net.features)),
+    'resnet18': dict(builder=torchvision.models.resnet18, weights='ResNet18_Weights', channels=512,
+                     layers=lambda net: [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
+                                         net.layer3, net.layer4]),
+}
 
 POOLINGS = ('netvlad', 'max', 'avg')
 
@@ -38,7 +50,7 @@ def layer_index(arch, name, flag='--backPropToLayer'):
 
 def layer_name(arch, index):
     """The name of the encoder layer at `index` (conv5, conv5_1, ...; encoder.<index> for a layer that is no conv)."""
-    names = {i: name for name, i in ARCHS[arch]['conv_names'].items()}
+    names = {i: name for name, i in ARCHS[arch]['conv_names'].items()} if arch in ARCHS else {}
     return names.get(index, f'encoder.{index}')
 
 
@@ -58,21 +70,34 @@ def trainable_layers_text(model):
             f'{model.frozen_layers}); the layers before it are frozen')
 
 
-def build_encoder(arch, pretrained, channels=None):
-    """torchvision `features` without its last ReLU and max-pool; `channels` rebuilds convs with pruned widths."""
-    spec = ARCHS[arch]
+def torchvision_network(arch, spec, pretrained):
+    """torchvision's network `arch` (spec: its ARCHS or STUDENTS entry), with its ImageNet weights when
+    `pretrained` (read from torch.hub's cache of checkpoints, as torchvision does)."""
     weights = getattr(torchvision.models, spec['weights']).IMAGENET1K_V1 if pretrained else None
     try:
-        features = spec['builder'](weights=weights).features
+        return spec['builder'](weights=weights)
     except Exception as error:  # download or file error: no network here, or a damaged cache
         raise UserError(
             f'Could not load the ImageNet weights of {arch} ({type(error).__name__}: {error}). Without network '
             f'access, either train from random weights with --fromscratch, or copy the file '
             f'{weights.url.rsplit("/", 1)[-1]} into {torch.hub.get_dir()}/checkpoints/ and run again.') from None
+
+
+def build_encoder(arch, pretrained, channels=None):
+    """torchvision `features` without its last ReLU and max-pool; `channels` rebuilds convs with pruned widths."""
+    features = torchvision_network(arch, ARCHS[arch], pretrained).features
     encoder = nn.Sequential(*list(features.children())[:-2])
     if channels is not None:
         set_conv_widths(encoder, channels)
     return encoder
+
+
+def build_student_encoder(student, pretrained, dim):
+    """The student network's layers up to its last feature map, then a 1x1 conv projecting that map to the teacher's
+    local width `dim`, so that the teacher's pooling (and whitening) can follow it."""
+    spec = STUDENTS[student]
+    layers = spec['layers'](torchvision_network(student, spec, pretrained))
+    return nn.Sequential(*layers, nn.Conv2d(spec['channels'], dim, kernel_size=1))
 
 
 def conv_indices(encoder):
@@ -186,7 +211,10 @@ class EmbedNet(nn.Module):
 def build_model(config, pretrained=False):
     """The network described by a config dict (see `model_config`); the encoder layers before
     config['first_trainable'] (default 0) are frozen."""
-    encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
+    if config['arch'] in STUDENTS:
+        encoder = build_student_encoder(config['arch'], pretrained, config['local_dim'])
+    else:
+        encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
     pool, whiten = build_head(config)
     input_norm = InputNormalization() if config.get('input_norm') else None
     return EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'], input_norm)
@@ -194,7 +222,7 @@ def build_model(config, pretrained=False):
 
 def build_head(config):
     """The pooling layer and the optional PCA-whitening layer that a config describes (untrained)."""
-    dim = (config.get('encoder_channels') or ARCHS[config['arch']]['channels'])[-1]
+    dim = config.get('local_dim') or (config.get('encoder_channels') or ARCHS[config['arch']]['channels'])[-1]
     if config['pooling'] == 'netvlad':
         pool = NetVLAD(config['num_clusters'], dim, vladv2=config['vladv2'])
     else:
@@ -216,17 +244,40 @@ def model_config(opt):
 
 def config_from_state_dict(state_dict, pooling):
     """The architecture a state dict holds, read from its key names and weight shapes (the reference stores none)."""
+    student = student_arch(state_dict)
+    if student is not None:  # a distilled student: its own layers, a projection to the teacher's width, its head
+        return dict(arch=student, encoder_channels=None, local_dim=state_dict[projection_key(state_dict)].shape[0],
+                    input_norm=False, **head_config(state_dict, pooling))
     first_conv = state_dict['encoder.0.weight']
     arch = 'alexnet' if first_conv.shape[-1] == 11 else 'vgg16'
     conv_weights = [v for k, v in state_dict.items() if k.startswith('encoder.') and v.dim() == 4]
     encoder_channels = [w.shape[0] for w in conv_weights]
+    return dict(arch=arch, encoder_channels=None if encoder_channels == ARCHS[arch]['channels'] else encoder_channels,
+                input_norm='input_norm.mean' in state_dict, **head_config(state_dict, pooling))
+
+
+def head_config(state_dict, pooling):
+    """The pooling and whitening a state dict holds."""
     centroids = state_dict.get('pool.centroids')
     whiten = state_dict.get('whiten.weight')
-    return dict(arch=arch,
-                pooling='netvlad' if centroids is not None else pooling,
+    return dict(pooling='netvlad' if centroids is not None else pooling,
                 num_clusters=centroids.shape[0] if centroids is not None else None,
-                vladv2='pool.conv.bias' in state_dict,
-                encoder_channels=None if encoder_channels == ARCHS[arch]['channels'] else encoder_channels,
-                pca_dim=whiten.shape[0] if whiten is not None else None,
-                input_norm='input_norm.mean' in state_dict)
+                vladv2='pool.conv.bias' in state_dict, pca_dim=whiten.shape[0] if whiten is not None else None)
 
+
+def projection_key(state_dict):
+    """The state-dict key of a student's projection (its last encoder layer, a 1x1 conv)."""
+    last = max(int(key.split('.')[1]) for key in state_dict if key.startswith('encoder.'))
+    return f'encoder.{last}.weight'
+
+
+def student_arch(state_dict):
+    """The student a state dict holds (by its first conv and its projection's input width), or None."""
+    if 'encoder.0.weight' in state_dict and state_dict['encoder.0.weight'].shape[-1] != 7:
+        return None  # VGG16 (3x3) and AlexNet (11x11) start with a plain conv, ResNet18 with a 7x7 one
+    projection = state_dict.get(projection_key(state_dict))
+    if projection is None or projection.dim() != 4 or projection.shape[-1] != 1:
+        return None
+    if 'encoder.0.weight' in state_dict:
+        return 'resnet18'
+    return {spec['channels']: name for name, spec in STUDENTS.items()}.get(projection.shape[1])

@@ -164,6 +164,7 @@ def save_quantized(prepared, record, head_model, config, source, opt, out_dir, c
                       qat_epochs=opt.qat_epochs if opt.quantization_type == 'qat' else 0,
                       weights='int8 per-channel symmetric', activations='uint8 per-tensor affine',
                       versions=dict(torch=str(torch.__version__), torchao=_torchao_version()),
+                      **{key: source[key] for key in ('teacher',) if key in source},  # a distilled student's
                       **trainable_state(head_model))
     write_checkpoint_files(checkpoint, folder, is_best=True)  # model_best too: --ckpt=best finds the same model
     return checkpoint
@@ -186,6 +187,7 @@ def quantize(opt):
     with building_folder(out_dir) as folder:
         report, before, after, result, checkpoint = quantize_into(folder, model, source, config, calib_set, eval_set,
                                                                   splits, opt, device)
+    result.update({key: checkpoint[key] for key in ('teacher',) if key in checkpoint})
     append_result(_options(opt, arch=config['arch']), checkpoint['variant'], result, after['file_bytes'],
                   after['latency_ms'], out_dir)
     logging.info('====> int8 model (%s) in %s (report: %s): file %.2fx smaller, %.2fx faster on the CPU, Recall@1 '

@@ -42,7 +42,7 @@ from global_features import (
 from options import AT_LEAST_1, add_describing_flags, add_image_folder_flags, add_rerank_flags
 from patch_netvlad import flags_config, patch_projection, rerank_candidates
 from retrieval import reorder_first, top_k_by_dot
-from runs import load_model, place_model
+from runs import load_model, open_database_run, place_model
 
 DEFAULT_TOP = 5
 CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
@@ -57,6 +57,9 @@ def add_flags(p):
     group.add_argument('--database', required=True,
                        help='The database: a global-feats .h5 written by --mode=extract, or a folder of images '
                             '(extracted once, then cached in the run folder for later queries).')
+    group.add_argument('--database_run', default=None, metavar='RUN',
+                       help='Asymmetric search: a folder --database is described by this run (e.g. the teacher of a '
+                            '--mode=distill student; cached in its run folder) and the photos by --resume.')
     group.add_argument('--positions', default=None,
                        help='CSV of database positions with a header, columns name,east,north (metres) or '
                             'name,lat,lon. Default: positions read from folder-format names (@east@north@... as in '
@@ -80,9 +83,22 @@ def query(opt):
     request = check_request(opt.query, opt.database, opt.num_matched, opt.positions, rerank, opt.image_dir)
     model, _, run_dir = load_model(opt)
     model, device = place_model(model, select_device(opt))
+    db_side = database_side(opt, model, rerank, device)
     return answer_request(model, request, opt.export_dir or os.path.join(opt.runsPath, 'query_results'), run_dir,
                           device, opt.num_matched, opt.image_dir, opt.cacheBatchSize, opt.precision, opt.threads,
-                          opt.resize_max, opt.skip_unreadable, opt.as_half, rerank, opt.output_features_dir)
+                          opt.resize_max, opt.skip_unreadable, opt.as_half, rerank, opt.output_features_dir, db_side)
+
+
+def database_side(opt, model, rerank, device):
+    """(model, run folder) of --database_run, which describes a folder --database; None without it."""
+    if not opt.database_run:
+        return None
+    if rerank is not None:
+        raise UserError('--database_run cannot be combined with --rerank (the patches of the database and of the '
+                        'photos would come from different networks).')
+    db_model, _ = open_database_run(opt, model)
+    logging.info('Asymmetric search: database images described by %s, photos by %s', opt.database_run, opt.resume)
+    return place_model(db_model, device)[0], opt.database_run
 
 
 def query_images(model, query, database, export_dir, run_dir, device='cpu', num_matched=DEFAULT_TOP, positions=None,
@@ -114,18 +130,19 @@ def check_request(query, database, num_matched, positions_csv, rerank=None, imag
 
 
 def answer_request(model, request, out, run_dir, device, top, image_dir, batch_size, precision, threads, resize_max,
-                   skip_unreadable, as_half, rerank, store_dir):
-    """query_images after its checks."""
+                   skip_unreadable, as_half, rerank, store_dir, db_side=None):
+    """query_images after its checks; db_side: (model, run folder) that describe the database, when not these."""
+    db_model, db_run = db_side or (model, run_dir)
     settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
     if rerank is not None:
         patch_projection(model, rerank.pca_dim)  # a run that cannot give patch descriptors stops before any work
-    db_file, db_names, db_root = database(model, request.database, image_dir, settings, device, run_dir,
+    db_file, db_names, db_root = database(db_model, request.database, image_dir, settings, device, db_run,
                                           request.names)
     photos = request.photos
     kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
     if not kept:
         raise UserError(f'None of the {len(photos)} query photos could be read.')
-    db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(run_dir, CACHE_FOLDER))
+    db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(db_run, CACHE_FOLDER))
     scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
     if rerank is not None:
         candidates = found[:, :rerank.num_candidates]

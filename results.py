@@ -37,6 +37,8 @@ def append_result(opt, variant, evaluation, file_bytes, latency_ms, run_dir=None
                   date=datetime.date.today().isoformat(), **provenance(opt))
     if 'rerank' in evaluation:
         record['rerank'] = rerank_record(evaluation['rerank'])
+    record.update({key: evaluation[key] for key in ('teacher', 'query_encoder', 'database_encoder')
+                   if key in evaluation})
     os.makedirs(opt.runsPath, exist_ok=True)
     append_line(results_path(opt), json.dumps(record) + '\n')
     return record
@@ -135,6 +137,8 @@ def record_result(opt, model, checkpoint, run_dir, result):
         variant += f' {opt.precision}'
     if 'rerank' in result:
         variant += f' + patch re-ranking ({result["rerank"]["config"]})'
+    if 'database_encoder' in result:
+        variant += f', queries against the {result["database_encoder"]["name"]} database'
     return append_result(opt, variant, result, model_bytes(model, checkpoint, run_dir), latency,
                          run_dir if checkpoint is not None else None)
 

@@ -15,9 +15,10 @@ import time
 import faiss
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from descriptors import DescriptorFile, cache_folder
+from descriptors import DescriptorFile, DescriptorParts, cache_folder
 from gpu_decode import image_batches
 
 RECALL_NS = [1, 5, 10, 20]
@@ -379,21 +380,36 @@ def scored_recall_curve(predictions, positives, scored):
     return recall_curve(predictions[scored, :CURVE_MAX_N], [positives[q] for q in scored])
 
 
-def evaluate(model, dataset, opt, device, rerank=None, rerank_top=0):
+def evaluate(model, dataset, opt, device, rerank=None, rerank_top=0, db_model=None):
     """Recall@N of `model` on a whole-set dataset, with the descriptor extraction rate (rerank, rerank_top: as
-    search_and_recall's).
+    search_and_recall's). db_model: the model that describes the database images, when it is not `model`
+    (asymmetric search: a distilled student's queries in its teacher's database).
 
     The descriptors are streamed to a file in --cachePath (default: a new temporary folder), searched there in
     chunks, and deleted afterwards.
     """
     with cache_folder(getattr(opt, 'cachePath', None)) as folder:
         started = time.time()
-        whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
-                                    path=os.path.join(folder, f'{dataset.split}.npy'))
+        if db_model is None:
+            whole = extract_descriptors(model, dataset, opt, device, f'{dataset.split} descriptors',
+                                        path=os.path.join(folder, f'{dataset.split}.npy'))
+        else:
+            whole = asymmetric_descriptors(db_model, model, dataset, opt, device, folder)
         extraction_s = time.time() - started
         result = search_and_recall(whole, dataset.db_struct.numDb, dataset.positives(), opt, dataset.db_struct,
                                    rerank, rerank_top)
     return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s)
+
+
+def asymmetric_descriptors(db_model, query_model, dataset, opt, device, folder):
+    """The descriptors of a whole-set dataset, its database images described by db_model and its queries by
+    query_model, as one [N, D] array of two files in `folder`."""
+    num_db = dataset.db_struct.numDb
+    sides = [(db_model, range(num_db), 'database'), (query_model, range(num_db, len(dataset)), 'query')]
+    return DescriptorParts([extract_descriptors(model, Subset(dataset, rows), opt, device,
+                                                f'{dataset.split} {side} descriptors',
+                                                path=os.path.join(folder, f'{dataset.split}_{side}.npy'))
+                            for model, rows, side in sides])
 
 
 def log_recalls(recalls):

@@ -6,6 +6,8 @@ A run's frozen layers belong to it: its checkpoint stores the first encoder laye
 here freezes the layers before it. A checkpoint of the reference port stores nothing; it gets the reference's rule,
 layers before conv5 frozen unless the run was trained --fromscratch (its flags.json, else the command line).
 """
+import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ import torch
 
 from centroids import initialised_model
 from checkpoint import check_entries, checkpoint_path, is_best_state, read_checkpoint
-from commons import UserError, atomic_copy, empty_folder
+from commons import UserError, atomic_copy, empty_folder, locked_folder
 from int8 import load_quantized_model
 from models import ARCHS, build_model, config_from_state_dict, layer_index
 
@@ -39,6 +41,32 @@ def is_dead_start(path):
     and no checkpoint.pth.tar (a model_best.pth.tar alone is the first save, killed before its second file)."""
     return os.path.isdir(path) and all(START_FILES.fullmatch(name) for name in os.listdir(path)) and \
         not os.path.exists(checkpoint_path(path))
+
+
+@contextlib.contextmanager
+def run_folder(path, rank=0, create=True):
+    """Hold the lock of the run folder `path` (created first when `create` and missing) while the block runs; the
+    folders created here are removed again if the block leaves them empty (a run that stopped on its input)."""
+    created = missing_folders(path) if create and rank == 0 else []
+    if created:
+        os.makedirs(path)
+    try:
+        with locked_folder(path, rank):
+            yield
+    finally:
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, innermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def check_new_run_folder(path):
@@ -151,8 +179,8 @@ def open_run(opt, which=None):
     state_dict = checkpoint['state_dict']
     if 'quantized' in checkpoint:
         return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load, path), checkpoint
-    if 'encoder.0.weight' not in state_dict:
-        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.weight): not a NetVLAD model.')
+    if not any(key.startswith('encoder.0.') for key in state_dict):
+        raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.*): not a NetVLAD model.')
     config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
     check_config_against_flags(config, opt, path)
     config['first_trainable'] = first_trainable(checkpoint, config['arch'], opt, opt.resume)
@@ -161,6 +189,22 @@ def open_run(opt, which=None):
     model = build_model(config)
     model.load_state_dict(state_dict)
     return model, checkpoint
+
+
+def open_other_run(opt, run_dir):
+    """open_run of the latest checkpoint of another run folder than --resume, with the model flags taken from it."""
+    return open_run(argparse.Namespace(**dict(vars(opt), resume=run_dir, ckpt='latest', explicit=set())))
+
+
+def open_database_run(opt, model):
+    """(model, checkpoint) of --database_run, which describes the database images of an asymmetric search whose
+    queries `model` (--resume's) describes: a --mode=distill student's teacher, in the same descriptor space."""
+    db_model, db_checkpoint = open_other_run(opt, opt.database_run)
+    if db_model.output_dim != model.output_dim:
+        raise UserError(f'--database_run={opt.database_run} gives {db_model.output_dim}-D descriptors and '
+                        f'--resume={opt.resume} {model.output_dim}-D ones: an asymmetric search needs one descriptor '
+                        f'space (a --mode=distill student and its teacher).')
+    return db_model.eval(), db_checkpoint
 
 
 def latest_is_best(run_dir, unsafe=False):

@@ -10,15 +10,7 @@ import time
 import torch.distributed as dist
 
 from centroids import initialised_model
-from commons import (
-    UserError,
-    atomic_write_json,
-    locked_folder,
-    make_deterministic,
-    plural,
-    select_device,
-    setup_logging,
-)
+from commons import UserError, atomic_write_json, make_deterministic, plural, select_device, setup_logging
 from models import layer_index, layer_name
 from options import (
     AT_LEAST_1,
@@ -29,7 +21,15 @@ from options import (
     add_run_flags,
     add_search_flags,
 )
-from runs import check_float_run, check_new_run_folder, is_dead_start, open_run, restore_missing_best, stored_flags
+from runs import (
+    check_float_run,
+    check_new_run_folder,
+    is_dead_start,
+    open_run,
+    restore_missing_best,
+    run_folder,
+    stored_flags,
+)
 from training import add_training_flags, apply_recipe, fit, init_distributed, training_splits
 
 # Flags that describe where and how a process runs, never restored from a stored flags.json.
@@ -112,26 +112,8 @@ def train(opt):
     flag_changes = restore_flags(opt, run_dir) if opt.resume else []
     apply_recipe(opt, fixed=stored_flags(run_dir) if opt.resume else ())
     splits = training_splits(opt, rank)  # the dataset is checked first: before weights, centroids or any write
-    created = [] if opt.resume or rank != 0 else missing_folders(run_dir)
-    if created:
-        os.makedirs(run_dir)
-    try:
-        with locked_folder(run_dir, rank):
-            return train_in_folder(opt, rank, run_dir, splits, flag_changes)
-    finally:
-        for folder in created:  # a run that stopped on its input leaves no empty folders behind
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-
-
-def missing_folders(path):
-    """The folders of `path` that do not exist yet, innermost first."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
+    with run_folder(run_dir, rank, create=not opt.resume):
+        return train_in_folder(opt, rank, run_dir, splits, flag_changes)
 
 
 def train_in_folder(opt, rank, run_dir, splits, flag_changes):

@@ -63,15 +63,7 @@ def add_training_flags(p):
     group.add_argument('--trunk_cache_dtype', default='auto', choices=['auto', 'float32', 'float16'],
                        help='Storage of the trunk cache. auto: float32 when it fits in RAM (results equal those '
                             'without the cache), else float16 (half the size; can change close mining decisions).')
-    group.add_argument('--optim', default='SGD', choices=['SGD', 'ADAM'], help='Optimiser.')
-    group.add_argument('--lr', type=ABOVE_0, default=0.0001, help='Learning rate.')
-    group.add_argument('--lrStep', type=AT_LEAST_1, default=5, help='Epochs between learning-rate decays (SGD).')
-    group.add_argument('--lrGamma', type=number_in(float, 0, 1, low_open=True), default=0.5,
-                       help='Learning-rate decay factor (SGD).')
-    group.add_argument('--weightDecay', type=number_in(float, 0), default=0.001,
-                       help='Weight decay (L2). SGD: 1e-3 by default. Adam: none unless this flag is given, as the '
-                            'reference port.')
-    group.add_argument('--momentum', type=number_in(float, 0, 1, high_open=True), default=0.9, help='SGD momentum.')
+    add_optimizer_flags(group)
     group.add_argument('--margin', type=ABOVE_0, default=0.1,
                        help='Triplet margin m: sqrt(m) on plain L2 distances with --loss reference, m on squared '
                             'distances with --loss paper.')
@@ -124,6 +116,19 @@ def add_training_flags(p):
                         help='The loss logged per step: batch, the loss that is minimised (the port); queries, the '
                              'mean over the batch\'s queries with a positive of each query\'s summed triplet loss '
                              '(authors). The gradients are the same.')
+
+
+def add_optimizer_flags(group):
+    """Flags of the optimiser and its schedule (make_optimizer): triplet training and distillation."""
+    group.add_argument('--optim', default='SGD', choices=['SGD', 'ADAM'], help='Optimiser.')
+    group.add_argument('--lr', type=ABOVE_0, default=0.0001, help='Learning rate.')
+    group.add_argument('--lrStep', type=AT_LEAST_1, default=5, help='Epochs between learning-rate decays (SGD).')
+    group.add_argument('--lrGamma', type=number_in(float, 0, 1, low_open=True), default=0.5,
+                       help='Learning-rate decay factor (SGD).')
+    group.add_argument('--weightDecay', type=number_in(float, 0), default=0.001,
+                       help='Weight decay (L2). SGD: 1e-3 by default. Adam: none unless this flag is given, as the '
+                            'reference port.')
+    group.add_argument('--momentum', type=number_in(float, 0, 1, high_open=True), default=0.9, help='SGD momentum.')
 
 
 def apply_recipe(opt, fixed=()):

@@ -5,6 +5,8 @@ from PIL import Image
 
 VARIANTS = ['off-the-shelf (k-means init)', 'trained', 'pruned structured 20%', 'pruned structured 50%',
             'pruned unstructured 20%', 'int8 static', 'pruned structured 50% + int8 static', 'int8 qat',
+            'distilled from alexnet trained', 'distilled from alexnet trained, queries against the alexnet trained '
+            'database', 'distilled from alexnet trained + int8 static',
             'trained', 'trained + PCA-whitening 32', 'trained + PCA-whitening 32 + patch re-ranking (speed_p5_s1_d32)']
 # --mode=pca evaluates the raw descriptor too: the trained model's second record, the newer one
 
@@ -22,8 +24,9 @@ def test_tiny_demo_runs_every_stage_and_draws(run_cli, tmp_path, capsys):
                for r in records)
     table = (runs / 'results.md').read_text()
     assert table in capsys.readouterr().out
-    for variant in set(VARIANTS):
-        row = next(line for line in table.splitlines() if f'alexnet {variant} |' in line)
+    assert {r['arch'] for r in records if 'distilled' in r['variant']} == {'mobilenet_v3_large'}
+    for record in newest:
+        row = next(line for line in table.splitlines() if f'| {record["arch"]} {record["variant"]} |' in line)
         recalls = [float(v) for v in row.split('|')[3:7]]
         assert len(recalls) == 4 and all(0.0 <= r <= 1.0 for r in recalls)
     assert 'TBD' not in table

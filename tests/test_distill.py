@@ -1,0 +1,284 @@
+"""--mode=distill: the student's descriptor lives in the teacher's space (dimension, normalisation), the loss and
+its gradient, asymmetric Recall@N against a brute-force search, a distilled run through every mode, resuming after a
+kill, and bad input."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import main
+from checkpoint import checkpoint_path
+from distillation import distillation_loss, student_for
+from helpers import (
+    CONFIGS,
+    brute_force_positives,
+    brute_force_recalls,
+    error_paragraph,
+    files_under,
+    read_geometry,
+    read_image,
+    run_killed,
+    save_run,
+)
+from int8 import COMPILE_ENV
+from models import STUDENTS
+from runs import open_run
+
+FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8']
+STUDENT = 'mobilenet_v3_small'
+
+
+@pytest.fixture(scope='module')
+def teacher_run(tmp_path_factory):
+    """(run folder, model) of a random AlexNet NetVLAD teacher (K=8, 2048-D)."""
+    path = tmp_path_factory.mktemp('teachers') / 'teacher'
+    return path, save_run(path, CONFIGS['float'])
+
+
+@pytest.fixture(scope='module')
+def training_images(tiny_data, tmp_path_factory):
+    """An unlabelled folder of 8 training images (two levels deep)."""
+    folder = tmp_path_factory.mktemp('unlabelled')
+    (folder / 'street').mkdir()
+    for i, source in enumerate(sorted((tiny_data / '000').glob('*.jpg'))[:8]):
+        shutil.copy(source, folder / ('street' if i % 2 else '') / f'img{i}.jpg')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def stand_in_home(tmp_path_factory):
+    """A TORCH_HOME holding a random stand-in for torchvision's ImageNet MobileNetV3-Small weights, under the file
+    name torchvision looks for; returns (home, the stand-in state dict)."""
+    home = tmp_path_factory.mktemp('torch_home_students')
+    (home / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.manual_seed(31)
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    name = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1.url.rsplit('/', 1)[-1]
+    torch.save(state, home / 'hub' / 'checkpoints' / name)
+    return home, state
+
+
+def distill_argv(teacher, images, out, *flags):
+    return ['--mode=distill', f'--resume={teacher}', f'--student={STUDENT}', f'--image_dir={images}',
+            f'--savePath={out}', '--nEpochs=2', '--batchSize=4', *FAST, *flags]
+
+
+@pytest.fixture(scope='module')
+def student_run(teacher_run, training_images, stand_in_home, tmp_path_factory):
+    """A student distilled from teacher_run by the CLI on the default path (ImageNet-initialised: the stand-in)."""
+    out = tmp_path_factory.mktemp('students') / 'student'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('TORCH_HOME', str(stand_in_home[0]))
+        assert main.main(distill_argv(teacher_run[0], training_images, out)) == 0
+    return out
+
+
+def random_images(count=3, size=(64, 80), seed=0):
+    return torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('student', list(STUDENTS))
+@pytest.mark.parametrize('kind', ['float', 'pruned', 'whitened', 'imported'])
+def test_student_descriptor_has_the_teachers_dimension_and_norm(kind, student, tmp_path):
+    # imported: as a MATLAB network, its own input normalisation and whitening (the student takes the project's input)
+    config = dict(CONFIGS['whitened'], input_norm=True) if kind == 'imported' else CONFIGS[kind]
+    teacher = save_run(tmp_path / 'teacher', config)
+    model = student_for(teacher, student, pretrained=False).eval()
+    with torch.no_grad():
+        descriptors = model(random_images())
+        teacher_descriptors = teacher(random_images())
+    assert descriptors.shape == teacher_descriptors.shape
+    assert not hasattr(model, 'input_norm')  # torchvision's students take ImageNet-normalised RGB, as given
+    assert torch.allclose(descriptors.norm(dim=1), torch.ones(3), atol=1e-5)
+    for key, value in teacher.state_dict().items():  # the head is a copy of the teacher's
+        if key.startswith(('pool.', 'whiten.')):
+            assert torch.equal(model.state_dict()[key], value)
+
+
+def test_the_students_imagenet_weights_come_from_torchvisions_cache(stand_in_home, monkeypatch, teacher_run):
+    monkeypatch.setenv('TORCH_HOME', str(stand_in_home[0]))
+    model = student_for(teacher_run[1], STUDENT, pretrained=True)
+    for key, value in stand_in_home[1].items():
+        if key.startswith('features.'):
+            assert torch.equal(model.state_dict()[key.replace('features.', 'encoder.', 1)], value)
+
+
+def test_loss_and_gradient_against_a_computation_here():
+    rng = np.random.default_rng(5)
+    raw = rng.normal(size=(4, 6))
+    teacher = rng.normal(size=(4, 6))
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    raw_t = torch.tensor(raw, requires_grad=True)
+    loss = distillation_loss(F.normalize(raw_t, dim=1), torch.tensor(teacher))
+    loss.backward()
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    student = raw / norms
+    expected = 0.5 * np.mean(np.sum((student - teacher) ** 2, axis=1))  # half the squared distance of unit vectors
+    # d/d raw of mean(1 - s.t) with s = raw/|raw|: -(I - s s^T) t / (|raw| B)
+    projected = teacher - np.sum(student * teacher, axis=1, keepdims=True) * student
+    expected_grad = -projected / norms / len(raw)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(raw_t.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_distillation_brings_the_student_towards_the_teacher(student_run, teacher_run, training_images):
+    images = torch.stack([read_image(path).float() for path in sorted(training_images.rglob('*.jpg'))])
+    trained, state = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))
+    torch.manual_seed(0)
+    untrained = student_for(teacher_run[1], STUDENT, pretrained=False)
+    with torch.no_grad():
+        target = teacher_run[1].eval()(images)
+        cosines = [(model.eval()(images) * target).sum(1).mean().item() for model in (untrained, trained)]
+    assert state['epoch'] == 2 and state['epoch_losses'][1] < state['epoch_losses'][0]
+    assert cosines[1] > cosines[0]
+
+
+def test_asymmetric_recall_against_a_brute_force_search(student_run, teacher_run, tiny_data, tmp_path):
+    runs = tmp_path / 'runs'
+    assert main.main(['--mode=test', f'--resume={student_run}', f'--database_run={teacher_run[0]}',
+                      '--dataset=synthetic', f'--dataPath={tiny_data}', '--split=test', f'--runsPath={runs}',
+                      *FAST]) == 0
+    result = json.loads((student_run / 'test_test_asymmetric.json').read_text())
+    db_names, utm_db, q_names, utm_q = read_geometry(tiny_data / 'datasets' / 'pitts30k_test.mat')
+    student = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
+    with torch.no_grad():
+        db_desc = teacher_run[1].eval()(torch.stack([read_image(tiny_data / n).float() for n in db_names])).numpy()
+        q_desc = student(torch.stack([read_image(tiny_data / 'queries_real' / n).float() for n in q_names])).numpy()
+    expected = brute_force_recalls(db_desc, q_desc, brute_force_positives(utm_db, utm_q, 25), [1, 5, 10, 20])
+    for n, recall in expected.items():
+        assert result['recalls'][str(n)] == pytest.approx(recall)
+    record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['database_encoder']['run'] == str(teacher_run[0])
+    assert record['query_encoder']['run'] == str(student_run)
+    assert record['teacher'] == str(teacher_run[0])
+    assert 'queries against the alexnet trained database' in record['variant']
+
+
+def test_a_database_run_of_another_dimension_is_an_error(student_run, tiny_data, tmp_path, capsys):
+    other = tmp_path / 'other'
+    save_run(other, CONFIGS['whitened'])
+    assert main.main(['--mode=test', f'--resume={student_run}', f'--database_run={other}', '--dataset=synthetic',
+                      f'--dataPath={tiny_data}', f'--runsPath={tmp_path}', *FAST]) == 2
+    assert '32-D' in error_paragraph(capsys.readouterr().err)
+
+
+def test_the_distilled_run_reloads_through_every_mode(student_run, teacher_run, tiny_data, places, tmp_path,
+                                                      monkeypatch):
+    flags = json.loads((student_run / 'checkpoints' / 'flags.json').read_text())
+    assert flags['teacher'] == str(teacher_run[0]) and flags['student'] == STUDENT
+    runs, export = tmp_path / 'runs', tmp_path / 'features'
+    data = ['--dataset=synthetic', f'--dataPath={tiny_data}', '--split=test', f'--runsPath={runs}']
+    assert main.main(['--mode=test', f'--resume={student_run}', *data, *FAST]) == 0
+    record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['teacher'] == str(teacher_run[0]) and record['arch'] == STUDENT
+    database, photos, _ = places
+    assert main.main(['--mode=extract', f'--resume={student_run}', f'--image_dir={database}',
+                      f'--export_dir={export}', *FAST]) == 0
+    assert main.main(['--mode=pairs', f'--descriptors={export / "global-feats-netvlad.h5"}', '--num_matched=3',
+                      f'--output={tmp_path / "pairs.txt"}']) == 0
+    assert main.main(['--mode=query', f'--resume={student_run}', '--query', photos, f'--database={database}',
+                      f'--export_dir={tmp_path / "answers"}', *FAST]) == 0
+    assert main.main(['--mode=export', '--format=onnx', f'--resume={student_run}',
+                      f'--export_path={tmp_path / "student.onnx"}']) == 0
+    import onnxruntime
+    images = random_images(2)
+    session = onnxruntime.InferenceSession(str(tmp_path / 'student.onnx'))
+    onnx_desc = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    import netvlad_api
+    model, _ = netvlad_api.load_run(str(student_run))
+    np.testing.assert_allclose(onnx_desc, netvlad_api.describe(model, images), atol=1e-4)
+    hub_model = torch.hub.load(str(main.__file__).rsplit('/', 1)[0], 'netvlad', source='local', run=str(student_run))
+    np.testing.assert_allclose(netvlad_api.describe(hub_model, images), onnx_desc, atol=1e-4)
+    monkeypatch.setenv(COMPILE_ENV, '0')
+    assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={student_run}', *data,
+                      '--calib_images=8', '--latency_size=64x80', *FAST]) == 0
+    int8_model = open_run(main.parse_options(['--mode=test', f'--resume={student_run}_quantized_static']))[0]
+    assert int8_model.output_dim == teacher_run[1].output_dim
+    record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['teacher'] == str(teacher_run[0]) and record['variant'].endswith('+ int8 static')
+
+
+def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_images, tmp_path):
+    whole, killed = tmp_path / 'whole', tmp_path / 'killed'
+    # both in a child process, which runs with the same threads (the same float sums) as the other
+    assert run_killed(distill_argv(teacher_run[0], training_images, whole, '--fromscratch'), 'distillation',
+                      'save_checkpoint', call=0) == 0
+    argv = distill_argv(teacher_run[0], training_images, killed, '--fromscratch')
+    assert run_killed(argv, 'distillation', 'save_checkpoint', 2) != 0  # killed before epoch 2's checkpoint
+    assert torch.load(checkpoint_path(str(killed)), weights_only=False)['epoch'] == 1
+    assert run_killed(argv, 'distillation', 'save_checkpoint', call=0) == 0
+    expected = torch.load(checkpoint_path(str(whole)), weights_only=False)
+    resumed = torch.load(checkpoint_path(str(killed)), weights_only=False)
+    assert resumed['epoch'] == 2 and resumed['epoch_losses'] == expected['epoch_losses']
+    for key, value in expected['state_dict'].items():
+        assert torch.equal(resumed['state_dict'][key], value), key
+
+
+@pytest.fixture(scope='module')
+def int8_teacher(teacher_run, clustered_data, tmp_path_factory):
+    """An int8 run (a checkpoint that says so: the refusal comes before its program is read)."""
+    path = tmp_path_factory.mktemp('int8_teacher') / 'run_quantized_static'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(COMPILE_ENV, '0')
+        assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={teacher_run[0]}',
+                          f'--dataPath={clustered_data}', f'--runsPath={path.parent}', '--calib_images=8',
+                          '--split=test', '--latency_size=64x80', *FAST]) == 0
+    return teacher_run[0].parent / 'teacher_quantized_static'
+
+
+@pytest.mark.parametrize('case', ['not a run', 'unknown student', 'empty image folder', 'int8 teacher'])
+def test_bad_input_is_one_paragraph_exit_2_and_nothing_written(case, teacher_run, training_images, tmp_path,
+                                                                 request, capsys):
+    out = tmp_path / 'out' / 'student'
+    teacher, images, extra = teacher_run[0], training_images, []
+    if case == 'not a run':
+        teacher = tmp_path / 'not_a_run'
+        teacher.mkdir()
+    elif case == 'unknown student':
+        extra = ['--student=vgg19']
+    elif case == 'empty image folder':
+        images = tmp_path / 'empty'
+        images.mkdir()
+    else:
+        teacher = request.getfixturevalue('int8_teacher')
+    before = files_under(tmp_path)
+    assert main.main(distill_argv(teacher, images, out, *extra)) == 2
+    message = error_paragraph(capsys.readouterr().err)
+    expected = {'not a run': 'does not exist', 'unknown student': '--student', 'empty image folder': 'holds no image',
+                'int8 teacher': 'int8'}[case]
+    assert expected in message
+    assert files_under(tmp_path) == before and not (tmp_path / 'out').exists()
+
+
+def test_the_mode_lists_its_flags():
+    """python main.py --mode=distill --help lists the mode's own flags."""
+    help_text = subprocess.run([sys.executable, main.__file__, '--mode=distill', '--help'], capture_output=True,
+                               text=True).stdout
+    for flag in ('--student', '--image_dir', '--savePath', '--nEpochs', '--fromscratch'):
+        assert flag in help_text, textwrap.shorten(help_text, 200)
+
+
+def test_query_with_a_database_run_ranks_student_photos_among_teacher_descriptors(student_run, teacher_run, places,
+                                                                                   tmp_path):
+    database, photos, positions = places
+    out = tmp_path / 'answers'
+    assert main.main(['--mode=query', f'--resume={student_run}', f'--database_run={teacher_run[0]}', '--query',
+                      photos, f'--database={database}', f'--export_dir={out}', '--num_matched=4', *FAST]) == 0
+    names = sorted(positions)
+    student = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
+    with torch.no_grad():
+        db_desc = teacher_run[1].eval()(torch.stack([read_image(database / n).float() for n in names])).numpy()
+        for i in range(3):
+            photo_desc = student(read_image(photos / f'photo{i}.jpg').float()[None]).numpy()[0]
+            order = np.argsort(-(db_desc @ photo_desc))[:4]
+            with open(out / f'photo{i}.csv', newline='') as f:
+                assert [row['database_image'] for row in csv.DictReader(f)] == [names[j] for j in order]
+    assert (teacher_run[0] / 'query_database').is_dir()  # the teacher's descriptors, cached in the teacher's run
