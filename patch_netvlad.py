@@ -19,6 +19,7 @@ A run without PCA whitening is refused (a UserError naming --mode=pca): its raw 
 The database's patch features are computed once into a store file (patch_features.py).
 """
 import dataclasses
+import functools
 import time
 import types
 
@@ -38,6 +39,9 @@ MATCHERS = ('ransac', 'spatial')
 RANSAC_THRESHOLD = 1.5       # reprojection error allowed, in patch strides (the reference: 16 px x stride x 1.5)
 RANSAC_HYPOTHESES = 2000     # 4-point samples per homography (cv2.findHomography's default maximum)
 RANSAC_SEED = 0
+RANSAC_CONFIDENCE = 0.995    # probability that the hypotheses tried include one of inliers only (cv2's default)
+RANSAC_ROUND = 64            # hypotheses of each candidate tried at once
+MATCH_BYTES = 64 * 2 ** 20   # float32 bytes of the similarities of one block of candidates
 BLOCK_BYTES = 16 * 2 ** 20   # float32 bytes of the weighted residuals of one block of clusters
 WRITE_BYTES = 256 * 2 ** 20  # float32 bytes of patch features kept before a write to the store (what a kill loses)
 
@@ -271,25 +275,38 @@ def store_features(store, ids, config):
 
 # ---------------------------------------------------------------------------------------------- matching
 
-def mutual_matches(query_desc, db_desc):
-    """(query rows, database rows) of the mutual nearest neighbours between two sets of unit descriptors [n, dim]
-    and [m, dim] (nearest in L2 = largest dot product): pairs each of which is the other's nearest."""
-    if not len(query_desc) or not len(db_desc):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    similarity = torch.from_numpy(query_desc) @ torch.from_numpy(db_desc).T  # [n, m]
-    query_to_db, db_to_query = similarity.argmax(dim=1), similarity.argmax(dim=0)
-    mutual = torch.nonzero(db_to_query[query_to_db] == torch.arange(len(query_desc))).flatten()
-    return mutual.numpy(), query_to_db[mutual].numpy()
+def padded(arrays, dim):
+    """Row arrays [m_c, dim] (float32) stacked into [C, m, dim], zero rows after each one's own, and which rows
+    are real [C, m]."""
+    most = max((len(rows) for rows in arrays), default=0)
+    stacked = torch.zeros(len(arrays), most, dim)
+    for index, rows in enumerate(arrays):
+        stacked[index, :len(rows)] = torch.as_tensor(np.ascontiguousarray(rows, dtype=np.float32))
+    return stacked, torch.arange(most) < torch.tensor([len(rows) for rows in arrays])[:, None]
 
 
-def homography_rows(source, target):
-    """The two rows per correspondence of the linear system A h = b of a homography with h_33 = 1, which maps
-    source (x, y) [n, 2] to target (u, v) [n, 2]: A [2n, 8], b [2n]."""
-    x, y, u, v = source[:, 0], source[:, 1], target[:, 0], target[:, 1]
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=1)
-    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=1)
-    return torch.cat([rows_u, rows_v]), torch.cat([u, v])
+def mutual_matches(query_desc, candidate_descs):
+    """The mutual nearest neighbours between a query's unit descriptors [n, dim] and each candidate's [m_c, dim]
+    (nearest in L2 = largest dot product), by blocks of candidates of MATCH_BYTES of similarities, one matrix
+    product each: (nearest [C, n]: each query row's nearest row of the candidate, mutual [C, n] bool: whether
+    that row's nearest query row is this one)."""
+    count, dim = query_desc.shape
+    nearest = torch.zeros(len(candidate_descs), count, dtype=torch.int64)
+    mutual = torch.zeros(len(candidate_descs), count, dtype=torch.bool)
+    most = max((len(rows) for rows in candidate_descs), default=0)
+    if not count or not most:
+        return nearest, mutual
+    query = torch.from_numpy(np.asarray(query_desc, dtype=np.float32))
+    step = max(1, MATCH_BYTES // (4 * count * most))
+    for first in range(0, len(candidate_descs), step):
+        rows, real = padded(candidate_descs[first:first + step], dim)
+        similarity = (query @ rows.reshape(-1, dim).T).reshape(count, len(rows), most).transpose(0, 1)
+        similarity.masked_fill_(~real[:, None, :], -torch.inf)  # [c, n, m]
+        block = slice(first, first + len(rows))
+        nearest[block] = similarity.argmax(dim=2)
+        back = similarity.argmax(dim=1)  # [c, m]: each candidate row's nearest query row
+        mutual[block] = (back.gather(1, nearest[block]) == torch.arange(count)) & real.any(dim=1)[:, None]
+    return nearest, mutual
 
 
 def adjugate(m):
@@ -299,77 +316,140 @@ def adjugate(m):
 
 
 def from_basis(points):
-    """Homographies [h, 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
-    [h, 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(1, 2)  # [h, 3, 4]
-    first_three = homogeneous[:, :, :3]
-    scales = (adjugate(first_three) @ homogeneous[:, :, 3:]).transpose(1, 2)  # [h, 1, 3]
+    """Homographies [..., 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
+    [..., 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(-1, -2)  # [..., 3, 4]
+    first_three = homogeneous[..., :3]
+    scales = (adjugate(first_three) @ homogeneous[..., 3:]).transpose(-1, -2)  # [..., 1, 3]
     return first_three * scales
 
 
 def four_point_homographies(source, target):
-    """The homographies [h, 3, 3] (up to scale) that map 4 source points [h, 4, 2] onto 4 target points; those
-    of degenerate samples (three points on a line) are zero or not finite."""
+    """The homographies [..., 3, 3] (up to scale) that map 4 source points [..., 4, 2] onto 4 target points;
+    those of degenerate samples (three points on a line) are zero or not finite."""
     return from_basis(target) @ adjugate(from_basis(source))
 
 
+def same_orientation(source, target):
+    """[...]: whether each 4-point sample [..., 4, 2] keeps the orientation of all four of its triangles between
+    source and target, none of them flat (the samples OpenCV's homography RANSAC accepts; a homography through
+    the others folds the plane)."""
+    signs = []
+    for points in (source, target):
+        a, b, c, d = points.unbind(dim=-2)
+        triangles = [(a, b, c), (b, c, d), (a, c, d), (a, b, d)]
+        signs.append(torch.stack([torch.sign((q - p)[..., 0] * (r - p)[..., 1] - (q - p)[..., 1] * (r - p)[..., 0])
+                                  for p, q, r in triangles], dim=-1))
+    product = signs[0] * signs[1]
+    return (product > 0).all(dim=-1) | (product < 0).all(dim=-1)
+
+
 def within(homographies, source, target, threshold):
-    """[h, n]: whether ||target - H(source)|| <= threshold for each homography [h, 3, 3] and point [n, 2], as
-    ||(x', y') - target w'||^2 <= threshold^2 w'^2 with (x', y', w') = H (x, y, 1); in float32 (products with
-    three terms are slow in float64) once each homography is scaled to unit norm."""
-    unit = homographies / torch.linalg.matrix_norm(homographies)[:, None, None]
-    points = torch.cat([source, torch.ones_like(source[:, :1])], dim=1).float()  # [n, 3]
-    projected = (unit.float().reshape(-1, 3) @ points.T).reshape(len(homographies), 3, -1)  # [h, 3, n]
-    x, y, w = projected.unbind(dim=1)
-    u, v = target.float().T
+    """[..., h, n]: whether ||target - H(source)|| <= threshold for each homography [..., h, 3, 3] and point
+    [..., n, 2], as ||(x', y') - target w'||^2 <= threshold^2 w'^2 with (x', y', w') = H (x, y, 1); in float32
+    once each homography is scaled to unit norm."""
+    unit = (homographies / torch.linalg.matrix_norm(homographies)[..., None, None]).float()
+    points = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1).float()  # [..., n, 3]
+    projected = unit.flatten(-3, -2) @ points.transpose(-1, -2)  # [..., 3h, n]
+    x, y, w = projected.unflatten(-2, (-1, 3)).unbind(dim=-2)
+    u, v = target.float().unsqueeze(-3).unbind(dim=-1)
     dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
     return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()  # NaN compares False
 
 
-def homography_inliers(source, target, threshold):
-    """Inlier mask [n] of the RANSAC homography mapping source [n, 2] onto target [n, 2] (as
-    cv2.findHomography(source, target, cv2.RANSAC, threshold)): up to RANSAC_HYPOTHESES homographies through 4
-    random distinct points (seeded), inliers where ||target - H(source)|| <= threshold; the one with the most
-    inliers is refitted by least squares on them, and the refit is kept if it has no fewer. Fewer than 4 points:
-    no inliers."""
-    count = len(source)
-    if count < 4:
-        return np.zeros(count, dtype=bool)
-    source, target = torch.from_numpy(source).double(), torch.from_numpy(target).double()
+@functools.lru_cache(maxsize=256)
+def ransac_samples(count):
+    """The 4-point samples [h, 4] (distinct indices below `count`, at most RANSAC_HYPOTHESES) that RANSAC tries in
+    turn on `count` matches: seeded, so the same for every pair of images with as many matches."""
     generator = torch.Generator().manual_seed(RANSAC_SEED)
     draws = torch.randint(count, (2 * RANSAC_HYPOTHESES, 4), generator=generator)
     ordered = draws.sort(dim=1).values
-    samples = draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]  # 4 distinct points each
-    inliers = within(four_point_homographies(source[samples], target[samples]), source, target, threshold)
-    best = inliers[inliers.sum(dim=1).argmax()]
-    system, values = homography_rows(source[best], target[best])
-    refit = torch.linalg.lstsq(system, values[:, None]).solution[:, 0]
-    refit_inliers = within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target, threshold)[0]
-    return (refit_inliers if refit_inliers.sum() >= best.sum() else best).numpy()
+    return draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]
 
 
-def spatial_score(query_points, db_points, anchor):
-    """Rapid spatial scoring of matched keypoints [m, 2] (the paper's equation): with d_i = db_i - query_i and
-    anchor (x_max, y_max), sum_i (x_max - |d_i,x - mean d_x|)^2 + (y_max - |d_i,y - mean d_y|)^2."""
-    shifts = db_points.astype(np.float64) - query_points
-    residuals = np.abs(shifts - shifts.mean(axis=0))
-    return float(((anchor - residuals) ** 2).sum())
+def hypotheses_needed(inliers, count):
+    """How many hypotheses RANSAC tries before it stops, once its best has `inliers` of `count` points: enough
+    that a sample of 4 inliers was missed with probability 1 - RANSAC_CONFIDENCE (OpenCV's RANSACUpdateNumIters,
+    rounded alike), at most RANSAC_HYPOTHESES; none when all points are inliers."""
+    missed = 1 - (inliers.double() / count.clamp_min(1)) ** 4  # the probability that a sample is not all inliers
+    needed = np.log(1 - RANSAC_CONFIDENCE) / missed.log()  # not positive where no point is an inlier
+    needed = torch.where(needed > 0, needed.round().clamp(max=RANSAC_HYPOTHESES), RANSAC_HYPOTHESES)
+    return torch.where(missed < np.finfo(np.float64).tiny, 0, needed)
 
 
-def size_score(query, candidate, index, config):
-    """The score of one patch size between a query's and a candidate's PatchFeatures, per query patch (larger is
-    better): RANSAC inliers, or the rapid spatial score, of their mutual matches (0 with fewer than the 4 matches
-    a homography needs, or with none)."""
-    query_desc, query_points = query.descriptors[index], query.keypoints[index]
-    matched_query, matched_db = mutual_matches(query_desc, candidate.descriptors[index])
-    source, target = candidate.keypoints[index][matched_db], query_points[matched_query]
-    if len(matched_query) < (4 if config.matcher == 'ransac' else 1):
-        return 0.0
-    if config.matcher == 'ransac':
-        score = homography_inliers(source, target, RANSAC_THRESHOLD * config.strides[index]).sum()
-    else:
-        score = spatial_score(target, source, anchor=query_points.max(axis=0) - query_points.min(axis=0))
-    return float(score) / len(query_desc)
+def ransac_inliers(source, target, counts, threshold):
+    """Inlier masks [C, n] of the RANSAC homographies that map each candidate's source points [C, n, 2] onto its
+    target points, its first counts[c] rows being its matches (as cv2.findHomography(source, target, cv2.RANSAC,
+    threshold)'s mask): the inliers (||target - H(source)|| <= threshold) of the best of the homographies through
+    the samples of ransac_samples(count) that keep their orientation, tried in turn until hypotheses_needed of
+    the best so far, all candidates at once by rounds of RANSAC_ROUND hypotheses. Under 4 matches: no inliers."""
+    candidates, rows = source.shape[:2]
+    real = torch.arange(rows) < counts[:, None]
+    best = torch.zeros(len(counts), rows, dtype=torch.bool)
+    best_count, tried = torch.zeros(len(counts), dtype=torch.int64), torch.zeros(len(counts), dtype=torch.int64)
+    active = counts >= 4
+    start = 0
+    while active.any():
+        ids = active.nonzero()[:, 0]
+        samples = [ransac_samples(int(counts[c]))[start:start + RANSAC_ROUND] for c in ids]
+        drawn = torch.zeros(len(ids), RANSAC_ROUND, 4, dtype=torch.int64)
+        exists = torch.zeros(len(ids), RANSAC_ROUND, dtype=torch.bool)
+        for index, sample in enumerate(samples):
+            drawn[index, :len(sample)], exists[index, :len(sample)] = sample, True
+        pick = drawn.reshape(len(ids), -1, 1).expand(-1, -1, 2)
+        corners = [points[ids].gather(1, pick).reshape(len(ids), RANSAC_ROUND, 4, 2) for points in (source, target)]
+        usable = exists & same_orientation(*corners)
+        inliers = within(four_point_homographies(*corners), source[ids], target[ids], threshold) & real[ids, None]
+        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, round]
+        leading = torch.maximum(found.cummax(dim=1).values, best_count[ids, None])
+        turn = tried[ids, None] + usable.cumsum(dim=1)  # the hypothesis' number among those tried
+        stops = usable & (turn >= hypotheses_needed(leading, counts[ids, None]))
+        last = torch.where(stops.any(dim=1), stops.int().argmax(dim=1), RANSAC_ROUND - 1)
+        final = leading.gather(1, last[:, None])[:, 0]
+        improved = final > best_count[ids]
+        first_best = (found == final[:, None]).int().argmax(dim=1)
+        best[ids[improved]] = inliers[improved, first_best[improved]]
+        best_count[ids], tried[ids] = final, turn[:, -1]
+        exhausted = torch.tensor([len(sample) < RANSAC_ROUND for sample in samples])
+        active[ids[stops.any(dim=1) | exhausted]] = False
+        start += RANSAC_ROUND
+    return best
+
+
+def spatial_scores(query_points, db_points, matched, anchor):
+    """Rapid spatial scoring (the paper's equation) of each candidate's matches: with d_i = db_i - query_i over
+    the points [C, n, 2] where matched [C, n], and anchor (x_max, y_max), sum_i (x_max - |d_i,x - mean d_x|)^2 +
+    (y_max - |d_i,y - mean d_y|)^2. [C] float64."""
+    shifts = db_points.double() - query_points.double()
+    weights = matched.double()[..., None]
+    mean = (shifts * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+    residuals = (shifts - mean).abs()
+    return ((torch.as_tensor(anchor, dtype=torch.float64) - residuals) ** 2 * weights).sum(dim=(1, 2))
+
+
+def size_scores(query, candidates, index, config):
+    """The scores of one patch size between a query's PatchFeatures and each candidate's, per query patch (larger
+    is better): RANSAC inliers, or the rapid spatial score, of their mutual matches (0 with fewer than the 4
+    matches a homography needs, or with none). Returns (scores [C] float64, the matches: nearest [C, n], each
+    query patch's candidate patch, and kept [C, n], the query patches whose match counts: the inliers or the
+    mutual matches)."""
+    query_desc, query_points = query.descriptors[index], torch.from_numpy(query.keypoints[index])
+    nearest, mutual = mutual_matches(query_desc, [candidate.descriptors[index] for candidate in candidates])
+    if not len(candidates) or not len(query_desc):
+        return np.zeros(len(candidates)), nearest, mutual
+    db_points, _ = padded([candidate.keypoints[index] for candidate in candidates], 2)
+    db_points = db_points.gather(1, nearest[..., None].expand(-1, -1, 2))  # [C, n, 2]: each query patch's match
+    if config.matcher == 'spatial':
+        anchor = query.keypoints[index].max(axis=0) - query.keypoints[index].min(axis=0)
+        scores = spatial_scores(query_points.expand_as(db_points), db_points, mutual, anchor)
+        return scores.numpy() / len(query_desc), nearest, mutual
+    order = torch.sort((~mutual).int(), dim=1, stable=True).indices  # matches first, in query order
+    counts = mutual.sum(dim=1)
+    compacted = [points.double().gather(1, order[..., None].expand(-1, -1, 2))
+                 for points in (db_points, query_points.expand_as(db_points))]
+    inliers = ransac_inliers(*compacted, counts, RANSAC_THRESHOLD * config.strides[index])
+    kept = torch.zeros_like(mutual).scatter_(1, order, inliers)
+    return kept.sum(dim=1).double().numpy() / len(query_desc), nearest, kept
 
 
 def fuse_scores(size_scores, weights):
@@ -394,9 +474,8 @@ def rerank(query, candidate_ids, store, config):
     started = time.process_time()
     candidates = store_features(store, valid, config)
     read = time.process_time()
-    size_scores = np.array([[size_score(query, candidate, index, config) for index in range(len(config.patch_sizes))]
-                            for candidate in candidates]).reshape(len(valid), len(config.patch_sizes))
-    scores = fuse_scores(size_scores, config.patch_weights)
+    scores = fuse_scores(np.stack([size_scores(query, candidates, index, config)[0]
+                                   for index in range(len(config.patch_sizes))], axis=1), config.patch_weights)
     order = np.argsort(-scores, kind='stable')
     timing = dict(extraction_s=query.extraction_s, reading_s=read - started, matching_s=time.process_time() - read)
     padding = len(candidate_ids) - len(valid)

@@ -129,11 +129,12 @@ def test_mutual_matches_are_the_brute_force_mutual_nearest_neighbours():
     db_desc = np.concatenate([query_desc[:15] + 0.3 * unit_rows(rng, 15, 16), unit_rows(rng, 25, 16)])
     db_desc = (db_desc / np.linalg.norm(db_desc, axis=1, keepdims=True)).astype(np.float32)
     db_desc = db_desc[rng.permutation(len(db_desc))]
-    matched_query, matched_db = pn.mutual_matches(query_desc, db_desc)
-    expected = brute_force_mutual(query_desc, db_desc)
-    assert set(zip(matched_query.tolist(), matched_db.tolist())) == expected
-    assert len(expected) >= 15
-    assert len(pn.mutual_matches(query_desc, db_desc[:0])[0]) == 0
+    candidates = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
+    nearest, mutual = pn.mutual_matches(query_desc, candidates)
+    for c, candidate in enumerate(candidates):
+        expected = brute_force_mutual(query_desc, candidate) if len(candidate) else set()
+        assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
+    assert len(brute_force_mutual(query_desc, db_desc)) >= 15 and not mutual[1].any()
 
 
 def apply_homography(h, points):
@@ -156,9 +157,10 @@ def test_ransac_keeps_the_points_of_the_homography_and_rejects_the_others():
             target[index] = rng.uniform(-2, 16, size=2)
     planted = np.ones(len(source), dtype=bool)
     planted[outliers] = False
-    inliers = pn.homography_inliers(source, target.astype(np.float32), threshold)
-    np.testing.assert_array_equal(inliers, planted)
-    assert not pn.homography_inliers(source[:3], target[:3].astype(np.float32), threshold).any()
+    points = torch.from_numpy(np.stack([source, target.astype(np.float32)])).double()[:, None]
+    inliers = pn.ransac_inliers(*points, torch.tensor([len(source)]), threshold)
+    np.testing.assert_array_equal(inliers[0].numpy(), planted)
+    assert not pn.ransac_inliers(*points, torch.tensor([3]), threshold).any()
 
 
 def spatial_score_by_the_paper(query_points, db_points, x_max, y_max):
@@ -192,14 +194,15 @@ def test_rapid_spatial_score_is_the_papers_formula():
     config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='spatial')
     query = random_features(rng, (12, 15), config)  # 8 x 11 patches
     candidate = shifted_candidate(query, 3, rng)
-    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
-    q_points, d_points = query.keypoints[0][matched_query], candidate.keypoints[0][matched_db]
+    pairs = sorted(brute_force_mutual(query.descriptors[0], candidate.descriptors[0]))
+    q_points = query.keypoints[0][[i for i, _ in pairs]]
+    d_points = candidate.keypoints[0][[j for _, j in pairs]]
     expected = spatial_score_by_the_paper(q_points.tolist(), d_points.tolist(), 10.0, 7.0) / 88
-    assert pn.size_score(query, candidate, 0, config) == pytest.approx(expected, rel=1e-9)
+    scores = pn.size_scores(query, [candidate, random_features(rng, (12, 15), config)], 0, config)[0]
+    assert scores[0] == pytest.approx(expected, rel=1e-9)
     shifts = d_points - q_points
     assert np.sum((shifts[:, 0] == 3) & (shifts[:, 1] == 0)) == 8 * 8  # every planted pair matched
-    assert pn.size_score(query, candidate, 0, config) > pn.size_score(query, random_features(rng, (12, 15), config),
-                                                                      0, config)
+    assert scores[0] > scores[1]
 
 
 def test_ransac_score_counts_the_inliers_per_query_patch():
@@ -207,11 +210,12 @@ def test_ransac_score_counts_the_inliers_per_query_patch():
     config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='ransac')
     query = random_features(rng, (12, 15), config)
     candidate = shifted_candidate(query, 2, rng)
-    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
-    errors = np.linalg.norm(candidate.keypoints[0][matched_db] + [-2, 0] - query.keypoints[0][matched_query], axis=1)
+    pairs = sorted(brute_force_mutual(query.descriptors[0], candidate.descriptors[0]))
+    errors = np.linalg.norm(candidate.keypoints[0][[j for _, j in pairs]] + [-2, 0]
+                            - query.keypoints[0][[i for i, _ in pairs]], axis=1)
     consistent = np.sum(errors <= pn.RANSAC_THRESHOLD)  # with the planted translation
     assert consistent == 8 * 9  # every patch that stayed in the grid
-    assert pn.size_score(query, candidate, 0, config) == pytest.approx(consistent / 88)
+    assert pn.size_scores(query, [candidate], 0, config)[0][0] == pytest.approx(consistent / 88)
 
 
 def test_rerank_orders_candidates_by_the_fused_score(tmp_path):
@@ -344,7 +348,7 @@ def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered
     if name == 'performance':
         assert len(direct[0].descriptors[2]) == 0
     for q in range(len(predictions)):
-        raw = np.array([[pn.size_score(direct[num_db + q], direct[c], size, config)
+        raw = np.array([[pn.size_scores(direct[num_db + q], [direct[c]], size, config)[0][0]
                          for size in range(len(config.patch_sizes))] for c in predictions[q]])
         std = raw.std(axis=0)
         fused = np.where(std > 0, (raw - raw.mean(axis=0)) / np.where(std > 0, std, 1), 0) @ config.patch_weights
