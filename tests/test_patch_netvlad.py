@@ -163,6 +163,64 @@ def test_ransac_keeps_the_points_of_the_homography_and_rejects_the_others():
     assert not pn.ransac_inliers(*points, torch.tensor([3]), threshold).any()
 
 
+def triangle_signs(points):
+    return np.array([np.sign((points[j] - points[i]) @ [[0, -1], [1, 0]] @ (points[k] - points[i]))
+                     for i, j, k in ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3))])
+
+
+def ransac_one_by_one(source, target, samples, threshold):
+    """One candidate's RANSAC as OpenCV's loop runs it, written here in float64: the samples in turn, those whose
+    four triangles do not all keep (or all flip) their orientation skipped; each homography from the 8x8 linear
+    system of its 4 points; the best inlier count kept; stop once log(0.005) / log(1 - (best / n)^4) (rounded, at
+    most 2000) samples were tried. Returns the best inlier mask."""
+    best, tried, needed = np.zeros(len(source), dtype=bool), 0, 2000
+    for sample in samples.tolist():
+        product = triangle_signs(source[sample]) * triangle_signs(target[sample])
+        if not (np.all(product > 0) or np.all(product < 0)):
+            continue
+        system, values = [], []
+        for (x, y), (u, v) in zip(source[sample], target[sample]):
+            system += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+            values += [u, v]
+        inliers = np.linalg.norm(apply_homography(np.append(np.linalg.solve(system, values), 1).reshape(3, 3),
+                                                  source) - target, axis=1) <= threshold
+        tried += 1
+        if inliers.sum() > best.sum():
+            best, ratio = inliers, inliers.sum() / len(source)
+            needed = 0 if ratio == 1 else min(2000, round(np.log(0.005) / np.log(1 - ratio ** 4)))
+        if tried >= needed:
+            break
+    return best
+
+
+def test_batched_ransac_is_each_candidates_ransac_one_by_one():
+    """Candidates with 0 to 120 matches, of which a share (all, most, a fifth, none) follows a planted homography
+    (with noise up to 0.2 or 0.8 of the threshold: with the larger, hypotheses through different inliers find
+    different counts, and where the search stops matters), the others anywhere in the grid; rows past each
+    candidate's matches are noise that must not count. The batched masks are those of the loop written here,
+    candidate by candidate."""
+    rng = np.random.default_rng(11)
+    counts, shares = [0, 3, 4, 5, 9, 40, 120, 120, 60, 80], [1, 1, 1, 0.8, 0.7, 1, 0.6, 0.2, 0, 0.9]
+    threshold = pn.RANSAC_THRESHOLD
+    source = rng.uniform(0, 30, size=(len(counts), max(counts), 2))
+    target = rng.uniform(0, 30, size=source.shape)
+    for c, (count, share) in enumerate(zip(counts, shares)):
+        h = np.array([[1, 0.05 * rng.normal(), rng.uniform(-4, 4)], [0.05 * rng.normal(), 1, rng.uniform(-4, 4)],
+                      [0.002 * rng.normal(), 0.002 * rng.normal(), 1]])
+        planted = rng.random(count) < share
+        noise = (0.2 if c % 2 else 0.8) * threshold / np.sqrt(2)
+        target[c, :count][planted] = apply_homography(h, source[c, :count][planted]) + rng.uniform(
+            -noise, noise, size=(planted.sum(), 2))
+    masks = pn.ransac_inliers(torch.from_numpy(source), torch.from_numpy(target), torch.tensor(counts), threshold)
+    for c, count in enumerate(counts):
+        expected = np.zeros(max(counts), dtype=bool)
+        if count >= 4:
+            expected[:count] = ransac_one_by_one(source[c, :count], target[c, :count], pn.ransac_samples(count).numpy(),
+                                                 threshold)
+        np.testing.assert_array_equal(masks[c].numpy(), expected, err_msg=f'candidate {c}')
+    assert masks[6].sum() >= 0.4 * 120 and masks[3].sum() == 4
+
+
 def spatial_score_by_the_paper(query_points, db_points, x_max, y_max):
     dx = [d[0] - q[0] for q, d in zip(query_points, db_points)]
     dy = [d[1] - q[1] for q, d in zip(query_points, db_points)]
