@@ -483,10 +483,23 @@ def rerank(query, candidate_ids, store, config):
             np.concatenate([scores[order], np.full(padding, -np.inf)]), timing)
 
 
-def rerank_queries(model, queries, predictions, store, config, device, precision='fp32', batch_size=8, threads=0):
+def matched_points(query, candidate, config):
+    """Per patch size, the patch centres (query [k, 2], candidate [k, 2]) of the matches that make the score: the
+    RANSAC inliers, or the mutual matches of rapid spatial scoring."""
+    pairs = []
+    for index in range(len(config.patch_sizes)):
+        _, nearest, kept = size_scores(query, [candidate], index, config)
+        rows = kept[0].nonzero()[:, 0].numpy()
+        pairs.append((query.keypoints[index][rows], candidate.keypoints[index][nearest[0, rows].numpy()]))
+    return pairs
+
+
+def rerank_queries(model, queries, predictions, store, config, device, precision='fp32', batch_size=8, threads=0,
+                   on_query=None):
     """Re-rank the global search's candidates of every query image: `queries` a dataset of (image, index) in the
-    order of the rows of predictions [Q, k] (database ids). Returns (re-ranked [Q, k], scores [Q, k], timing: per
-    query arrays extraction_s, reading_s, matching_s)."""
+    order of the rows of predictions [Q, k] (database ids). on_query(row, query PatchFeatures, re-ranked ids, store),
+    if given, is called after each query. Returns (re-ranked [Q, k], scores [Q, k], timing: per query arrays
+    extraction_s, reading_s, matching_s)."""
     reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
     timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
     row = 0
@@ -495,6 +508,8 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
         images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
         for query in patch_features(model, images, config, precision)[1]:
             reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
+            if on_query is not None:
+                on_query(row, query, reranked[row], store)
             for key, seconds in spent.items():
                 timing[key][row] = seconds
             row += 1
@@ -502,17 +517,17 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
 
 
 def rerank_candidates(model, database, db_names, queries, candidates, store_dir, config, device, precision='fp32',
-                      batch_size=8, threads=0, run=''):
+                      batch_size=8, threads=0, run='', on_query=None):
     """Re-rank each query's candidates [Q, k] (database ids from the global search, best first): the database's
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
-    order of db_names, queries in the order of the rows of candidates. Returns (re-ranked ids [Q, k], patch scores
+    order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. Returns (re-ranked ids [Q, k], patch scores
     [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
     started = time.perf_counter()
     path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
     store_s = time.perf_counter() - started
     with open_store(store_dir, config) as store:
         reranked, scores, timing = rerank_queries(model, queries, candidates, store, config, device, precision,
-                                                  batch_size, threads)
+                                                  batch_size, threads, on_query)
     per_query = {f'{key}_per_query': float(np.mean(values)) if len(values) else 0.0 for key, values in timing.items()}
     summary = dict(config=config.name, patch_sizes=list(config.patch_sizes), strides=list(config.strides),
                    patch_weights=list(config.patch_weights), num_pcs=config.pca_dim, matcher=config.matcher,

@@ -22,7 +22,8 @@ original's three configs (configs/<name>.ini, num_pcs cut to the run's whitening
 
 Shims, all here: faiss and sklearn.neighbors (imported at the top of the original's modules, used only to
 initialise clusters) are stand-in modules; the original computes patch centres for VGG16's 16-pixel stride from
-feature_match imageresizeH/W, which is set to 16 x the feature map (AlexNet's map of this run); descriptors are
+feature_match imageresizeH/W, which is set to 16 x the feature map (AlexNet's map of this run); its box filter is made in torch's default dtype,
+set to float64 for its float64 run; descriptors are
 handed to the matcher in memory (the same .npy layout feature_extract.py writes: [num_pcs, patches]).
 """
 import argparse
@@ -97,8 +98,14 @@ def original_model(original, model, config, dtype):
 
 @torch.no_grad()
 def original_descriptors(original, net, features):
-    """Per image, per patch size, [num_pcs, patches] as feature_extract.py saves them."""
-    vlad_local, _ = net.pool(features)
+    """Per image, per patch size, [num_pcs, patches] as feature_extract.py saves them (in the features' dtype:
+    the original makes its box filter in the default dtype, set to theirs for the call)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(features.dtype)
+    try:
+        vlad_local, _ = net.pool(features)
+    finally:
+        torch.set_default_dtype(default)
     per_size = []
     for local in vlad_local:
         pca = original.models_generic.get_pca_encoding(net, local.permute(2, 0, 1).reshape(-1, local.size(1)))

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import figures
 import main
 import patch_netvlad as pn
 import retrieval
@@ -258,6 +260,9 @@ def test_rapid_spatial_score_is_the_papers_formula():
     expected = spatial_score_by_the_paper(q_points.tolist(), d_points.tolist(), 10.0, 7.0) / 88
     scores = pn.size_scores(query, [candidate, random_features(rng, (12, 15), config)], 0, config)[0]
     assert scores[0] == pytest.approx(expected, rel=1e-9)
+    drawn = pn.matched_points(query, candidate, config)[0]
+    np.testing.assert_array_equal(drawn[0], q_points)
+    np.testing.assert_array_equal(drawn[1], d_points)
     shifts = d_points - q_points
     assert np.sum((shifts[:, 0] == 3) & (shifts[:, 1] == 0)) == 8 * 8  # every planted pair matched
     assert scores[0] > scores[1]
@@ -509,6 +514,8 @@ def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run
         with open(out / f'{photo.stem}.csv') as f:
             listed = [row['database_image'] for row in csv.DictReader(f)]
         assert listed == [names[i] for i in order]
+        with Image.open(out / 'patch_matches' / f'{photo.stem}.png') as drawn:  # the first 3 candidates, a row each
+            assert drawn.height == 3 * (figures.MATCH_HEIGHT + 18)
 
 
 def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, clustered_data, tmp_path, run_cli, capsys):
