@@ -8,11 +8,16 @@ how well the query's image patches match theirs, and how consistently those matc
   whitening cut to the config's dimension, and L2-normalised again. The reference code takes the sums from an
   integral image instead; its differences of large running sums cancel for clusters that are weakly assigned in
   a patch, and intra-normalisation turns what is left into unit-norm noise rows.
-- Matching: mutual nearest neighbours between the query's and a candidate's patches of one size.
+- Matching: mutual nearest neighbours between the query's and each candidate's patches of one size, all
+  candidates of a query at once (one matrix product per block of candidates).
 - Scoring: the inliers of a RANSAC homography between the matched patch centres ('ransac', the performance
-  config), or rapid spatial scoring ('spatial', the speed and storage configs); each size's scores are
-  z-normalised over the query's candidates and summed with the config's weights. Keypoints are the patch centres
-  in feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike.
+  config), or rapid spatial scoring ('spatial', the speed and storage configs), both over all candidates at once;
+  each size's scores are z-normalised over the query's candidates and summed with the config's weights. RANSAC
+  follows cv2.findHomography's (the reference's scorer): seeded 4-point samples that keep their orientation, tried
+  in turn until OpenCV's adaptive count for confidence 0.995 (at most 2000), the best one's inliers counted; the
+  candidates' hypotheses are tried in rounds, one batched computation each. Keypoints are the patch centres in
+  feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike; the reference's
+  are pixels for VGG16's stride of 16, a similarity of these, with the threshold scaled alike.
 
 A run without PCA whitening is refused (a UserError naming --mode=pca): its raw patch descriptors are K*D-D
 (32768 for VGG16), tens to hundreds of MB per image (storage_per_image), terabytes for a Pitts30k database.
@@ -40,7 +45,8 @@ RANSAC_THRESHOLD = 1.5       # reprojection error allowed, in patch strides (the
 RANSAC_HYPOTHESES = 2000     # 4-point samples per homography (cv2.findHomography's default maximum)
 RANSAC_SEED = 0
 RANSAC_CONFIDENCE = 0.995    # probability that the hypotheses tried include one of inliers only (cv2's default)
-RANSAC_ROUND = 64            # hypotheses of each candidate tried at once
+RANSAC_ROUND = 32            # hypotheses of each candidate tried at once in the first round (then twice as many)
+RANSAC_BLOCK = 16            # candidates whose hypotheses are tried together
 MATCH_BYTES = 64 * 2 ** 20   # float32 bytes of the similarities of one block of candidates
 BLOCK_BYTES = 16 * 2 ** 20   # float32 bytes of the weighted residuals of one block of clusters
 WRITE_BYTES = 256 * 2 ** 20  # float32 bytes of patch features kept before a write to the store (what a kill loses)
@@ -300,11 +306,11 @@ def mutual_matches(query_desc, candidate_descs):
     step = max(1, MATCH_BYTES // (4 * count * most))
     for first in range(0, len(candidate_descs), step):
         rows, real = padded(candidate_descs[first:first + step], dim)
-        similarity = (query @ rows.reshape(-1, dim).T).reshape(count, len(rows), most).transpose(0, 1)
-        similarity.masked_fill_(~real[:, None, :], -torch.inf)  # [c, n, m]
+        similarity = (rows.reshape(-1, dim) @ query.T).reshape(len(rows), most, count)
+        similarity.masked_fill_(~real[:, :, None], -torch.inf)  # [c, m, n]
         block = slice(first, first + len(rows))
-        nearest[block] = similarity.argmax(dim=2)
-        back = similarity.argmax(dim=1)  # [c, m]: each candidate row's nearest query row
+        nearest[block] = similarity.argmax(dim=1)
+        back = similarity.argmax(dim=2)  # [c, m]: each candidate row's nearest query row
         mutual[block] = (back.gather(1, nearest[block]) == torch.arange(count)) & real.any(dim=1)[:, None]
     return nearest, mutual
 
@@ -330,31 +336,28 @@ def four_point_homographies(source, target):
     return from_basis(target) @ adjugate(from_basis(source))
 
 
-def same_orientation(source, target):
-    """[...]: whether each 4-point sample [..., 4, 2] keeps the orientation of all four of its triangles between
-    source and target, none of them flat (the samples OpenCV's homography RANSAC accepts; a homography through
-    the others folds the plane)."""
-    signs = []
-    for points in (source, target):
-        a, b, c, d = points.unbind(dim=-2)
-        triangles = [(a, b, c), (b, c, d), (a, c, d), (a, b, d)]
-        signs.append(torch.stack([torch.sign((q - p)[..., 0] * (r - p)[..., 1] - (q - p)[..., 1] * (r - p)[..., 0])
-                                  for p, q, r in triangles], dim=-1))
-    product = signs[0] * signs[1]
-    return (product > 0).all(dim=-1) | (product < 0).all(dim=-1)
+def same_orientation(homographies, source):
+    """[...]: whether the homography [..., 3, 3] through a 4-point sample [..., 4, 2] keeps the orientation of all
+    four of its triangles, none of them flat (the samples OpenCV's homography RANSAC accepts; a homography through
+    the others folds the plane). A triangle's mapped signed area is det(H) det(triangle) / (w_a w_b w_c), w the
+    third coordinates of H applied to its corners: the four keep one orientation where the four w have one sign."""
+    w = (homographies[..., 2:, :2] @ source.transpose(-1, -2))[..., 0, :] + homographies[..., 2:, 2]  # [..., 4]
+    return (w > 0).all(dim=-1) | (w < 0).all(dim=-1)
 
 
 def within(homographies, source, target, threshold):
     """[..., h, n]: whether ||target - H(source)|| <= threshold for each homography [..., h, 3, 3] and point
-    [..., n, 2], as ||(x', y') - target w'||^2 <= threshold^2 w'^2 with (x', y', w') = H (x, y, 1); in float32
-    once each homography is scaled to unit norm."""
-    unit = (homographies / torch.linalg.matrix_norm(homographies)[..., None, None]).float()
+    [..., n, 2], as ||(x', y') - target w'||^2 <= (threshold w')^2 with (x', y', w') = H (x, y, 1), threshold w'
+    from the homography's third row times the threshold and target / threshold; in float32 once each homography
+    is scaled to unit norm. A target that is NaN is no inlier."""
+    unit = homographies / torch.linalg.matrix_norm(homographies)[..., None, None]
+    scaled = (unit * unit.new_tensor([1, 1, threshold])[:, None]).float()
     points = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1).float()  # [..., n, 3]
-    projected = unit.flatten(-3, -2) @ points.transpose(-1, -2)  # [..., 3h, n]
+    projected = scaled.flatten(-3, -2) @ points.transpose(-1, -2)  # [..., 3h, n]
     x, y, w = projected.unflatten(-2, (-1, 3)).unbind(dim=-2)
-    u, v = target.float().unsqueeze(-3).unbind(dim=-1)
+    u, v = (target.float() / threshold).unsqueeze(-3).unbind(dim=-1)
     dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
-    return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()  # NaN compares False
+    return torch.addcmul(dx.square_(), dy, dy) <= w.square_()  # NaN compares False
 
 
 @functools.lru_cache(maxsize=256)
@@ -382,37 +385,52 @@ def ransac_inliers(source, target, counts, threshold):
     target points, its first counts[c] rows being its matches (as cv2.findHomography(source, target, cv2.RANSAC,
     threshold)'s mask): the inliers (||target - H(source)|| <= threshold) of the best of the homographies through
     the samples of ransac_samples(count) that keep their orientation, tried in turn until hypotheses_needed of
-    the best so far, all candidates at once by rounds of RANSAC_ROUND hypotheses. Under 4 matches: no inliers."""
-    candidates, rows = source.shape[:2]
-    real = torch.arange(rows) < counts[:, None]
+    the best so far. Candidates by blocks of RANSAC_BLOCK of similar counts (each block's points cut to its largest
+    count, small enough to stay in cache). Under 4 matches: no inliers."""
+    best = torch.zeros(source.shape[:2], dtype=torch.bool)
+    by_count = torch.argsort(counts, stable=True)
+    eligible = by_count[counts[by_count] >= 4]
+    for block in eligible.split(RANSAC_BLOCK) if len(eligible) else ():
+        rows = int(counts[block].max())
+        best[block, :rows] = block_inliers(source[block, :rows], target[block, :rows], counts[block], threshold)
+    return best
+
+
+def block_inliers(source, target, counts, threshold):
+    """ransac_inliers of one block of candidates (all with at least 4 matches): their hypotheses tried together by
+    rounds, RANSAC_ROUND in the first, twice as many in each next one (most candidates that stop early stop in the
+    first), each candidate's search stopped exactly where the one-by-one loop stops."""
+    rows = source.shape[1]
+    target = target.masked_fill(torch.arange(rows)[:, None] >= counts[:, None, None], torch.nan)  # never inliers
     best = torch.zeros(len(counts), rows, dtype=torch.bool)
     best_count, tried = torch.zeros(len(counts), dtype=torch.int64), torch.zeros(len(counts), dtype=torch.int64)
-    active = counts >= 4
-    start = 0
+    active = torch.ones(len(counts), dtype=torch.bool)
+    start, size = 0, RANSAC_ROUND
     while active.any():
         ids = active.nonzero()[:, 0]
-        samples = [ransac_samples(int(counts[c]))[start:start + RANSAC_ROUND] for c in ids]
-        drawn = torch.zeros(len(ids), RANSAC_ROUND, 4, dtype=torch.int64)
-        exists = torch.zeros(len(ids), RANSAC_ROUND, dtype=torch.bool)
+        samples = [ransac_samples(int(counts[c]))[start:start + size] for c in ids]
+        drawn = torch.zeros(len(ids), size, 4, dtype=torch.int64)
+        exists = torch.zeros(len(ids), size, dtype=torch.bool)
         for index, sample in enumerate(samples):
             drawn[index, :len(sample)], exists[index, :len(sample)] = sample, True
         pick = drawn.reshape(len(ids), -1, 1).expand(-1, -1, 2)
-        corners = [points[ids].gather(1, pick).reshape(len(ids), RANSAC_ROUND, 4, 2) for points in (source, target)]
-        usable = exists & same_orientation(*corners)
-        inliers = within(four_point_homographies(*corners), source[ids], target[ids], threshold) & real[ids, None]
-        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, round]
+        corners = [points[ids].gather(1, pick).reshape(len(ids), size, 4, 2) for points in (source, target)]
+        homographies = four_point_homographies(*corners)
+        usable = exists & same_orientation(homographies, corners[0]) & torch.isfinite(homographies).all(dim=(2, 3))
+        inliers = within(homographies, source[ids], target[ids], threshold)
+        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, size]
         leading = torch.maximum(found.cummax(dim=1).values, best_count[ids, None])
         turn = tried[ids, None] + usable.cumsum(dim=1)  # the hypothesis' number among those tried
         stops = usable & (turn >= hypotheses_needed(leading, counts[ids, None]))
-        last = torch.where(stops.any(dim=1), stops.int().argmax(dim=1), RANSAC_ROUND - 1)
+        last = torch.where(stops.any(dim=1), stops.int().argmax(dim=1), size - 1)
         final = leading.gather(1, last[:, None])[:, 0]
         improved = final > best_count[ids]
         first_best = (found == final[:, None]).int().argmax(dim=1)
         best[ids[improved]] = inliers[improved, first_best[improved]]
         best_count[ids], tried[ids] = final, turn[:, -1]
-        exhausted = torch.tensor([len(sample) < RANSAC_ROUND for sample in samples])
+        exhausted = torch.tensor([len(sample) < size for sample in samples])
         active[ids[stops.any(dim=1) | exhausted]] = False
-        start += RANSAC_ROUND
+        start, size = start + size, 2 * size
     return best
 
 

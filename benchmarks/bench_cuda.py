@@ -265,7 +265,7 @@ def main():
     p.add_argument('--workers', type=int, default=12, help='DataLoader workers of extraction and training')
     p.add_argument('--extract_images', type=int, default=1024, help='480x640 JPEGs timed per arch and precision')
     p.add_argument('--train_db', type=int, default=1000, help='bench_train.py --db (the train split gets twice)')
-    p.add_argument('--check_images', type=int, default=16, help='JPEGs of the correctness section')
+    p.add_argument('--check_images', type=int, default=8, help='JPEGs of the correctness section')
     p.add_argument('--sections', default='environment,correctness,train_vgg16,latency,extraction,train_alexnet',
                    help='in this order; train_<arch> runs bench_train.py for that arch')
     args = p.parse_args()

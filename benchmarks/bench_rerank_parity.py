@@ -28,6 +28,7 @@ handed to the matcher in memory (the same .npy layout feature_extract.py writes:
 """
 import argparse
 import configparser
+import copy
 import datetime
 import os
 import sys
@@ -48,7 +49,6 @@ from datasets import load_dataset  # noqa: E402
 from retrieval import exact_search  # noqa: E402
 from runs import load_model, place_model  # noqa: E402
 
-CANDIDATES = 100
 SAME_HYPOTHESES = 50  # 4-point samples per (query, candidate, size) scored by both cv2 and the toolkit
 
 
@@ -113,25 +113,33 @@ def original_descriptors(original, net, features):
     return [[size[image].float().numpy() for size in per_size] for image in range(len(features))]
 
 
-def extract(model, dataset, original, nets, config, batch=8):
-    """(toolkit PatchFeatures, original float32 descriptors, original float64 descriptors), each per image."""
-    toolkit, original32, original64 = [], [], []
-    for first in range(0, len(dataset), batch):
-        images = torch.stack([dataset[i][0] for i in range(first, min(first + batch, len(dataset)))])
+def extract(model, dataset, needed, original, nets, config, batch=8):
+    """(toolkit PatchFeatures, toolkit float64 descriptors, original float32 descriptors, original float64
+    descriptors), each a dict by image index, of the images `needed`."""
+    toolkit, toolkit64, original32, original64 = [], [], [], []
+    pool64 = copy.deepcopy(model.pool).double()
+    weight, bias = (p.detach().double() for p in pn.patch_projection(model, config.pca_dim))
+    for first in range(0, len(needed), batch):
+        images = torch.stack([dataset[i][0] for i in needed[first:first + batch]])
         toolkit += pn.patch_features(model, images, config)[1]
         with torch.no_grad():
             features = model.features(images).float()
+            exact = pn.patch_descriptors(features.double(), pool64, weight, bias, config.patch_sizes, config.strides)
+        toolkit64 += [[size[image].numpy() for size in exact] for image in range(len(images))]
         original32 += original_descriptors(original, nets[0], features)
         original64 += original_descriptors(original, nets[1], features.double())
-    return toolkit, original32, original64
+    return tuple(dict(zip(needed, values)) for values in (toolkit, toolkit64, original32, original64))
 
 
-def descriptor_differences(toolkit, original32, original64):
-    largest = {'float32': 0.0, 'float64': 0.0}
-    for ours, theirs32, theirs64 in zip(toolkit, original32, original64):
-        for size, (mine, a, b) in enumerate(zip(ours.descriptors, theirs32, theirs64)):
+def descriptor_differences(toolkit, toolkit64, original32, original64):
+    """Largest absolute differences: float32 (the toolkit's against the original's, each as it runs), float64
+    (both computed in float64) and float32_to_64 (the toolkit's float32 against the original in float64)."""
+    largest = {'float32': 0.0, 'float64': 0.0, 'float32_to_64': 0.0}
+    for index, ours in toolkit.items():
+        for mine, exact, a, b in zip(ours.descriptors, toolkit64[index], original32[index], original64[index]):
             largest['float32'] = max(largest['float32'], float(np.abs(mine - a.T).max(initial=0)))
-            largest['float64'] = max(largest['float64'], float(np.abs(mine - b.T).max(initial=0)))
+            largest['float64'] = max(largest['float64'], float(np.abs(exact - b.T).max(initial=0)))
+            largest['float32_to_64'] = max(largest['float32_to_64'], float(np.abs(mine - b.T).max(initial=0)))
     return largest
 
 
@@ -163,12 +171,12 @@ def same_hypotheses(original, source, target, threshold, rng):
     squared error <= threshold^2) and the toolkit's (four_point_homographies, within). (hypotheses, differing)."""
     cv2 = original.cv2
     samples = np.array([rng.choice(len(source), 4, replace=False) for _ in range(SAME_HYPOTHESES)])
-    usable = pn.same_orientation(torch.from_numpy(source[samples]), torch.from_numpy(target[samples])).numpy()
-    samples = samples[usable]
+    homographies = pn.four_point_homographies(torch.from_numpy(source[samples]), torch.from_numpy(target[samples]))
+    usable = pn.same_orientation(homographies, torch.from_numpy(source[samples])).numpy()
+    samples, homographies = samples[usable], homographies[usable]
     if not len(samples):
         return 0, 0
-    ours = pn.within(pn.four_point_homographies(torch.from_numpy(source[samples]), torch.from_numpy(target[samples])),
-                     torch.from_numpy(source), torch.from_numpy(target), threshold).sum(dim=1).numpy()
+    ours = pn.within(homographies, torch.from_numpy(source), torch.from_numpy(target), threshold).sum(dim=1).numpy()
     theirs = []
     for sample in samples:
         h = cv2.getPerspectiveTransform(source[sample].astype(np.float32), target[sample].astype(np.float32))
@@ -237,14 +245,15 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
                                                                    model.whiten.out_features), grid)
     config = toolkit_config(config_ini, name, predictions.shape[1])
     nets = [original_model(original, model, config_ini, dtype) for dtype in (torch.float32, torch.float64)]
-    toolkit, original32, original64 = extract(model, dataset, original, nets, config)
-    largest = descriptor_differences(toolkit, original32, original64)
+    needed = sorted(set(predictions.ravel().tolist()) | set(range(num_db, num_db + len(predictions))))
+    toolkit, toolkit64, original32, original64 = extract(model, dataset, needed, original, nets, config)
+    largest = descriptor_differences(toolkit, toolkit64, original32, original64)
     patch_sizes = list(config.patch_sizes)
     keypoints, indices = zip(*[original.local_matcher.calc_keypoint_centers_from_patches(
         config_ini['feature_match'], size, size, stride, stride) for size, stride in zip(patch_sizes, config.strides)])
     matcher = original.patch_matcher.PatchMatcher(config_ini['feature_match']['matcher'], patch_sizes,
                                                   list(config.strides), list(keypoints), list(indices))
-    theirs = [as_features(d, t) for d, t in zip(original32, toolkit)]
+    theirs = {i: as_features(original32[i], toolkit[i]) for i in needed}
     stats = dict(queries=len(predictions), score_diff=0.0, fused_diff=0.0, same_order=0, same_order_former=0,
                  match_sets_differ=0, pairs=0, hypotheses=0, hypotheses_differ=0, time_original=[], time_batched=[],
                  time_former=[], counts_differ_former=0)
@@ -298,9 +307,10 @@ def run_local_matcher(original, config, descriptors, predictions, num_db, orders
     """The original's local_matcher on its .npy files: whether its re-ranked orders are those computed above from
     PatchMatcher's scores (for RANSAC, with cv2 seeded alike: a check of the shims, not of the toolkit)."""
     prefix = os.path.join(out_dir, 'patchfeats')
-    names = [f'image{i:05d}.jpg' for i in range(len(descriptors))]
+    names = [f'image{i:05d}.jpg' for i in range(num_db + len(predictions))]
     sizes = [int(s) for s in config['global_params']['patch_sizes'].split(',')]
-    for name, per_size in zip(names, descriptors):
+    for index, per_size in descriptors.items():
+        name = names[index]
         for size, d in zip(sizes, per_size):
             np.save(f'{prefix}_psize{size}_{os.path.splitext(name)[0]}.npy', d)
     eval_set = types.SimpleNamespace(images=names, numDb=num_db)
@@ -314,15 +324,17 @@ def run_local_matcher(original, config, descriptors, predictions, num_db, orders
 def report(rows, args, before_s):
     print(f'\n{datetime.date.today()}, {cpu_name()}, 1 torch thread, torch {torch.__version__}, '
           f'OpenCV {rows[0]["cv2"]}; total {time.time() - before_s:.0f} s')
-    print('| config (scorer) | PCA dim | queries x candidates | largest descriptor difference: float32 original / '
-          'float64 original | mutual-match sets differing | same hypotheses, inlier counts differing | '
+    print('| config (scorer) | PCA dim | queries x candidates | largest descriptor difference: both float32 / both '
+          'float64 / toolkit float32 to original float64 | mutual-match sets differing | same hypotheses, inlier '
+          'counts differing | '
           'largest per-size score difference | largest fused score difference | re-ranked order identical |')
     print('|---|---|---|---|---|---|---|---|---|')
     for row in rows:
         config = row['config']
         hyp = f'{row["hypotheses_differ"]} of {row["hypotheses"]}' if config.matcher == 'ransac' else 'n/a'
         print(f'| {config.name} ({config.matcher}) | {config.pca_dim} | {row["queries"]} x {config.num_candidates} | '
-              f'{row["descriptors"]["float32"]:.2e} / {row["descriptors"]["float64"]:.2e} | '
+              f'{row["descriptors"]["float32"]:.2e} / {row["descriptors"]["float64"]:.2e} / '
+              f'{row["descriptors"]["float32_to_64"]:.2e} | '
               f'{row["match_sets_differ"]} of {row["pairs"]} | {hyp} | {row["score_diff"]:.2e} | '
               f'{row["fused_diff"]:.2e} | {row["same_order"]}/{row["queries"]} |')
     print('\ntime per query of the matching and scoring (ms, process time, 1 thread), the same descriptors')
@@ -333,7 +345,8 @@ def report(rows, args, before_s):
     for row in rows:
         config = row['config']
         ms = {key: 1000 * np.mean(row[f'time_{key}']) for key in ('original', 'former', 'batched')}
-        r = {key: '/'.join(f'{row["recalls"][key][n]:.3f}' for n in (1, 5, 10)) for key in row['recalls']}
+        r = {key: '/'.join(f'{values[n]:.3f}' for n in (1, 5, 10) if n in values)
+             for key, values in row['recalls'].items()}
         print(f'| {config.name} ({config.matcher}) | {ms["original"]:.1f} | {ms["former"]:.1f} | {ms["batched"]:.1f} '
               f'| {ms["former"] / ms["batched"]:.1f}x | {row["same_order_former"]}/{row["queries"]} | '
               f'{row["counts_differ_former"]} of {row["queries"] * config.num_candidates * len(config.patch_sizes)} '
@@ -354,6 +367,7 @@ def main_bench():
     parser.add_argument('--tiny', action='store_true', help='bench_rerank.py\'s tiny dataset and model.')
     parser.add_argument('--configs', default='performance,speed,storage')
     parser.add_argument('--queries', type=int, default=None, help='Only the first N queries (default: all).')
+    parser.add_argument('--candidates', type=int, default=100, help='Candidates re-ranked per query.')
     parser.add_argument('--match_checks', type=int, default=10,
                         help='Candidates per query whose mutual matches and same hypotheses are compared one by one.')
     args = parser.parse_args()
@@ -371,7 +385,7 @@ def main_bench():
     with torch.no_grad():
         whole = torch.cat([model(torch.stack([dataset[i][0] for i in range(first, min(first + 8, len(dataset)))]))
                            for first in range(0, len(dataset), 8)]).numpy()
-    predictions = exact_search(whole[:num_db], whole[num_db:], min(CANDIDATES, num_db))[1][:args.queries]
+    predictions = exact_search(whole[:num_db], whole[num_db:], min(args.candidates, num_db))[1][:args.queries]
     rows = []
     with tempfile.TemporaryDirectory() as out_dir:
         for name in args.configs.split(','):
