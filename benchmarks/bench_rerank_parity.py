@@ -10,7 +10,8 @@ original's three configs (configs/<name>.ini, num_pcs cut to the run's whitening
 
 - patch descriptors: the toolkit's (patch_netvlad.patch_features) beside the original's PatchNetVLAD pooling and
   WPCA layer (models_generic.get_model, with the run's centroids, soft-assignment and whitening loaded) on the
-  same feature map, in float32 as the original runs and in float64 (the exact value of the same formula);
+  same feature map, each in float32 as it runs, and both in float64 (patch_netvlad.patch_descriptors on a float64
+  copy of the layer); --assignment_scale 0.01 repeats it with every cluster well assigned everywhere;
 - matching and scores: the original's local_matcher (reading its .npy files, as it does) and PatchMatcher beside
   the toolkit's rerank, both on the original's descriptors (so that only the matching differs): mutual matches,
   per-size scores, fused scores, re-ranked orders. RANSAC is random: cv2 is seeded (cv2.setRNGSeed), and the
@@ -368,6 +369,9 @@ def main_bench():
     parser.add_argument('--configs', default='performance,speed,storage')
     parser.add_argument('--queries', type=int, default=None, help='Only the first N queries (default: all).')
     parser.add_argument('--candidates', type=int, default=100, help='Candidates re-ranked per query.')
+    parser.add_argument('--assignment_scale', type=float, default=1.0,
+                        help='Multiply the run\'s soft-assignment weights (alpha) by this before both sides (e.g. '
+                             '0.01: every cluster well assigned everywhere, where the integral image cancels nothing).')
     parser.add_argument('--match_checks', type=int, default=10,
                         help='Candidates per query whose mutual matches and same hypotheses are compared one by one.')
     args = parser.parse_args()
@@ -380,6 +384,8 @@ def main_bench():
     opt = main.parse_options(['--mode=test', f'--resume={run}', '--split=test', *common])
     model, _, _ = load_model(opt)
     model = place_model(model.eval(), torch.device('cpu'))[0]
+    with torch.no_grad():
+        model.pool.conv.weight.mul_(args.assignment_scale)
     dataset = load_dataset(opt, 'test')
     num_db = dataset.db_struct.numDb
     with torch.no_grad():
