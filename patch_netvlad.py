@@ -345,17 +345,17 @@ def same_orientation(homographies, source):
     return (w > 0).all(dim=-1) | (w < 0).all(dim=-1)
 
 
-def within(homographies, source, target, threshold):
+def within(homographies, source, target, threshold, dtype=torch.float32):
     """[..., h, n]: whether ||target - H(source)|| <= threshold for each homography [..., h, 3, 3] and point
     [..., n, 2], as ||(x', y') - target w'||^2 <= (threshold w')^2 with (x', y', w') = H (x, y, 1), threshold w'
-    from the homography's third row times the threshold and target / threshold; in float32 once each homography
+    from the homography's third row times the threshold and target / threshold; in `dtype` once each homography
     is scaled to unit norm. A target that is NaN is no inlier."""
     unit = homographies / torch.linalg.matrix_norm(homographies)[..., None, None]
-    scaled = (unit * unit.new_tensor([1, 1, threshold])[:, None]).float()
-    points = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1).float()  # [..., n, 3]
+    scaled = (unit * unit.new_tensor([1, 1, threshold])[:, None]).to(dtype)
+    points = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1).to(dtype)  # [..., n, 3]
     projected = scaled.flatten(-3, -2) @ points.transpose(-1, -2)  # [..., 3h, n]
     x, y, w = projected.unflatten(-2, (-1, 3)).unbind(dim=-2)
-    u, v = (target.float() / threshold).unsqueeze(-3).unbind(dim=-1)
+    u, v = (target.to(dtype) / threshold).unsqueeze(-3).unbind(dim=-1)
     dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
     return torch.addcmul(dx.square_(), dy, dy) <= w.square_()  # NaN compares False
 

@@ -50,6 +50,7 @@ from datasets import load_dataset  # noqa: E402
 from retrieval import exact_search  # noqa: E402
 from runs import load_model, place_model  # noqa: E402
 
+TIE = 1e-9  # fused scores closer than this are a tie (their order is the sort's)
 SAME_HYPOTHESES = 50  # 4-point samples per (query, candidate, size) scored by both cv2 and the toolkit
 
 
@@ -176,14 +177,15 @@ def same_hypotheses(original, source, target, threshold, rng):
     usable = pn.same_orientation(homographies, torch.from_numpy(source[samples])).numpy()
     samples, homographies = samples[usable], homographies[usable]
     if not len(samples):
-        return 0, 0
+        return 0, 0, 0
     ours = pn.within(homographies, torch.from_numpy(source), torch.from_numpy(target), threshold).sum(dim=1).numpy()
+    exact = pn.within(homographies, torch.from_numpy(source), torch.from_numpy(target), threshold, torch.float64)
     theirs = []
     for sample in samples:
         h = cv2.getPerspectiveTransform(source[sample].astype(np.float32), target[sample].astype(np.float32))
         projected = cv2.perspectiveTransform(source[None].astype(np.float64), h)[0]
         theirs.append(int((((projected - target) ** 2).sum(axis=1) <= threshold ** 2).sum()))
-    return len(samples), int(np.sum(ours != np.array(theirs)))
+    return len(samples), int(np.sum(ours != np.array(theirs))), int(np.sum(exact.sum(dim=1).numpy() != theirs))
 
 
 def per_candidate_scores(query, candidates, config):
@@ -256,7 +258,7 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
                                                   list(config.strides), list(keypoints), list(indices))
     theirs = {i: as_features(original32[i], toolkit[i]) for i in needed}
     stats = dict(queries=len(predictions), score_diff=0.0, fused_diff=0.0, same_order=0, same_order_former=0,
-                 match_sets_differ=0, pairs=0, hypotheses=0, hypotheses_differ=0, time_original=[], time_batched=[],
+                 match_sets_differ=0, pairs=0, hypotheses=0, hypotheses_differ=0, hypotheses_differ64=0, same_up_to_ties=0, time_original=[], time_batched=[],
                  time_former=[], counts_differ_former=0)
     orders = {'original': [], 'batched': [], 'former': []}
     rng = np.random.default_rng(0)
@@ -281,6 +283,8 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
         orders['batched'].append(order_of(our_fused, candidates))
         orders['former'].append(order_of(pn.fuse_scores(former, config.patch_weights), candidates))
         stats['same_order'] += bool(np.array_equal(orders['original'][-1], orders['batched'][-1]))
+        their_positions = np.argsort(-their_fused)  # the original's order: is it also a descending order of ours?
+        stats['same_up_to_ties'] += bool(np.all(np.diff(our_fused[their_positions]) <= TIE))
         stats['same_order_former'] += bool(np.array_equal(orders['former'][-1], orders['batched'][-1]))
         for c in candidates[:args.match_checks]:
             for index, stride in enumerate(config.strides):
@@ -293,9 +297,11 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
                     rows = sorted(pairs)
                     source = theirs[c].keypoints[index][[j for _, j in rows]].astype(np.float64)
                     target = query.keypoints[index][[i for i, _ in rows]].astype(np.float64)
-                    tried, differ = same_hypotheses(original, source, target, pn.RANSAC_THRESHOLD * stride, rng)
+                    tried, differ, differ64 = same_hypotheses(original, source, target, pn.RANSAC_THRESHOLD * stride,
+                                                              rng)
                     stats['hypotheses'] += tried
                     stats['hypotheses_differ'] += differ
+                    stats['hypotheses_differ64'] += differ64
     stats['local_matcher_agrees'] = run_local_matcher(original, config_ini, original32, predictions, num_db,
                                                       orders['original'], out_dir, config.matcher)
     positives = dataset.positives()
@@ -327,17 +333,20 @@ def report(rows, args, before_s):
           f'OpenCV {rows[0]["cv2"]}; total {time.time() - before_s:.0f} s')
     print('| config (scorer) | PCA dim | queries x candidates | largest descriptor difference: both float32 / both '
           'float64 / toolkit float32 to original float64 | mutual-match sets differing | same hypotheses, inlier '
-          'counts differing | '
-          'largest per-size score difference | largest fused score difference | re-ranked order identical |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          'counts differing (float32 test / float64 test) | '
+          'largest per-size score difference | largest fused score difference | re-ranked order identical | '
+          'identical up to ties |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for row in rows:
         config = row['config']
-        hyp = f'{row["hypotheses_differ"]} of {row["hypotheses"]}' if config.matcher == 'ransac' else 'n/a'
+        hyp = (f'{row["hypotheses_differ"]} / {row["hypotheses_differ64"]} of {row["hypotheses"]}'
+               if config.matcher == 'ransac' else 'n/a')
         print(f'| {config.name} ({config.matcher}) | {config.pca_dim} | {row["queries"]} x {config.num_candidates} | '
               f'{row["descriptors"]["float32"]:.2e} / {row["descriptors"]["float64"]:.2e} / '
               f'{row["descriptors"]["float32_to_64"]:.2e} | '
               f'{row["match_sets_differ"]} of {row["pairs"]} | {hyp} | {row["score_diff"]:.2e} | '
-              f'{row["fused_diff"]:.2e} | {row["same_order"]}/{row["queries"]} |')
+              f'{row["fused_diff"]:.2e} | {row["same_order"]}/{row["queries"]} | '
+              f'{row["same_up_to_ties"]}/{row["queries"]} |')
     print('\ntime per query of the matching and scoring (ms, process time, 1 thread), the same descriptors')
     print('| config (scorer) | original (PatchMatcher, OpenCV) | toolkit, former per-candidate | toolkit, batched | '
           'former / batched | orders former = batched | inlier counts or scores differing, former vs batched | '
