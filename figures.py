@@ -10,6 +10,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from commons import atomic_write  # noqa: E402
 
 STRIP_TOP = 5
+MATCH_HEIGHT = 240  # height of each picture in a drawing of matched patches
+MATCH_COLOURS = ('gold', 'deepskyblue', 'magenta', 'lime')  # one per patch size
 THUMB = (160, 120)  # width, height of each picture in a strip
 
 
@@ -70,3 +72,44 @@ def save_sheet(rows, path):
         for x, tile in enumerate(tiles):
             sheet.paste(tile, (x * tile_w, y * tile_h))
     atomic_write(path, lambda f: sheet.save(f, format='PNG'))
+
+
+def patch_matches(query_path, query_grid, candidates, path):
+    """Matched patches as Patch-NetVLAD's visualisation draws them: one row per candidate (path, feature-map grid
+    (height, width), caption, per patch size (query centres [k, 2], candidate centres [k, 2]) in feature-map cells),
+    the query on the left, the candidate on the right, a line between the centres of each matched pair, one colour
+    per patch size."""
+    rows = []
+    for candidate_path, candidate_grid, caption, pairs in candidates:
+        pictures = [Image.open(p).convert('RGB') for p in (query_path, candidate_path)]
+        scaled = [picture.resize((round(picture.width * MATCH_HEIGHT / picture.height), MATCH_HEIGHT))
+                  for picture in pictures]
+        canvas = Image.new('RGB', (scaled[0].width + scaled[1].width, MATCH_HEIGHT + 18), 'white')
+        canvas.paste(scaled[0], (0, 0))
+        canvas.paste(scaled[1], (scaled[0].width, 0))
+        draw = ImageDraw.Draw(canvas)
+        for (query_points, candidate_points), colour in zip(pairs, MATCH_COLOURS):
+            ends = [cells_to_pixels(points, grid, picture.size, left) for points, grid, picture, left in
+                    ((query_points, query_grid, scaled[0], 0), (candidate_points, candidate_grid, scaled[1],
+                                                                scaled[0].width))]
+            for start, end in zip(*ends):
+                draw.line([tuple(start), tuple(end)], fill=colour, width=1)
+                for x, y in (start, end):
+                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
+        draw.text((4, MATCH_HEIGHT + 4), caption, fill='black')
+        rows.append([canvas])
+    widest = max(row[0].width for row in rows)
+    save_sheet([[pad_to(row[0], widest)] for row in rows], path)
+
+
+def cells_to_pixels(points, grid, size, left):
+    """Patch centres (x, y) [k, 2] in feature-map cells (grid: its (height, width)) as pixel positions in a picture
+    of `size` (width, height) placed at x = left: each cell covers an equal share of the picture."""
+    scale = np.array([size[0] / grid[1], size[1] / grid[0]])
+    return (np.asarray(points, dtype=np.float64) + 0.5) * scale + [left, 0]
+
+
+def pad_to(picture, width):
+    padded = Image.new('RGB', (width, picture.height), 'white')
+    padded.paste(picture, (0, 0))
+    return padded

@@ -8,17 +8,23 @@ how well the query's image patches match theirs, and how consistently those matc
   whitening cut to the config's dimension, and L2-normalised again. The reference code takes the sums from an
   integral image instead; its differences of large running sums cancel for clusters that are weakly assigned in
   a patch, and intra-normalisation turns what is left into unit-norm noise rows.
-- Matching: mutual nearest neighbours between the query's and a candidate's patches of one size.
+- Matching: mutual nearest neighbours between the query's and each candidate's patches of one size, all
+  candidates of a query at once (one matrix product per block of candidates).
 - Scoring: the inliers of a RANSAC homography between the matched patch centres ('ransac', the performance
-  config), or rapid spatial scoring ('spatial', the speed and storage configs); each size's scores are
-  z-normalised over the query's candidates and summed with the config's weights. Keypoints are the patch centres
-  in feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike.
+  config), or rapid spatial scoring ('spatial', the speed and storage configs), both over all candidates at once;
+  each size's scores are z-normalised over the query's candidates and summed with the config's weights. RANSAC
+  follows cv2.findHomography's (the reference's scorer): seeded 4-point samples that keep their orientation, tried
+  in turn until OpenCV's adaptive count for confidence 0.995 (at most 2000), the best one's inliers counted; the
+  candidates' hypotheses are tried in rounds, one batched computation each. Keypoints are the patch centres in
+  feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike; the reference's
+  are pixels for VGG16's stride of 16, a similarity of these, with the threshold scaled alike.
 
 A run without PCA whitening is refused (a UserError naming --mode=pca): its raw patch descriptors are K*D-D
 (32768 for VGG16), tens to hundreds of MB per image (storage_per_image), terabytes for a Pitts30k database.
 The database's patch features are computed once into a store file (patch_features.py).
 """
 import dataclasses
+import functools
 import logging
 import time
 import types
@@ -39,6 +45,10 @@ MATCHERS = ('ransac', 'spatial')
 RANSAC_THRESHOLD = 1.5       # reprojection error allowed, in patch strides (the reference: 16 px x stride x 1.5)
 RANSAC_HYPOTHESES = 2000     # 4-point samples per homography (cv2.findHomography's default maximum)
 RANSAC_SEED = 0
+RANSAC_CONFIDENCE = 0.995    # probability that the hypotheses tried include one of inliers only (cv2's default)
+RANSAC_ROUND = 32            # hypotheses of each candidate tried at once in the first round (then twice as many)
+RANSAC_BLOCK = 16            # candidates whose hypotheses are tried together
+MATCH_BYTES = 64 * 2 ** 20   # float32 bytes of the similarities of one block of candidates
 BLOCK_BYTES = 16 * 2 ** 20   # float32 bytes of the weighted residuals of one block of clusters
 WRITE_BYTES = 256 * 2 ** 20  # float32 bytes of patch features kept before a write to the store (what a kill loses)
 
@@ -303,25 +313,38 @@ def store_features(store, ids, config):
 
 # ---------------------------------------------------------------------------------------------- matching
 
-def mutual_matches(query_desc, db_desc):
-    """(query rows, database rows) of the mutual nearest neighbours between two sets of unit descriptors [n, dim]
-    and [m, dim] (nearest in L2 = largest dot product): pairs each of which is the other's nearest."""
-    if not len(query_desc) or not len(db_desc):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    similarity = torch.from_numpy(query_desc) @ torch.from_numpy(db_desc).T  # [n, m]
-    query_to_db, db_to_query = similarity.argmax(dim=1), similarity.argmax(dim=0)
-    mutual = torch.nonzero(db_to_query[query_to_db] == torch.arange(len(query_desc))).flatten()
-    return mutual.numpy(), query_to_db[mutual].numpy()
+def padded(arrays, dim):
+    """Row arrays [m_c, dim] (float32) stacked into [C, m, dim], zero rows after each one's own, and which rows
+    are real [C, m]."""
+    most = max((len(rows) for rows in arrays), default=0)
+    stacked = torch.zeros(len(arrays), most, dim)
+    for index, rows in enumerate(arrays):
+        stacked[index, :len(rows)] = torch.as_tensor(np.ascontiguousarray(rows, dtype=np.float32))
+    return stacked, torch.arange(most) < torch.tensor([len(rows) for rows in arrays])[:, None]
 
 
-def homography_rows(source, target):
-    """The two rows per correspondence of the linear system A h = b of a homography with h_33 = 1, which maps
-    source (x, y) [n, 2] to target (u, v) [n, 2]: A [2n, 8], b [2n]."""
-    x, y, u, v = source[:, 0], source[:, 1], target[:, 0], target[:, 1]
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=1)
-    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=1)
-    return torch.cat([rows_u, rows_v]), torch.cat([u, v])
+def mutual_matches(query_desc, candidate_descs):
+    """The mutual nearest neighbours between a query's unit descriptors [n, dim] and each candidate's [m_c, dim]
+    (nearest in L2 = largest dot product), by blocks of candidates of MATCH_BYTES of similarities, one matrix
+    product each: (nearest [C, n]: each query row's nearest row of the candidate, mutual [C, n] bool: whether
+    that row's nearest query row is this one)."""
+    count, dim = query_desc.shape
+    nearest = torch.zeros(len(candidate_descs), count, dtype=torch.int64)
+    mutual = torch.zeros(len(candidate_descs), count, dtype=torch.bool)
+    most = max((len(rows) for rows in candidate_descs), default=0)
+    if not count or not most:
+        return nearest, mutual
+    query = torch.from_numpy(np.asarray(query_desc, dtype=np.float32))
+    step = max(1, MATCH_BYTES // (4 * count * most))
+    for first in range(0, len(candidate_descs), step):
+        rows, real = padded(candidate_descs[first:first + step], dim)
+        similarity = (rows.reshape(-1, dim) @ query.T).reshape(len(rows), most, count)
+        similarity.masked_fill_(~real[:, :, None], -torch.inf)  # [c, m, n]
+        block = slice(first, first + len(rows))
+        nearest[block] = similarity.argmax(dim=1)
+        back = similarity.argmax(dim=2)  # [c, m]: each candidate row's nearest query row
+        mutual[block] = (back.gather(1, nearest[block]) == torch.arange(count)) & real.any(dim=1)[:, None]
+    return nearest, mutual
 
 
 def adjugate(m):
@@ -331,77 +354,152 @@ def adjugate(m):
 
 
 def from_basis(points):
-    """Homographies [h, 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
-    [h, 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(1, 2)  # [h, 3, 4]
-    first_three = homogeneous[:, :, :3]
-    scales = (adjugate(first_three) @ homogeneous[:, :, 3:]).transpose(1, 2)  # [h, 1, 3]
+    """Homographies [..., 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
+    [..., 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(-1, -2)  # [..., 3, 4]
+    first_three = homogeneous[..., :3]
+    scales = (adjugate(first_three) @ homogeneous[..., 3:]).transpose(-1, -2)  # [..., 1, 3]
     return first_three * scales
 
 
 def four_point_homographies(source, target):
-    """The homographies [h, 3, 3] (up to scale) that map 4 source points [h, 4, 2] onto 4 target points; those
-    of degenerate samples (three points on a line) are zero or not finite."""
+    """The homographies [..., 3, 3] (up to scale) that map 4 source points [..., 4, 2] onto 4 target points;
+    those of degenerate samples (three points on a line) are zero or not finite."""
     return from_basis(target) @ adjugate(from_basis(source))
 
 
-def within(homographies, source, target, threshold):
-    """[h, n]: whether ||target - H(source)|| <= threshold for each homography [h, 3, 3] and point [n, 2], as
-    ||(x', y') - target w'||^2 <= threshold^2 w'^2 with (x', y', w') = H (x, y, 1); in float32 (products with
-    three terms are slow in float64) once each homography is scaled to unit norm."""
-    unit = homographies / torch.linalg.matrix_norm(homographies)[:, None, None]
-    points = torch.cat([source, torch.ones_like(source[:, :1])], dim=1).float()  # [n, 3]
-    projected = (unit.float().reshape(-1, 3) @ points.T).reshape(len(homographies), 3, -1)  # [h, 3, n]
-    x, y, w = projected.unbind(dim=1)
-    u, v = target.float().T
+def same_orientation(homographies, source):
+    """[...]: whether the homography [..., 3, 3] through a 4-point sample [..., 4, 2] keeps the orientation of all
+    four of its triangles, none of them flat (the samples OpenCV's homography RANSAC accepts; a homography through
+    the others folds the plane). A triangle's mapped signed area is det(H) det(triangle) / (w_a w_b w_c), w the
+    third coordinates of H applied to its corners: the four keep one orientation where the four w have one sign."""
+    w = (homographies[..., 2:, :2] @ source.transpose(-1, -2))[..., 0, :] + homographies[..., 2:, 2]  # [..., 4]
+    return (w > 0).all(dim=-1) | (w < 0).all(dim=-1)
+
+
+def within(homographies, source, target, threshold, dtype=torch.float32):
+    """[..., h, n]: whether ||target - H(source)|| <= threshold for each homography [..., h, 3, 3] and point
+    [..., n, 2], as ||(x', y') - target w'||^2 <= (threshold w')^2 with (x', y', w') = H (x, y, 1), threshold w'
+    from the homography's third row times the threshold and target / threshold; in `dtype` once each homography
+    is scaled to unit norm. A target that is NaN is no inlier."""
+    unit = homographies / torch.linalg.matrix_norm(homographies)[..., None, None]
+    scaled = (unit * unit.new_tensor([1, 1, threshold])[:, None]).to(dtype)
+    points = torch.cat([source, torch.ones_like(source[..., :1])], dim=-1).to(dtype)  # [..., n, 3]
+    projected = scaled.flatten(-3, -2) @ points.transpose(-1, -2)  # [..., 3h, n]
+    x, y, w = projected.unflatten(-2, (-1, 3)).unbind(dim=-2)
+    u, v = (target.to(dtype) / threshold).unsqueeze(-3).unbind(dim=-1)
     dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
-    return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()  # NaN compares False
+    return torch.addcmul(dx.square_(), dy, dy) <= w.square_()  # NaN compares False
 
 
-def homography_inliers(source, target, threshold):
-    """Inlier mask [n] of the RANSAC homography mapping source [n, 2] onto target [n, 2] (as
-    cv2.findHomography(source, target, cv2.RANSAC, threshold)): up to RANSAC_HYPOTHESES homographies through 4
-    random distinct points (seeded), inliers where ||target - H(source)|| <= threshold; the one with the most
-    inliers is refitted by least squares on them, and the refit is kept if it has no fewer. Fewer than 4 points:
-    no inliers."""
-    count = len(source)
-    if count < 4:
-        return np.zeros(count, dtype=bool)
-    source, target = torch.from_numpy(source).double(), torch.from_numpy(target).double()
+@functools.lru_cache(maxsize=256)
+def ransac_samples(count):
+    """The 4-point samples [h, 4] (distinct indices below `count`, at most RANSAC_HYPOTHESES) that RANSAC tries in
+    turn on `count` matches: seeded, so the same for every pair of images with as many matches."""
     generator = torch.Generator().manual_seed(RANSAC_SEED)
     draws = torch.randint(count, (2 * RANSAC_HYPOTHESES, 4), generator=generator)
     ordered = draws.sort(dim=1).values
-    samples = draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]  # 4 distinct points each
-    inliers = within(four_point_homographies(source[samples], target[samples]), source, target, threshold)
-    best = inliers[inliers.sum(dim=1).argmax()]
-    system, values = homography_rows(source[best], target[best])
-    refit = torch.linalg.lstsq(system, values[:, None]).solution[:, 0]
-    refit_inliers = within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target, threshold)[0]
-    return (refit_inliers if refit_inliers.sum() >= best.sum() else best).numpy()
+    return draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]
 
 
-def spatial_score(query_points, db_points, anchor):
-    """Rapid spatial scoring of matched keypoints [m, 2] (the paper's equation): with d_i = db_i - query_i and
-    anchor (x_max, y_max), sum_i (x_max - |d_i,x - mean d_x|)^2 + (y_max - |d_i,y - mean d_y|)^2."""
-    shifts = db_points.astype(np.float64) - query_points
-    residuals = np.abs(shifts - shifts.mean(axis=0))
-    return float(((anchor - residuals) ** 2).sum())
+def hypotheses_needed(inliers, count):
+    """How many hypotheses RANSAC tries before it stops, once its best has `inliers` of `count` points: enough
+    that a sample of 4 inliers was missed with probability 1 - RANSAC_CONFIDENCE (OpenCV's RANSACUpdateNumIters,
+    rounded alike), at most RANSAC_HYPOTHESES; none when all points are inliers."""
+    missed = 1 - (inliers.double() / count.clamp_min(1)) ** 4  # the probability that a sample is not all inliers
+    needed = np.log(1 - RANSAC_CONFIDENCE) / missed.log()  # not positive where no point is an inlier
+    needed = torch.where(needed > 0, needed.round().clamp(max=RANSAC_HYPOTHESES), RANSAC_HYPOTHESES)
+    return torch.where(missed < np.finfo(np.float64).tiny, 0, needed)
 
 
-def size_score(query, candidate, index, config):
-    """The score of one patch size between a query's and a candidate's PatchFeatures, per query patch (larger is
-    better): RANSAC inliers, or the rapid spatial score, of their mutual matches (0 with fewer than the 4 matches
-    a homography needs, or with none)."""
-    query_desc, query_points = query.descriptors[index], query.keypoints[index]
-    matched_query, matched_db = mutual_matches(query_desc, candidate.descriptors[index])
-    source, target = candidate.keypoints[index][matched_db], query_points[matched_query]
-    if len(matched_query) < (4 if config.matcher == 'ransac' else 1):
-        return 0.0
-    if config.matcher == 'ransac':
-        score = homography_inliers(source, target, RANSAC_THRESHOLD * config.strides[index]).sum()
-    else:
-        score = spatial_score(target, source, anchor=query_points.max(axis=0) - query_points.min(axis=0))
-    return float(score) / len(query_desc)
+def ransac_inliers(source, target, counts, threshold):
+    """Inlier masks [C, n] of the RANSAC homographies that map each candidate's source points [C, n, 2] onto its
+    target points, its first counts[c] rows being its matches (as cv2.findHomography(source, target, cv2.RANSAC,
+    threshold)'s mask): the inliers (||target - H(source)|| <= threshold) of the best of the homographies through
+    the samples of ransac_samples(count) that keep their orientation, tried in turn until hypotheses_needed of
+    the best so far. Candidates by blocks of RANSAC_BLOCK of similar counts (each block's points cut to its largest
+    count, small enough to stay in cache). Under 4 matches: no inliers."""
+    best = torch.zeros(source.shape[:2], dtype=torch.bool)
+    by_count = torch.argsort(counts, stable=True)
+    eligible = by_count[counts[by_count] >= 4]
+    for block in eligible.split(RANSAC_BLOCK) if len(eligible) else ():
+        rows = int(counts[block].max())
+        best[block, :rows] = block_inliers(source[block, :rows], target[block, :rows], counts[block], threshold)
+    return best
+
+
+def block_inliers(source, target, counts, threshold):
+    """ransac_inliers of one block of candidates (all with at least 4 matches): their hypotheses tried together by
+    rounds, RANSAC_ROUND in the first, twice as many in each next one (most candidates that stop early stop in the
+    first), each candidate's search stopped exactly where the one-by-one loop stops."""
+    rows = source.shape[1]
+    target = target.masked_fill(torch.arange(rows)[:, None] >= counts[:, None, None], torch.nan)  # never inliers
+    best = torch.zeros(len(counts), rows, dtype=torch.bool)
+    best_count, tried = torch.zeros(len(counts), dtype=torch.int64), torch.zeros(len(counts), dtype=torch.int64)
+    active = torch.ones(len(counts), dtype=torch.bool)
+    start, size = 0, RANSAC_ROUND
+    while active.any():
+        ids = active.nonzero()[:, 0]
+        samples = [ransac_samples(int(counts[c]))[start:start + size] for c in ids]
+        drawn = torch.zeros(len(ids), size, 4, dtype=torch.int64)
+        exists = torch.zeros(len(ids), size, dtype=torch.bool)
+        for index, sample in enumerate(samples):
+            drawn[index, :len(sample)], exists[index, :len(sample)] = sample, True
+        pick = drawn.reshape(len(ids), -1, 1).expand(-1, -1, 2)
+        corners = [points[ids].gather(1, pick).reshape(len(ids), size, 4, 2) for points in (source, target)]
+        homographies = four_point_homographies(*corners)
+        usable = exists & same_orientation(homographies, corners[0]) & torch.isfinite(homographies).all(dim=(2, 3))
+        inliers = within(homographies, source[ids], target[ids], threshold)
+        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, size]
+        leading = torch.maximum(found.cummax(dim=1).values, best_count[ids, None])
+        turn = tried[ids, None] + usable.cumsum(dim=1)  # the hypothesis' number among those tried
+        stops = usable & (turn >= hypotheses_needed(leading, counts[ids, None]))
+        last = torch.where(stops.any(dim=1), stops.int().argmax(dim=1), size - 1)
+        final = leading.gather(1, last[:, None])[:, 0]
+        improved = final > best_count[ids]
+        first_best = (found == final[:, None]).int().argmax(dim=1)
+        best[ids[improved]] = inliers[improved, first_best[improved]]
+        best_count[ids], tried[ids] = final, turn[:, -1]
+        exhausted = torch.tensor([len(sample) < size for sample in samples])
+        active[ids[stops.any(dim=1) | exhausted]] = False
+        start, size = start + size, 2 * size
+    return best
+
+
+def spatial_scores(query_points, db_points, matched, anchor):
+    """Rapid spatial scoring (the paper's equation) of each candidate's matches: with d_i = db_i - query_i over
+    the points [C, n, 2] where matched [C, n], and anchor (x_max, y_max), sum_i (x_max - |d_i,x - mean d_x|)^2 +
+    (y_max - |d_i,y - mean d_y|)^2. [C] float64."""
+    shifts = db_points.double() - query_points.double()
+    weights = matched.double()[..., None]
+    mean = (shifts * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+    residuals = (shifts - mean).abs()
+    return ((torch.as_tensor(anchor, dtype=torch.float64) - residuals) ** 2 * weights).sum(dim=(1, 2))
+
+
+def size_scores(query, candidates, index, config):
+    """The scores of one patch size between a query's PatchFeatures and each candidate's, per query patch (larger
+    is better): RANSAC inliers, or the rapid spatial score, of their mutual matches (0 with fewer than the 4
+    matches a homography needs, or with none). Returns (scores [C] float64, the matches: nearest [C, n], each
+    query patch's candidate patch, and kept [C, n], the query patches whose match counts: the inliers or the
+    mutual matches)."""
+    query_desc, query_points = query.descriptors[index], torch.from_numpy(query.keypoints[index])
+    nearest, mutual = mutual_matches(query_desc, [candidate.descriptors[index] for candidate in candidates])
+    if not len(candidates) or not len(query_desc):
+        return np.zeros(len(candidates)), nearest, mutual
+    db_points, _ = padded([candidate.keypoints[index] for candidate in candidates], 2)
+    db_points = db_points.gather(1, nearest[..., None].expand(-1, -1, 2))  # [C, n, 2]: each query patch's match
+    if config.matcher == 'spatial':
+        anchor = query.keypoints[index].max(axis=0) - query.keypoints[index].min(axis=0)
+        scores = spatial_scores(query_points.expand_as(db_points), db_points, mutual, anchor)
+        return scores.numpy() / len(query_desc), nearest, mutual
+    order = torch.sort((~mutual).int(), dim=1, stable=True).indices  # matches first, in query order
+    counts = mutual.sum(dim=1)
+    compacted = [points.double().gather(1, order[..., None].expand(-1, -1, 2))
+                 for points in (db_points, query_points.expand_as(db_points))]
+    inliers = ransac_inliers(*compacted, counts, RANSAC_THRESHOLD * config.strides[index])
+    kept = torch.zeros_like(mutual).scatter_(1, order, inliers)
+    return kept.sum(dim=1).double().numpy() / len(query_desc), nearest, kept
 
 
 def fuse_scores(size_scores, weights):
@@ -426,9 +524,8 @@ def rerank(query, candidate_ids, store, config):
     started = time.process_time()
     candidates = store_features(store, valid, config)
     read = time.process_time()
-    size_scores = np.array([[size_score(query, candidate, index, config) for index in range(len(config.patch_sizes))]
-                            for candidate in candidates]).reshape(len(valid), len(config.patch_sizes))
-    scores = fuse_scores(size_scores, config.patch_weights)
+    scores = fuse_scores(np.stack([size_scores(query, candidates, index, config)[0]
+                                   for index in range(len(config.patch_sizes))], axis=1), config.patch_weights)
     order = np.argsort(-scores, kind='stable')
     timing = dict(extraction_s=query.extraction_s, reading_s=read - started, matching_s=time.process_time() - read)
     padding = len(candidate_ids) - len(valid)
@@ -436,10 +533,23 @@ def rerank(query, candidate_ids, store, config):
             np.concatenate([scores[order], np.full(padding, -np.inf)]), timing)
 
 
-def rerank_queries(model, queries, predictions, store, config, device, precision='fp32', batch_size=8, threads=0):
+def matched_points(query, candidate, config):
+    """Per patch size, the patch centres (query [k, 2], candidate [k, 2]) of the matches that make the score: the
+    RANSAC inliers, or the mutual matches of rapid spatial scoring."""
+    pairs = []
+    for index in range(len(config.patch_sizes)):
+        _, nearest, kept = size_scores(query, [candidate], index, config)
+        rows = kept[0].nonzero()[:, 0].numpy()
+        pairs.append((query.keypoints[index][rows], candidate.keypoints[index][nearest[0, rows].numpy()]))
+    return pairs
+
+
+def rerank_queries(model, queries, predictions, store, config, device, precision='fp32', batch_size=8, threads=0,
+                   on_query=None):
     """Re-rank the global search's candidates of every query image: `queries` a dataset of (image, index) in the
-    order of the rows of predictions [Q, k] (database ids). Returns (re-ranked [Q, k], scores [Q, k], timing: per
-    query arrays extraction_s, reading_s, matching_s)."""
+    order of the rows of predictions [Q, k] (database ids). on_query(row, query PatchFeatures, re-ranked ids, store),
+    if given, is called after each query. Returns (re-ranked [Q, k], scores [Q, k], timing: per query arrays
+    extraction_s, reading_s, matching_s)."""
     reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
     timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
     row = 0
@@ -448,6 +558,8 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
         images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
         for query in patch_features(model, images, config, precision)[1]:
             reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
+            if on_query is not None:
+                on_query(row, query, reranked[row], store)
             for key, seconds in spent.items():
                 timing[key][row] = seconds
             row += 1
@@ -455,10 +567,10 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
 
 
 def rerank_candidates(model, database, db_names, queries, candidates, store_dir, config, device, precision='fp32',
-                      batch_size=8, threads=0, run=''):
+                      batch_size=8, threads=0, run='', on_query=None):
     """Re-rank each query's candidates [Q, k] (database ids from the global search, best first): the database's
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
-    order of db_names, queries in the order of the rows of candidates. Returns (re-ranked ids [Q, k], patch scores
+    order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. Returns (re-ranked ids [Q, k], patch scores
     [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
     check_first_image(model, database, config, device)
     started = time.perf_counter()
@@ -466,7 +578,7 @@ def rerank_candidates(model, database, db_names, queries, candidates, store_dir,
     store_s = time.perf_counter() - started
     with open_store(store_dir, config) as store:
         reranked, scores, timing = rerank_queries(model, queries, candidates, store, config, device, precision,
-                                                  batch_size, threads)
+                                                  batch_size, threads, on_query)
     per_query = {f'{key}_per_query': float(np.mean(values)) if len(values) else 0.0 for key, values in timing.items()}
     summary = dict(config=config.name, patch_sizes=list(config.patch_sizes), strides=list(config.strides),
                    patch_weights=list(config.patch_weights), num_pcs=config.pca_dim, matcher=config.matcher,

@@ -25,7 +25,7 @@ import torch
 
 from commons import UserError, atomic_write, atomic_write_text, make_deterministic, plural, select_device
 from descriptors import load_descriptor_file
-from figures import query_strip
+from figures import patch_matches, query_strip
 from folder_dataset import utm_from_filename
 from global_features import (
     PhotoList,
@@ -40,13 +40,15 @@ from global_features import (
     read_descriptors,
 )
 from options import AT_LEAST_1, add_describing_flags, add_image_folder_flags, add_rerank_flags
-from patch_netvlad import flags_config, patch_projection, rerank_candidates
+from patch_netvlad import flags_config, matched_points, patch_projection, rerank_candidates, store_features
 from retrieval import reorder_first, top_k_by_dot
 from runs import load_model, open_database_run, place_model
 
 DEFAULT_TOP = 5
 CACHE_FOLDER = 'query_database'  # in the run folder: the extracted database folders
 SUMMARY = 'queries'  # <out>/queries.csv: each query's best match, beside the per-query answers
+MATCHES_FOLDER = 'patch_matches'  # <out>/patch_matches/<stem>.png: --rerank patch's matched patches of each query
+MATCHES_DRAWN = 3  # re-ranked candidates drawn per query
 
 
 def add_flags(p):
@@ -149,7 +151,8 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
         reranked, _, summary = rerank_candidates(
             model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names,
             PhotoList([photos[q][1] for q in kept], resize_max), candidates,
-            store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads, run_dir)
+            store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads, run_dir,
+            match_drawer(rerank, [photos[q] for q in kept], db_root, db_names, out))
         scores, found = reorder_first(scores, found, reranked)
         logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query; '
                      'the patch store of the database in %s', summary['candidates'], rerank.name, rerank.matcher,
@@ -160,6 +163,21 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     logging.info('====> Answered %s against %d database images: %s', plural(len(answers), 'query', 'queries'),
                  len(db_names), out)
     return answers
+
+
+def match_drawer(config, query_photos, db_root, db_names, out):
+    """rerank_candidates' on_query: each query's matched patches on its first MATCHES_DRAWN re-ranked candidates,
+    drawn into <out>/patch_matches/<stem>.png (written whole or not at all)."""
+    def draw(row, query, reranked, store):
+        ids = [int(i) for i in reranked[:MATCHES_DRAWN] if i >= 0]
+        name, path = query_photos[row]
+        rows = [(os.path.join(db_root, db_names[i]), candidate.grid, f'#{rank} {db_names[i]}',
+                 matched_points(query, candidate, config))
+                for rank, (i, candidate) in enumerate(zip(ids, store_features(store, ids, config)), 1)]
+        if rows:
+            os.makedirs(os.path.join(out, MATCHES_FOLDER), exist_ok=True)
+            patch_matches(path, query.grid, rows, os.path.join(out, MATCHES_FOLDER, answer_stem(name) + '.png'))
+    return draw
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import figures
 import main
 import patch_netvlad as pn
 import retrieval
@@ -129,11 +131,12 @@ def test_mutual_matches_are_the_brute_force_mutual_nearest_neighbours():
     db_desc = np.concatenate([query_desc[:15] + 0.3 * unit_rows(rng, 15, 16), unit_rows(rng, 25, 16)])
     db_desc = (db_desc / np.linalg.norm(db_desc, axis=1, keepdims=True)).astype(np.float32)
     db_desc = db_desc[rng.permutation(len(db_desc))]
-    matched_query, matched_db = pn.mutual_matches(query_desc, db_desc)
-    expected = brute_force_mutual(query_desc, db_desc)
-    assert set(zip(matched_query.tolist(), matched_db.tolist())) == expected
-    assert len(expected) >= 15
-    assert len(pn.mutual_matches(query_desc, db_desc[:0])[0]) == 0
+    candidates = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
+    nearest, mutual = pn.mutual_matches(query_desc, candidates)
+    for c, candidate in enumerate(candidates):
+        expected = brute_force_mutual(query_desc, candidate) if len(candidate) else set()
+        assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
+    assert len(brute_force_mutual(query_desc, db_desc)) >= 15 and not mutual[1].any()
 
 
 def apply_homography(h, points):
@@ -156,9 +159,68 @@ def test_ransac_keeps_the_points_of_the_homography_and_rejects_the_others():
             target[index] = rng.uniform(-2, 16, size=2)
     planted = np.ones(len(source), dtype=bool)
     planted[outliers] = False
-    inliers = pn.homography_inliers(source, target.astype(np.float32), threshold)
-    np.testing.assert_array_equal(inliers, planted)
-    assert not pn.homography_inliers(source[:3], target[:3].astype(np.float32), threshold).any()
+    points = torch.from_numpy(np.stack([source, target.astype(np.float32)])).double()[:, None]
+    inliers = pn.ransac_inliers(*points, torch.tensor([len(source)]), threshold)
+    np.testing.assert_array_equal(inliers[0].numpy(), planted)
+    assert not pn.ransac_inliers(*points, torch.tensor([3]), threshold).any()
+
+
+def triangle_signs(points):
+    return np.array([np.sign((points[j] - points[i]) @ [[0, -1], [1, 0]] @ (points[k] - points[i]))
+                     for i, j, k in ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3))])
+
+
+def ransac_one_by_one(source, target, samples, threshold):
+    """One candidate's RANSAC as OpenCV's loop runs it, written here in float64: the samples in turn, those whose
+    four triangles do not all keep (or all flip) their orientation skipped; each homography from the 8x8 linear
+    system of its 4 points; the best inlier count kept; stop once log(0.005) / log(1 - (best / n)^4) (rounded, at
+    most 2000) samples were tried. Returns the best inlier mask."""
+    best, tried, needed = np.zeros(len(source), dtype=bool), 0, 2000
+    for sample in samples.tolist():
+        product = triangle_signs(source[sample]) * triangle_signs(target[sample])
+        if not (np.all(product > 0) or np.all(product < 0)):
+            continue
+        system, values = [], []
+        for (x, y), (u, v) in zip(source[sample], target[sample]):
+            system += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+            values += [u, v]
+        inliers = np.linalg.norm(apply_homography(np.append(np.linalg.solve(system, values), 1).reshape(3, 3),
+                                                  source) - target, axis=1) <= threshold
+        tried += 1
+        if inliers.sum() > best.sum():
+            best, ratio = inliers, inliers.sum() / len(source)
+            needed = 0 if ratio == 1 else min(2000, round(np.log(0.005) / np.log(1 - ratio ** 4)))
+        if tried >= needed:
+            break
+    return best
+
+
+def test_batched_ransac_is_each_candidates_ransac_one_by_one():
+    """Candidates with 0 to 120 matches, of which a share (all, most, a fifth, none) follows a planted homography
+    (with noise up to 0.2 or 0.8 of the threshold: with the larger, hypotheses through different inliers find
+    different counts, and where the search stops matters), the others anywhere in the grid; rows past each
+    candidate's matches are noise that must not count. The batched masks are those of the loop written here,
+    candidate by candidate."""
+    rng = np.random.default_rng(11)
+    counts, shares = [0, 3, 4, 5, 9, 40, 120, 120, 60, 80], [1, 1, 1, 0.8, 0.7, 1, 0.6, 0.2, 0, 0.9]
+    threshold = pn.RANSAC_THRESHOLD
+    source = rng.uniform(0, 30, size=(len(counts), max(counts), 2))
+    target = rng.uniform(0, 30, size=source.shape)
+    for c, (count, share) in enumerate(zip(counts, shares)):
+        h = np.array([[1, 0.05 * rng.normal(), rng.uniform(-4, 4)], [0.05 * rng.normal(), 1, rng.uniform(-4, 4)],
+                      [0.002 * rng.normal(), 0.002 * rng.normal(), 1]])
+        planted = rng.random(count) < share
+        noise = (0.2 if c % 2 else 0.8) * threshold / np.sqrt(2)
+        target[c, :count][planted] = apply_homography(h, source[c, :count][planted]) + rng.uniform(
+            -noise, noise, size=(planted.sum(), 2))
+    masks = pn.ransac_inliers(torch.from_numpy(source), torch.from_numpy(target), torch.tensor(counts), threshold)
+    for c, count in enumerate(counts):
+        expected = np.zeros(max(counts), dtype=bool)
+        if count >= 4:
+            expected[:count] = ransac_one_by_one(source[c, :count], target[c, :count], pn.ransac_samples(count).numpy(),
+                                                 threshold)
+        np.testing.assert_array_equal(masks[c].numpy(), expected, err_msg=f'candidate {c}')
+    assert masks[6].sum() >= 0.4 * 120 and masks[3].sum() == 4
 
 
 def spatial_score_by_the_paper(query_points, db_points, x_max, y_max):
@@ -192,14 +254,18 @@ def test_rapid_spatial_score_is_the_papers_formula():
     config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='spatial')
     query = random_features(rng, (12, 15), config)  # 8 x 11 patches
     candidate = shifted_candidate(query, 3, rng)
-    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
-    q_points, d_points = query.keypoints[0][matched_query], candidate.keypoints[0][matched_db]
+    pairs = sorted(brute_force_mutual(query.descriptors[0], candidate.descriptors[0]))
+    q_points = query.keypoints[0][[i for i, _ in pairs]]
+    d_points = candidate.keypoints[0][[j for _, j in pairs]]
     expected = spatial_score_by_the_paper(q_points.tolist(), d_points.tolist(), 10.0, 7.0) / 88
-    assert pn.size_score(query, candidate, 0, config) == pytest.approx(expected, rel=1e-9)
+    scores = pn.size_scores(query, [candidate, random_features(rng, (12, 15), config)], 0, config)[0]
+    assert scores[0] == pytest.approx(expected, rel=1e-9)
+    drawn = pn.matched_points(query, candidate, config)[0]
+    np.testing.assert_array_equal(drawn[0], q_points)
+    np.testing.assert_array_equal(drawn[1], d_points)
     shifts = d_points - q_points
     assert np.sum((shifts[:, 0] == 3) & (shifts[:, 1] == 0)) == 8 * 8  # every planted pair matched
-    assert pn.size_score(query, candidate, 0, config) > pn.size_score(query, random_features(rng, (12, 15), config),
-                                                                      0, config)
+    assert scores[0] > scores[1]
 
 
 def test_ransac_score_counts_the_inliers_per_query_patch():
@@ -207,11 +273,12 @@ def test_ransac_score_counts_the_inliers_per_query_patch():
     config = small_config(patch_sizes=(5,), strides=(1,), patch_weights=(1,), pca_dim=24, matcher='ransac')
     query = random_features(rng, (12, 15), config)
     candidate = shifted_candidate(query, 2, rng)
-    matched_query, matched_db = pn.mutual_matches(query.descriptors[0], candidate.descriptors[0])
-    errors = np.linalg.norm(candidate.keypoints[0][matched_db] + [-2, 0] - query.keypoints[0][matched_query], axis=1)
+    pairs = sorted(brute_force_mutual(query.descriptors[0], candidate.descriptors[0]))
+    errors = np.linalg.norm(candidate.keypoints[0][[j for _, j in pairs]] + [-2, 0]
+                            - query.keypoints[0][[i for i, _ in pairs]], axis=1)
     consistent = np.sum(errors <= pn.RANSAC_THRESHOLD)  # with the planted translation
     assert consistent == 8 * 9  # every patch that stayed in the grid
-    assert pn.size_score(query, candidate, 0, config) == pytest.approx(consistent / 88)
+    assert pn.size_scores(query, [candidate], 0, config)[0][0] == pytest.approx(consistent / 88)
 
 
 def test_rerank_orders_candidates_by_the_fused_score(tmp_path):
@@ -344,7 +411,7 @@ def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered
     if name == 'performance':
         assert len(direct[0].descriptors[2]) == 0
     for q in range(len(predictions)):
-        raw = np.array([[pn.size_score(direct[num_db + q], direct[c], size, config)
+        raw = np.array([[pn.size_scores(direct[num_db + q], [direct[c]], size, config)[0][0]
                          for size in range(len(config.patch_sizes))] for c in predictions[q]])
         std = raw.std(axis=0)
         fused = np.where(std > 0, (raw - raw.mean(axis=0)) / np.where(std > 0, std, 1), 0) @ config.patch_weights
@@ -447,6 +514,8 @@ def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run
         with open(out / f'{photo.stem}.csv') as f:
             listed = [row['database_image'] for row in csv.DictReader(f)]
         assert listed == [names[i] for i in order]
+        with Image.open(out / 'patch_matches' / f'{photo.stem}.png') as drawn:  # the first 3 candidates, a row each
+            assert drawn.height == 3 * (figures.MATCH_HEIGHT + 18)
 
 
 def test_a_patch_larger_than_the_feature_map_stops_and_records_nothing(whitened_run, clustered_data, places,
