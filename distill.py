@@ -24,7 +24,7 @@ from options import (
     add_run_flags,
 )
 from results import variant_of
-from runs import check_new_run_folder, derived_run_folder, open_other_run, open_run, run_folder
+from runs import check_new_run_folder, derived_run_folder, flags_to_store, open_other_run, open_run, run_folder
 from training import add_optimizer_flags
 
 # Flags a continued distillation must share with the run it continues.
@@ -87,8 +87,7 @@ def student_run(opt, teacher, out_dir):
 
 
 def write_flags(opt, out_dir):
-    flags = {k: v for k, v in vars(opt).items() if k not in ('explicit', 'resume', 'ckpt', 'distilled')}
-    atomic_write_json(flags, os.path.join(out_dir, 'checkpoints', 'flags.json'))
+    atomic_write_json(flags_to_store(opt, 'distilled'), os.path.join(out_dir, 'checkpoints', 'flags.json'))
 
 
 def distill(opt):

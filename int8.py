@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import check_entries, read_checkpoint
 from commons import UserError, atomic_torch_save, error_summary
-from models import ARCHS, POOLINGS, EmbedNet, build_head, build_model, trunk
+from models import ARCHS, POOLINGS, STUDENTS, EmbedNet, build_head, build_model, trunk
 
 ENCODER_NAME = 'encoder_int8.pth'
 LEGACY_PROGRAM_NAME = 'encoder_int8.pt2'
@@ -342,7 +342,8 @@ def checked_config(config, folder):
     """The architecture a quantised checkpoint describes, each value of the type and range the models take."""
     arch = config.get('arch') if isinstance(config, dict) else None
     channels = config.get('encoder_channels') if arch in ARCHS else None
-    valid = arch in ARCHS and config.get('pooling') in POOLINGS and \
+    student = arch in STUDENTS and _positive_int(config.get('local_dim'))  # a distilled student's own trunk
+    valid = (arch in ARCHS or student) and config.get('pooling') in POOLINGS and \
         isinstance(config.get('vladv2'), bool) and isinstance(config.get('input_norm', False), bool) and \
         all(config.get(key) is None or _positive_int(config[key]) for key in ('num_clusters', 'pca_dim')) and \
         (config['pooling'] != 'netvlad' or config.get('num_clusters') is not None) and \
@@ -350,7 +351,7 @@ def checked_config(config, folder):
          all(_positive_int(width) and width <= full for width, full in zip(channels, ARCHS[arch]['channels'])))
     if not valid:
         raise UserError(f'The quantized checkpoint in {folder} has no valid "config" entry (arch, pooling, '
-                        f'num_clusters, vladv2, encoder_channels, pca_dim, input_norm of a model this toolkit '
+                        f'num_clusters, vladv2, encoder_channels or local_dim, pca_dim, input_norm of a model this toolkit '
                         f'builds): it was not written by --mode=quantize.')
     return config
 

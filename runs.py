@@ -121,11 +121,13 @@ def restore_run_flags(opt):
     """Take the dataset, its paths and the training settings that --resume's flags.json stored and the command line
     leaves out (flags given win), logged in one line; opt.restored names them."""
     stored = stored_flags(opt.resume) if getattr(opt, 'resume', '') and hasattr(opt, 'imagesPath') else {}
-    restored = {key: stored[key] for key in ('dataset', 'optim')
-                if key in stored and hasattr(opt, key) and key not in opt.explicit}
+    reuses_training = opt.mode != 'distill'  # a student trains by its own settings, on its teacher's data
+    restored = {key: stored[key] for key in ('dataset', 'optim') if key in stored and hasattr(opt, key)
+                and key not in opt.explicit and (reuses_training or key == 'dataset')}
     same = {key: key in stored and stored[key] == restored.get(key, getattr(opt, key, None))
             for key in ('dataset', 'optim')}
-    for key in (DATA_FLAGS if same['dataset'] else ()) + (OPTIMISER_FLAGS if same['optim'] else ()) + TRAINING_FLAGS:
+    training = ((OPTIMISER_FLAGS if same['optim'] else ()) + TRAINING_FLAGS) if reuses_training else ()
+    for key in (DATA_FLAGS if same['dataset'] else ()) + training:
         if key in stored and hasattr(opt, key) and key not in opt.explicit:
             restored[key] = tuple(stored[key]) if isinstance(stored[key], list) else stored[key]
     restored = {key: value for key, value in restored.items() if getattr(opt, key) != value}
@@ -137,6 +139,12 @@ def restore_run_flags(opt):
                      os.path.join(opt.resume, 'checkpoints', 'flags.json'),
                      ' '.join(f'--{key} {"x".join(map(str, value)) if isinstance(value, tuple) else value}'
                               for key, value in restored.items()))
+
+
+def flags_to_store(opt, *dropped):
+    """A run's flags for its flags.json: every flag but those of this one command line (and `dropped`)."""
+    return {key: value for key, value in vars(opt).items()
+            if key not in ('explicit', 'restored', 'resume', 'ckpt', *dropped)}
 
 
 def copy_flags(source_run, folder):

@@ -24,6 +24,7 @@ from options import (
 from runs import (
     check_float_run,
     check_new_run_folder,
+    flags_to_store,
     is_dead_start,
     open_run,
     restore_missing_best,
@@ -69,7 +70,7 @@ def restore_flags(opt, run_dir):
 
 def write_flags(opt, run_dir, model):
     """flags.json: the flags of the run, with the first trainable layer resolved (name and encoder index)."""
-    flags = {k: v for k, v in vars(opt).items() if k not in ('explicit', 'restored', 'mode', 'resume', 'ckpt')}
+    flags = flags_to_store(opt, 'mode')
     flags.update(backPropToLayer=layer_name(model.arch, model.frozen_layers), first_trainable=model.frozen_layers)
     atomic_write_json(flags, os.path.join(run_dir, 'checkpoints', 'flags.json'))
 

@@ -81,6 +81,7 @@ TEST_ONLY = dict(
     rerank='none', rerank_top=100,           # Patch-NetVLAD: the largest of n_values_all (1,5,10,20,50,100)
     rerank_config='performance', patch_sizes=None, strides=None, patchWeights2Use=None, num_pcs=None, matcher=None,
     output_features_dir=None, database_folder=None, queries_folder=None, save_predictions=0, descriptors=None,
+    database_run=None,       # symmetric search: the queries and the database encoded by the same run
 )
 COMPRESSION = dict(split='val', backPropToLayer=None, latency_size=(480, 640), overwrite=False)
 PRUNE_ONLY = dict(pruning_type='structured', pruning_amount=0.2,  # the seed commands' 20 %
