@@ -255,8 +255,9 @@ def triplet_batches(source, triplets, batches, opt):
     operation per batch; on the images, decoded by the DataLoader's workers."""
     if isinstance(source, trunk_cache.TrunkFeatures):
         return ((source.rows(batch_rows(triplets, batch)), [len(triplets[i][2]) for i in batch]) for batch in batches)
+    num_images = sum(2 + len(negatives) for _, _, negatives in triplets)
     return DataLoader(TripletImages(source, triplets), batch_sampler=batches, collate_fn=collate_triplets,
-                      **loading(opt))
+                      **loading(opt, num_images))
 
 
 def triplet_indices(neg_counts):
