@@ -17,8 +17,10 @@ from conftest import REPO
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 # Run in a fresh interpreter: sets the interpreter's start method before the toolkit is imported (argv: method,
 # image folder, output .npy), keeps a Python thread and torch's CPU threads running, then extracts descriptors of the
-# folder's images through retrieval.extract_descriptors with two workers, DeprecationWarnings as errors. Prints the
-# start method and the worker count of the loader it used.
+# folder's images through retrieval.extract_descriptors with two workers. Prints the start method and the worker
+# count of the loader it used, and the DeprecationWarnings raised meanwhile: recorded, not turned into errors, since
+# os.fork swallows an error raised by its own warning (Python 3.12+: "This process is multi-threaded, use of fork()
+# may lead to deadlocks in the child").
 EXTRACTION = '''
 import json, multiprocessing, sys, threading, warnings
 if __name__ == '__main__':
@@ -47,13 +49,14 @@ if __name__ == '__main__':
     torch.randn(256, 256) @ torch.randn(256, 256)  # torch's CPU thread pool started
     paths = sorted(str(p) for p in __import__('pathlib').Path(folder).glob('*.png'))
     opt = __import__('argparse').Namespace(threads=2, cuda=False, cacheBatchSize=2, precision='fp32')
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', DeprecationWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', DeprecationWarning)
         descriptors = retrieval.extract_descriptors(ChannelMeans(), images.ImageList(paths), opt, torch.device('cpu'))
     stop.set()
     np.save(output, descriptors)
     loader = used[0]
-    print(json.dumps(dict(method=loader.multiprocessing_context.get_start_method(), workers=loader.num_workers)))
+    print(json.dumps(dict(method=loader.multiprocessing_context.get_start_method(), workers=loader.num_workers,
+                          deprecations=[str(w.message) for w in caught if w.category is DeprecationWarning])))
 '''
 
 
@@ -64,8 +67,8 @@ def channel_means(path):
 
 
 def extracted_in_subprocess(folder, interpreter_method, chosen, output):
-    """(descriptors, loader's start method, worker count) from EXTRACTION run with the interpreter's start method
-    and NETVLAD_WORKER_START_METHOD=chosen (unset when None)."""
+    """(descriptors, loader's start method, worker count, DeprecationWarnings) from EXTRACTION run with the
+    interpreter's start method and NETVLAD_WORKER_START_METHOD=chosen (unset when None)."""
     environment = {k: v for k, v in os.environ.items() if k != images.START_METHOD_VARIABLE}
     environment.update({} if chosen is None else {images.START_METHOD_VARIABLE: chosen})
     environment['PYTHONPATH'] = os.pathsep.join([str(REPO), environment.get('PYTHONPATH', '')])
@@ -73,7 +76,7 @@ def extracted_in_subprocess(folder, interpreter_method, chosen, output):
                           capture_output=True, text=True, env=environment, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     used = json.loads(done.stdout.strip().splitlines()[-1])
-    return np.load(output), used['method'], used['workers']
+    return np.load(output), used['method'], used['workers'], used['deprecations']
 
 
 @pytest.fixture(scope='module')
@@ -93,10 +96,11 @@ def image_folder(tmp_path_factory):
 def test_descriptors_through_workers_equal_in_process(image_folder, tmp_path, interpreter_method, chosen, expected):
     if expected not in __import__('multiprocessing').get_all_start_methods():
         pytest.skip(f'{expected} does not exist on this platform')
-    descriptors, method, workers = extracted_in_subprocess(image_folder, interpreter_method, chosen,
-                                                           tmp_path / 'descriptors.npy')
+    descriptors, method, workers, deprecations = extracted_in_subprocess(image_folder, interpreter_method, chosen,
+                                                                         tmp_path / 'descriptors.npy')
     assert (method, workers) == (expected, 2)
     assert method != 'fork'  # the process has threads running: a fork could deadlock (Python 3.12+ warns)
+    assert deprecations == []
     reference = np.stack([channel_means(path) for path in sorted(image_folder.glob('*.png'))])
     np.testing.assert_allclose(descriptors, reference, atol=1e-5)
 
