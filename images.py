@@ -146,6 +146,29 @@ def check_one_size(sizes):
                         f'): give --resize HEIGHTxWIDTH so that all images have one size.')
 
 
+class TripletImages(data.Dataset):
+    """Images of one (query, positive, negatives...) tuple per item: [2 + n, 3, H, W] and n. Here, not with the
+    training that uses it, so that the modules a worker needs to unpickle it are those a forkserver has preloaded
+    (see loading) from the first extraction of a run on."""
+
+    def __init__(self, whole_set, triplets):
+        self.whole_set = whole_set
+        self.triplets = triplets  # list of (query row, positive row, [negative rows])
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, index):
+        query, positive, negatives = self.triplets[index]
+        images = [self.whole_set[i][0] for i in (query, positive, *negatives)]
+        return torch.stack(images), len(negatives)
+
+
+def collate_triplets(items):
+    """A batch of TripletImages items: their images concatenated [sum(2 + n), 3, H, W], and each n."""
+    return torch.cat([images for images, _ in items]), [count for _, count in items]
+
+
 def image_loader(dataset, opt, batch_size, shuffle=False, generator=None, collate_fn=stack_images):
     """The DataLoader of an image list: decoding in --threads workers, pinned memory on CUDA."""
     singles_from = None if shuffle else sizes_vary_from(dataset)

@@ -138,3 +138,18 @@ def test_the_forkserver_preloads_the_toolkit_modules_imported():
     imported = {name for name in sys.modules if name in flat_modules}
     assert set(images.toolkit_modules()) == imported
     assert {'images', 'training', 'models'} <= imported and 'conftest' not in imported
+
+
+def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
+    """A forkserver starts at a run's first worker, with the toolkit modules imported by then (an extraction's):
+    the modules of every dataset and collate function the toolkit's loaders send to workers, the training loader's
+    included, are among them, so that no worker imports a toolkit module."""
+    first_extraction = 'import images, datasets; print(" ".join(images.toolkit_modules()))'
+    done = subprocess.run([sys.executable, '-c', first_extraction], capture_output=True, text=True, cwd=REPO,
+                          check=True)
+    preloaded = set(done.stdout.split())
+    import datasets
+    import training
+    sent_to_workers = [datasets.SplitImages, images.ImageList, images.stack_images, training.TripletImages,
+                       training.collate_triplets]
+    assert {thing.__module__ for thing in sent_to_workers} <= preloaded
