@@ -4,6 +4,7 @@ An image is read as hloc's reader (OpenCV's imread) reads it: turned upright by 
 kept to its top byte, alpha dropped.
 """
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import warnings
@@ -204,23 +205,48 @@ def start_method(chosen):
 
 
 def worker_context(method):
-    """The multiprocessing context of `method`; a forkserver, once started, has the heavy modules and the toolkit's
-    modules imported so far loaded (the preload list counts when the server starts: at the first worker)."""
+    """The multiprocessing context of `method`; a forkserver, started here unless it runs, has the heavy modules and
+    the toolkit's modules imported so far loaded."""
     if method == 'forkserver':
         multiprocessing.set_forkserver_preload(HEAVY_MODULES + toolkit_modules())
+        start_forkserver()
     return multiprocessing.get_context(method)
+
+
+def start_forkserver():
+    """Start the forkserver (a no-op when it runs) with the folder the toolkit is imported from on its PYTHONPATH:
+    up to Python 3.12 the server ignores this process's sys.path, so that its preloading of the toolkit's modules
+    would fail (silently) wherever the current folder is not the toolkit's, and every worker would import them."""
+    previous = os.environ.get('PYTHONPATH')
+    os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [toolkit_import_root(), previous]))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ['PYTHONPATH']
+        else:
+            os.environ['PYTHONPATH'] = previous
 
 
 def toolkit_modules():
     """Names of the toolkit's modules imported so far: those found where this module's top-level package (or, while
     the toolkit's modules lie flat, this module) was found, each at the place its name says. Test and benchmark
     scripts imported by their bare names are not among them, nor the script run (__main__)."""
-    top = sys.modules[__name__.partition('.')[0]]
-    flat = not hasattr(top, '__path__')  # a module, not a package
-    home = os.path.abspath(os.path.dirname(top.__file__) if flat else list(top.__path__)[0])
-    imports_root = home if flat else os.path.dirname(home)
+    home = toolkit_home()
+    imports_root = toolkit_import_root()
     return sorted(name for name, module in list(sys.modules.items())
                   if found_at_its_name(getattr(module, '__file__', None), name, imports_root, home))
+
+
+def toolkit_home():
+    """The folder of this module's top-level package or, while the toolkit's modules lie flat, of this module."""
+    top = sys.modules[__name__.partition('.')[0]]
+    return os.path.abspath(os.path.dirname(top.__file__) if not hasattr(top, '__path__') else list(top.__path__)[0])
+
+
+def toolkit_import_root():
+    """The sys.path folder the toolkit's modules are imported from."""
+    return toolkit_home() if '.' not in __name__ else os.path.dirname(toolkit_home())
 
 
 def found_at_its_name(path, name, imports_root, home):

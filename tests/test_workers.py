@@ -153,3 +153,30 @@ def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
     sent_to_workers = [datasets.SplitImages, images.ImageList, images.stack_images, training.TripletImages,
                        training.collate_triplets]
     assert {thing.__module__ for thing in sent_to_workers} <= preloaded
+
+
+PRELOADED = '''
+import multiprocessing.forkserver, sys, types
+if __name__ == '__main__':
+    import images, datasets
+    opt = types.SimpleNamespace(threads=1, cuda=False)
+    list(images.image_loader(images.ImageList(sys.argv[1:]), opt, 1))
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    with open(f'/proc/{server}/maps') as maps:
+        print(any('/scipy' in line for line in maps))  # pittsburgh's scipy.io: loaded by preloading datasets
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self') or images.start_method('auto') != 'forkserver',
+                    reason='needs Linux /proc and the forkserver')
+def test_the_forkserver_imports_the_toolkit_from_any_current_folder(image_folder, tmp_path):
+    """Run from a folder other than the toolkit's (Python up to 3.12 ignores the parent's sys.path in the server),
+    the forkserver has the toolkit's modules loaded, not only torch, so that no worker imports them."""
+    environment = {k: v for k, v in os.environ.items() if k not in (images.START_METHOD_VARIABLE, 'PYTHONPATH')}
+    script = tmp_path / 'preloaded.py'
+    script.write_text(f'import sys\nsys.path.insert(0, {str(REPO)!r})\n' + PRELOADED)
+    paths = [str(path) for path in sorted(image_folder.glob('*.png'))[:2]]
+    done = subprocess.run([sys.executable, str(script), *paths], capture_output=True, text=True, cwd=tmp_path,
+                          env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == 'True'
