@@ -215,7 +215,7 @@ def worker_context(method):
 
 def start_forkserver():
     """Start the forkserver (a no-op when it runs) with the folder the toolkit is imported from on its PYTHONPATH:
-    up to Python 3.12 the server ignores this process's sys.path, so that its preloading of the toolkit's modules
+    in Python 3.11 to 3.13 the server ignores this process's sys.path, so that its preloading of the toolkit's modules
     would fail (silently) wherever the current folder is not the toolkit's, and every worker would import them."""
     previous = os.environ.get('PYTHONPATH')
     os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [toolkit_import_root(), previous]))

@@ -170,7 +170,7 @@ if __name__ == '__main__':
 @pytest.mark.skipif(not os.path.isdir('/proc/self') or images.start_method('auto') != 'forkserver',
                     reason='needs Linux /proc and the forkserver')
 def test_the_forkserver_imports_the_toolkit_from_any_current_folder(image_folder, tmp_path):
-    """Run from a folder other than the toolkit's (Python up to 3.12 ignores the parent's sys.path in the server),
+    """Run from a folder other than the toolkit's (Python 3.11 to 3.13 ignore the parent's sys.path in the server),
     the forkserver has the toolkit's modules loaded, not only torch, so that no worker imports them."""
     environment = {k: v for k, v in os.environ.items() if k not in (images.START_METHOD_VARIABLE, 'PYTHONPATH')}
     script = tmp_path / 'preloaded.py'
