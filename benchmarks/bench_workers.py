@@ -1,9 +1,9 @@
 """DataLoader workers under each multiprocessing start method: the tiny demo (`python main.py --mode=demo
 --demo_size tiny`, every mode it runs) in a subprocess whose start method is set before the toolkit starts, as on
 Python 3.14 (forkserver on Linux) or on macOS (spawn), and the toolkit's loaders told to start their workers that
-way too ($NETVLAD_WORKER_START_METHOD; a checkout that does not read it follows the interpreter's start method). Wall time and CPU time of each run (the subprocess and every
-process it started: its DataLoader workers, a forkserver and the workers forked from it), the arms interleaved over
---rounds, each in a fresh folder.
+way too ($NETVLAD_WORKER_START_METHOD; a checkout that does not read it follows the interpreter's start method).
+Wall time and CPU time of each run (the subprocess and every process it started: its DataLoader workers, a
+forkserver and the workers forked from it), the arms interleaved over --rounds, each in a fresh folder.
 
 Usage: python benchmarks/bench_workers.py [--methods fork forkserver spawn] [--rounds 2] [--repo DIR]
        (--repo: the checkout whose main.py runs; by default the one this script is in)
