@@ -3,7 +3,10 @@
 An image is read as hloc's reader (OpenCV's imread) reads it: turned upright by its EXIF orientation, 16-bit grey
 kept to its top byte, alpha dropped.
 """
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -19,6 +22,16 @@ from models import IMAGENET_MEAN, IMAGENET_STD  # the input every model takes
 # needs less.
 MIN_SIDE = 31
 SIDEWAYS = {5, 6, 7, 8}  # EXIF orientations whose upright image swaps width and height
+# The environment variable that chooses how DataLoader workers start (auto, forkserver, spawn or fork), in every mode
+# and in the toolkit used from Python alike.
+START_METHOD_VARIABLE = 'NETVLAD_WORKER_START_METHOD'
+# What a forkserver imports once, so that the workers forked from it start without importing them; the toolkit's own
+# modules are added as imported (toolkit_modules). '__main__' is the script run (main.py), as multiprocessing's default.
+HEAVY_MODULES = ['__main__', 'torch', 'torchvision', 'PIL.Image', 'numpy']
+# About how many images' decoding costs as much as starting one DataLoader worker, by start method (a spawned worker
+# imports torch and the toolkit afresh; a forked one, from this process or a preloaded forkserver, imports nothing).
+# A set with fewer images per worker is decoded in this process.
+IMAGES_PER_WORKER_START = {'fork': 1, 'forkserver': 2, 'spawn': 128}
 
 
 def read_image(path, read):
@@ -134,16 +147,111 @@ def check_one_size(sizes):
                         f'): give --resize HEIGHTxWIDTH so that all images have one size.')
 
 
+class TripletImages(data.Dataset):
+    """Images of one (query, positive, negatives...) tuple per item: [2 + n, 3, H, W] and n. Here, not with the
+    training that uses it, so that the modules a worker needs to unpickle it are those a forkserver has preloaded
+    (see loading) from the first extraction of a run on."""
+
+    def __init__(self, whole_set, triplets):
+        self.whole_set = whole_set
+        self.triplets = triplets  # list of (query row, positive row, [negative rows])
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, index):
+        query, positive, negatives = self.triplets[index]
+        images = [self.whole_set[i][0] for i in (query, positive, *negatives)]
+        return torch.stack(images), len(negatives)
+
+
+def collate_triplets(items):
+    """A batch of TripletImages items: their images concatenated [sum(2 + n), 3, H, W], and each n."""
+    return torch.cat([images for images, _ in items]), [count for _, count in items]
+
+
 def image_loader(dataset, opt, batch_size, shuffle=False, generator=None, collate_fn=stack_images):
     """The DataLoader of an image list: decoding in --threads workers, pinned memory on CUDA."""
     singles_from = None if shuffle else sizes_vary_from(dataset)
     batching = (dict(batch_size=batch_size, shuffle=shuffle, generator=generator) if singles_from is None else
                 dict(batch_sampler=batches(len(dataset), batch_size, singles_from)))
-    return data.DataLoader(dataset, collate_fn=collate_fn, **loading(opt), **batching)
+    return data.DataLoader(dataset, collate_fn=collate_fn, **loading(opt, len(dataset)), **batching)
 
 
-def loading(opt):
-    """How every DataLoader of the project reads: decoding in --threads workers (at most one per core), pinned
-    memory on CUDA."""
-    return dict(num_workers=min(opt.threads, os.cpu_count() or 1), pin_memory=opt.cuda and torch.cuda.is_available(),
-                persistent_workers=False)
+def loading(opt, num_images):
+    """How every DataLoader of the project reads `num_images` images: decoding in --threads workers (at most one per
+    core, and none where the set is too small to repay their start), started as $NETVLAD_WORKER_START_METHOD says;
+    pinned memory on CUDA."""
+    method = start_method(os.environ.get(START_METHOD_VARIABLE, 'auto'))
+    workers = min(opt.threads, os.cpu_count() or 1, num_images // IMAGES_PER_WORKER_START[method])
+    context = dict(multiprocessing_context=worker_context(method)) if workers else {}
+    return dict(num_workers=workers, pin_memory=opt.cuda and torch.cuda.is_available(), persistent_workers=False,
+                **context)
+
+
+def start_method(chosen):
+    """The start method of DataLoader workers that $NETVLAD_WORKER_START_METHOD names; auto: forkserver where it
+    exists, except on macOS (whose system libraries are unsafe in a forked child, which is why Python spawns there),
+    else spawn. Never the interpreter's default: fork from this process, whose OpenMP and other threads may hold
+    locks, can deadlock a worker."""
+    methods = ['auto', *multiprocessing.get_all_start_methods()]
+    if chosen not in methods:
+        raise UserError(f'The environment variable {START_METHOD_VARIABLE} is {chosen!r}; expected one of '
+                        f'{", ".join(methods)} (how DataLoader workers start; auto when it is not set).')
+    if chosen != 'auto':
+        return chosen
+    return 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() and sys.platform != 'darwin' \
+        else 'spawn'
+
+
+def worker_context(method):
+    """The multiprocessing context of `method`; a forkserver, started here unless it runs, has the heavy modules and
+    the toolkit's modules imported so far loaded."""
+    if method == 'forkserver':
+        multiprocessing.set_forkserver_preload(HEAVY_MODULES + toolkit_modules())
+        start_forkserver()
+    return multiprocessing.get_context(method)
+
+
+def start_forkserver():
+    """Start the forkserver (a no-op when it runs) with the folder the toolkit is imported from on its PYTHONPATH:
+    in Python 3.11 to 3.13 the server ignores this process's sys.path, so that its preloading of the toolkit's modules
+    would fail (silently) wherever the current folder is not the toolkit's, and every worker would import them."""
+    previous = os.environ.get('PYTHONPATH')
+    os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [toolkit_import_root(), previous]))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ['PYTHONPATH']
+        else:
+            os.environ['PYTHONPATH'] = previous
+
+
+def toolkit_modules():
+    """Names of the toolkit's modules imported so far: those found where this module's top-level package (or, while
+    the toolkit's modules lie flat, this module) was found, each at the place its name says. Test and benchmark
+    scripts imported by their bare names are not among them, nor the script run (__main__)."""
+    home = toolkit_home()
+    imports_root = toolkit_import_root()
+    return sorted(name for name, module in list(sys.modules.items())
+                  if found_at_its_name(getattr(module, '__file__', None), name, imports_root, home))
+
+
+def toolkit_home():
+    """The folder of this module's top-level package or, while the toolkit's modules lie flat, of this module."""
+    top = sys.modules[__name__.partition('.')[0]]
+    return os.path.abspath(os.path.dirname(top.__file__) if not hasattr(top, '__path__') else list(top.__path__)[0])
+
+
+def toolkit_import_root():
+    """The sys.path folder the toolkit's modules are imported from."""
+    return toolkit_home() if '.' not in __name__ else os.path.dirname(toolkit_home())
+
+
+def found_at_its_name(path, name, imports_root, home):
+    """Whether the module `name` was loaded from the file under `home` that its name gives below imports_root."""
+    if not path or not os.path.abspath(path).startswith(home + os.sep):
+        return False
+    expected = os.path.join(imports_root, *name.split('.'))
+    return os.path.splitext(os.path.abspath(path))[0] in (expected, os.path.join(expected, '__init__'))

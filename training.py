@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import trunk_cache
 from checkpoint import model_state, save_checkpoint
 from commons import UserError, torchrun_process
 from datasets import load_dataset, positives_within, query_sample, with_positive_floor
-from images import loading
+from images import TripletImages, collate_triplets, loading
 from models import trainable_layers_text
 from options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, number_in
 from retrieval import autocast, evaluate, extract_descriptors, log_recalls
@@ -233,26 +233,6 @@ def nearest_of(candidates, dist, count):
 
 # ---------------------------------------------------------------------------------------------- data
 
-class TripletImages(Dataset):
-    """Images of one (query, positive, negatives...) tuple per item: [2 + n, 3, H, W] and n."""
-
-    def __init__(self, whole_set, triplets):
-        self.whole_set = whole_set
-        self.triplets = triplets  # list of (query row, positive row, [negative rows])
-
-    def __len__(self):
-        return len(self.triplets)
-
-    def __getitem__(self, index):
-        query, positive, negatives = self.triplets[index]
-        images = [self.whole_set[i][0] for i in (query, positive, *negatives)]
-        return torch.stack(images), len(negatives)
-
-
-def collate_triplets(items):
-    return torch.cat([images for images, _ in items]), [count for _, count in items]
-
-
 def batch_rows(triplets, batch):
     """Whole-set rows of a batch's images as collate_triplets lays them out: each triplet's query, positive and
     negatives, triplet after triplet."""
@@ -264,8 +244,9 @@ def triplet_batches(source, triplets, batches, opt):
     operation per batch; on the images, decoded by the DataLoader's workers."""
     if isinstance(source, trunk_cache.TrunkFeatures):
         return ((source.rows(batch_rows(triplets, batch)), [len(triplets[i][2]) for i in batch]) for batch in batches)
+    num_images = sum(2 + len(negatives) for _, _, negatives in triplets)
     return DataLoader(TripletImages(source, triplets), batch_sampler=batches, collate_fn=collate_triplets,
-                      **loading(opt))
+                      **loading(opt, num_images))
 
 
 def triplet_indices(neg_counts):
