@@ -40,14 +40,14 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..'))
-import main as cli  # noqa: E402
-import patch_netvlad as pn  # noqa: E402
-import trunk_cache  # noqa: E402
-from centroids import new_model  # noqa: E402
-from gpu_decode import image_batches  # noqa: E402
-from images import ImageList  # noqa: E402
-from models import build_model  # noqa: E402
-from retrieval import autocast  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.gpu_decode import image_batches  # noqa: E402
+from netvlad_toolkit.datasets.images import ImageList  # noqa: E402
+from netvlad_toolkit.model.centroids import new_model  # noqa: E402
+from netvlad_toolkit.model.models import build_model  # noqa: E402
+from netvlad_toolkit.search import patch_netvlad as pn  # noqa: E402
+from netvlad_toolkit.search.retrieval import autocast  # noqa: E402
+from netvlad_toolkit.training import trunk_cache  # noqa: E402
 
 IMAGE_SIZE = (480, 640)
 # largest absolute differences allowed between the CUDA and the CPU path: nvjpeg's IDCT and chroma upsampling differ
@@ -137,8 +137,8 @@ def int8_latency(arch, model, args, log, device, jsonl):
     try:
         from torch.export.passes import move_to_device_pass
 
-        from int8 import converted_program
-        from quantize import quantize_static
+        from netvlad_toolkit.model.int8 import converted_program
+        from netvlad_toolkit.modes.quantize import quantize_static
         calibration = torch.utils.data.TensorDataset(torch.randn(4, 3, 240, 320), torch.zeros(4))
         prepared, _, _ = quantize_static(model.cpu(), torch.utils.data.DataLoader(calibration, batch_size=2))
         program = converted_program(prepared, calibration.tensors[0][:2])

@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from folder_dataset import utm_from_filename  # noqa: E402
-from retrieval import first_of_each_panorama, keep_ranked  # noqa: E402
+from netvlad_toolkit.datasets.folder_dataset import utm_from_filename  # noqa: E402
+from netvlad_toolkit.search.retrieval import first_of_each_panorama, keep_ranked  # noqa: E402
 
 TOKYO_DB, CUTOUTS, TOP_N = 75984, 12, 25
 

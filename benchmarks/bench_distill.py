@@ -16,12 +16,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
-from checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
 from driver import run_command  # noqa: E402
-from measure import count_macs, interleaved_latency, model_bytes  # noqa: E402
-from results import cpu_model  # noqa: E402
-from runs import open_run  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.model.checkpoint import checkpoint_path, read_checkpoint  # noqa: E402
+from netvlad_toolkit.runs.measure import count_macs, interleaved_latency, model_bytes  # noqa: E402
+from netvlad_toolkit.runs.results import cpu_model  # noqa: E402
+from netvlad_toolkit.runs.runs import open_run  # noqa: E402
 
 LATENCY_SIZE = (480, 640)
 
@@ -43,9 +43,9 @@ def teacher_run(arch, epochs, data_flags):
 
 def save_initialised(common, run):
     """The cluster-initialised network, untrained, as a run folder."""
-    from centroids import initialised_model
-    from checkpoint import model_state, save_checkpoint
-    opt = main.parse_options(['--mode=train', *common])
+    from netvlad_toolkit.model.centroids import initialised_model
+    from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+    opt = cli.parse_options(['--mode=train', *common])
     save_checkpoint(dict(model_state(initialised_model(opt)), epoch=0, recalls={}, best_score=0.0), run, True)
 
 
@@ -70,7 +70,7 @@ def distilled(teacher, student, epochs, data_flags):
 
 
 def model_of(run):
-    model, checkpoint = open_run(main.parse_options(['--mode=test', '--resume', run]))
+    model, checkpoint = open_run(cli.parse_options(['--mode=test', '--resume', run]))
     return model.eval(), checkpoint
 
 

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import main  # noqa: E402
-from centroids import new_model  # noqa: E402
-from images import ImageList  # noqa: E402
-from retrieval import autocast, extract_descriptors  # noqa: E402
-from runs import place_model  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.images import ImageList  # noqa: E402
+from netvlad_toolkit.model.centroids import new_model  # noqa: E402
+from netvlad_toolkit.runs.runs import place_model  # noqa: E402
+from netvlad_toolkit.search.retrieval import autocast, extract_descriptors  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16']
 
@@ -78,7 +78,7 @@ def extraction_speed(arch, paths, args):
     dataset = ImageList(paths)
     rates, alone, descriptors = {}, {}, {}
     for precision in PRECISIONS:
-        opt = main.parse_options(['--mode=test', f'--arch={arch}', '--fromscratch', *device_flags(args),
+        opt = cli.parse_options(['--mode=test', f'--arch={arch}', '--fromscratch', *device_flags(args),
                                   f'--cacheBatchSize={args.batch}', f'--precision={precision}'])
         model = new_model(opt).eval()
         init_netvlad_from_images(model, torch.stack([dataset[i][0] for i in range(2)]), opt.num_clusters)
@@ -98,10 +98,10 @@ def recalls_by_precision(arch, folder, synth_queries, args):
     data, runs = os.path.join(folder, 'synthetic'), os.path.join(folder, 'runs')
     common = ['--dataset=synthetic', '--dataPath', data, f'--arch={arch}', '--fromscratch', *device_flags(args),
               '--runsPath', runs, f'--synth_queries={synth_queries}']
-    assert main.main(['--mode=cluster', *common]) == 0
+    assert cli.main(['--mode=cluster', *common]) == 0
     recalls = {}
     for precision in PRECISIONS:
-        assert main.main(['--mode=test', '--split=test', f'--precision={precision}', *common]) == 0
+        assert cli.main(['--mode=test', '--split=test', f'--precision={precision}', *common]) == 0
         with open(os.path.join(runs, f'{arch}_offtheshelf', 'test_test.json')) as f:
             recalls[precision] = {int(n): r for n, r in json.load(f)['recalls'].items()}
     return recalls

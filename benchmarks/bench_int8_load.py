@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import int8  # noqa: E402
-import quantize  # noqa: E402
-from models import build_model  # noqa: E402
+from netvlad_toolkit.model import int8  # noqa: E402
+from netvlad_toolkit.model.models import build_model  # noqa: E402
+from netvlad_toolkit.modes import quantize  # noqa: E402
 
 
 def both_layouts(arch, folder):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from netvlad import NetVLAD  # noqa: E402
+from netvlad_toolkit.model.netvlad import NetVLAD  # noqa: E402
 
 
 def loop_netvlad(layer, x):

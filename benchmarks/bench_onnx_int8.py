@@ -20,14 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
-from checkpoint import model_state, save_checkpoint  # noqa: E402
 from driver import run_command  # noqa: E402
-from export_onnx import OnnxRuntimeModel, int8_path, quantize_onnx, write_onnx  # noqa: E402
-from measure import interleaved_latency  # noqa: E402
-from models import build_model  # noqa: E402
-from quantize import quantize_static, save_quantized  # noqa: E402
-from runs import open_run  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint  # noqa: E402
+from netvlad_toolkit.model.models import build_model  # noqa: E402
+from netvlad_toolkit.modes.export_onnx import OnnxRuntimeModel, int8_path, quantize_onnx, write_onnx  # noqa: E402
+from netvlad_toolkit.modes.quantize import quantize_static, save_quantized  # noqa: E402
+from netvlad_toolkit.runs.measure import interleaved_latency  # noqa: E402
+from netvlad_toolkit.runs.runs import open_run  # noqa: E402
 
 
 def recall_table(folder, epochs, calib):
@@ -58,12 +58,12 @@ def speed_table(arch, size, threads, folder):
     images = torch.rand(4, 3, *size)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(4)), batch_size=2)
     # torchao int8 through the quantize mode's own functions, saved and reloaded as --mode=test runs it
-    opt = main.parse_options(['--mode=quantize', f'--resume={run}', '--quantization_type=static'])
+    opt = cli.parse_options(['--mode=quantize', f'--resume={run}', '--quantization_type=static'])
     prepared, head, record = quantize_static(model, loader)
     config = dict(arch=arch, pooling='netvlad', num_clusters=64, vladv2=False, encoder_channels=None, pca_dim=None,
                   input_norm=False)
     save_quantized(prepared, record, head, config, {}, opt, run + '_int8', len(images))
-    torchao_int8 = open_run(main.parse_options(['--mode=test', f'--resume={run}_int8']))[0]
+    torchao_int8 = open_run(cli.parse_options(['--mode=test', f'--resume={run}_int8']))[0]
     float_path = os.path.join(folder, f'{arch}.onnx')
     write_onnx(model, float_path, {})
     quantize_onnx(float_path, int8_path(float_path), loader)

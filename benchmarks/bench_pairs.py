@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
-from retrieval import as_float32, chunk_rows, top_k_by_dot  # noqa: E402
+from netvlad_toolkit.search.descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
+from netvlad_toolkit.search.retrieval import as_float32, chunk_rows, top_k_by_dot  # noqa: E402
 
 GENERATE_ROWS = 32768
 

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from commons import parse_size  # noqa: E402
 from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
-from measure import count_macs, count_parameters  # noqa: E402
-from models import build_model, conv_indices  # noqa: E402
-from prune import interleaved_latency, prune_structured  # noqa: E402
+from netvlad_toolkit.model.models import build_model, conv_indices  # noqa: E402
+from netvlad_toolkit.modes.prune import interleaved_latency, prune_structured  # noqa: E402
+from netvlad_toolkit.runs.measure import count_macs, count_parameters  # noqa: E402
+from netvlad_toolkit.utils.commons import parse_size  # noqa: E402
 
 
 def speed_table(archs, amounts, image_size, rounds, repeats):

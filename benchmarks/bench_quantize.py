@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import int8  # noqa: E402
-import quantize  # noqa: E402
-from checkpoint import model_state  # noqa: E402
-from commons import parse_size  # noqa: E402
 from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
-from models import build_model  # noqa: E402
+from netvlad_toolkit.model import int8  # noqa: E402
+from netvlad_toolkit.model.checkpoint import model_state  # noqa: E402
+from netvlad_toolkit.model.models import build_model  # noqa: E402
+from netvlad_toolkit.modes import quantize  # noqa: E402
+from netvlad_toolkit.utils.commons import parse_size  # noqa: E402
 
 
 class Compiled(torch.nn.Module):

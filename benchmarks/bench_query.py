@@ -22,14 +22,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
-from checkpoint import model_state, save_checkpoint  # noqa: E402
-from descriptors import cache_folder  # noqa: E402
-from global_features import h5_names, read_descriptors, write_groups  # noqa: E402
-from images import load_image  # noqa: E402
-from models import build_model  # noqa: E402
-from query import query  # noqa: E402
-from retrieval import top_k_by_dot  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.images import load_image  # noqa: E402
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint  # noqa: E402
+from netvlad_toolkit.model.models import build_model  # noqa: E402
+from netvlad_toolkit.modes.query import query  # noqa: E402
+from netvlad_toolkit.search.descriptors import cache_folder  # noqa: E402
+from netvlad_toolkit.search.global_features import h5_names, read_descriptors, write_groups  # noqa: E402
+from netvlad_toolkit.search.retrieval import top_k_by_dot  # noqa: E402
 
 WRITE_ROWS = 4096
 
@@ -76,10 +76,10 @@ def main_bench():
     torch.set_num_threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
     run_dir, h5_path, photo, model = prepare(args.workdir, args.arch, args.db)
-    opt = main.parse_options(['--mode=query', f'--resume={run_dir}', '--query', photo, f'--database={h5_path}',
+    opt = cli.parse_options(['--mode=query', f'--resume={run_dir}', '--query', photo, f'--database={h5_path}',
                               f'--export_dir={os.path.join(args.workdir, "answers")}', '--nGPU', '0',
                               '--threads', '0'])
-    main.setup_logging()
+    cli.setup_logging()
     image = load_image(photo)[None]
     with torch.inference_mode():
         forward_s = median_s(lambda: model(image), args.repeats)

@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
-import patch_netvlad as pn  # noqa: E402
-from commons import parse_size  # noqa: E402
-from datasets import load_dataset  # noqa: E402
-from demo import TRAIN_FLAGS  # noqa: E402
 from driver import SYNTHETIC_ALEXNET, run_command, trained_run  # noqa: E402
-from patch_features import store_path  # noqa: E402
-from retrieval import exact_search, extract_descriptors, recall_curve, recalls_of  # noqa: E402
-from runs import load_model, place_model  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.datasets import load_dataset  # noqa: E402
+from netvlad_toolkit.modes.demo import TRAIN_FLAGS  # noqa: E402
+from netvlad_toolkit.runs.runs import load_model, place_model  # noqa: E402
+from netvlad_toolkit.search import patch_netvlad as pn  # noqa: E402
+from netvlad_toolkit.search.patch_features import store_path  # noqa: E402
+from netvlad_toolkit.search.retrieval import exact_search, extract_descriptors, recall_curve, recalls_of  # noqa: E402
+from netvlad_toolkit.utils.commons import parse_size  # noqa: E402
 
 # full: about 10 minutes on a 2-core CPU; tiny: under 2. AlexNet's feature map is 14x19 at 240x320 and 9x12 at
 # 160x208 (room for the performance config's 8x8 patches); the training database (twice synth_db) bounds the PCA.
@@ -144,7 +144,7 @@ def main_bench():
     started = time.time()
     run, common = whitened_run(work_dir, size, imsize)
     torch.set_num_threads(args.threads)
-    opt = main.parse_options(['--mode=test', f'--resume={run}', '--split=test', *common])
+    opt = cli.parse_options(['--mode=test', f'--resume={run}', '--split=test', *common])
     model, _, _ = load_model(opt)
     model, device = place_model(model.eval(), torch.device('cpu'))
     dataset = load_dataset(opt, 'test')

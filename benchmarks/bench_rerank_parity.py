@@ -43,12 +43,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import main  # noqa: E402
-import patch_netvlad as pn  # noqa: E402
 from bench_rerank import SIZES, cpu_name, recalls, whitened_run  # noqa: E402
-from datasets import load_dataset  # noqa: E402
-from retrieval import exact_search  # noqa: E402
-from runs import load_model, place_model  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.datasets import load_dataset  # noqa: E402
+from netvlad_toolkit.runs.runs import load_model, place_model  # noqa: E402
+from netvlad_toolkit.search import patch_netvlad as pn  # noqa: E402
+from netvlad_toolkit.search.retrieval import exact_search  # noqa: E402
 
 TIE = 1e-9  # fused scores closer than this are a tie (their order is the sort's)
 SAME_HYPOTHESES = 50  # 4-point samples per (query, candidate, size) scored by both cv2 and the toolkit
@@ -390,7 +390,7 @@ def main_bench():
     started = time.time()
     run, common = whitened_run(work_dir, size, size['imsize'])
     torch.set_num_threads(1)
-    opt = main.parse_options(['--mode=test', f'--resume={run}', '--split=test', *common])
+    opt = cli.parse_options(['--mode=test', f'--resume={run}', '--split=test', *common])
     model, _, _ = load_model(opt)
     model = place_model(model.eval(), torch.device('cpu'))[0]
     with torch.no_grad():

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
+from netvlad_toolkit.search.descriptors import DescriptorFile, load_descriptor_file  # noqa: E402
 
 NUM_PLACES, VIEWS, NUM_QUERIES, NUM_TRAIN = 3498, 24, 8280, 10000
 FULL_DIM, PCA_DIM = 32768, 4096
@@ -127,7 +127,7 @@ def step_generate(args):
 
 def step_whiten(args):
     """Fit PCA whitening 32768 -> 4096 on the training sample (as --mode=pca), then whiten the whole file."""
-    from pca import fit_whitening, whiten_descriptors, whitening_layer
+    from netvlad_toolkit.modes.pca import fit_whitening, whiten_descriptors, whitening_layer
     started = time.time()
     sample = load_descriptor_file(os.path.join(args.workdir, 'train_32768.npy'), NUM_TRAIN, FULL_DIM, False)
     weight, bias, eigenvalues = fit_whitening(sample, PCA_DIM)
@@ -147,7 +147,7 @@ def whole_path(args, dim):
 
 def step_search(args, variant):
     """retrieval.search_and_recall, exactly as --mode=test --index X runs it, on the first --queries queries."""
-    from retrieval import search_and_recall
+    from netvlad_toolkit.search.retrieval import search_and_recall
     dim = FULL_DIM if variant.endswith('32k') else PCA_DIM
     index = variant[:-len('32k')] if variant.endswith('32k') else variant[:-len('4096')]
     index = 'flat' if index == 'exact' else index

@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
-import main as cli  # noqa: E402
-import synthetic  # noqa: E402
-import training  # noqa: E402
-from centroids import initialised_model  # noqa: E402
-from datasets import load_dataset  # noqa: E402
-from retrieval import evaluate, extract_descriptors  # noqa: E402
-from runs import place_model  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets import synthetic  # noqa: E402
+from netvlad_toolkit.datasets.datasets import load_dataset  # noqa: E402
+from netvlad_toolkit.model.centroids import initialised_model  # noqa: E402
+from netvlad_toolkit.runs.runs import place_model  # noqa: E402
+from netvlad_toolkit.search.retrieval import evaluate, extract_descriptors  # noqa: E402
+from netvlad_toolkit.training import training  # noqa: E402
 
 ARMS = ['trunk_cache', 'no_trunk_cache', 'reference']
 STAND_IN_FILES = {'alexnet': 'alexnet-owt-7be5be79.pth', 'vgg16': 'vgg16-397923af.pth'}

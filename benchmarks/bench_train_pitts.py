@@ -30,13 +30,13 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
-import main as cli  # noqa: E402
-import training  # noqa: E402
 from bench_train import parsed_arm_args, prepare_workdir, run_arms  # noqa: E402
-from centroids import centroids_path, initialised_model  # noqa: E402
-from datasets import load_dataset  # noqa: E402
-from retrieval import evaluate  # noqa: E402
-from runs import place_model  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets.datasets import load_dataset  # noqa: E402
+from netvlad_toolkit.model.centroids import centroids_path, initialised_model  # noqa: E402
+from netvlad_toolkit.runs.runs import place_model  # noqa: E402
+from netvlad_toolkit.search.retrieval import evaluate  # noqa: E402
+from netvlad_toolkit.training import training  # noqa: E402
 
 ARMS = {'cached': 'auto', 'uncached': 'off'}
 SHAPE = dict(db=260, queries=193, refresh=52, negative_sample=52)  # see the docstring: Pitts30k x 520 / 10,000

@@ -6,7 +6,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
 
 SYNTHETIC_ALEXNET = ['--dataset', 'synthetic', '--arch', 'alexnet', '--fromscratch', '--nGPU', '0']
 RUN = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
@@ -15,7 +15,7 @@ RUN = os.path.join('alexnet_netvlad_checkpoint', 'alexnet_netvlad_checkpoint')
 def run_command(*argv):
     """main.py's command in this process; stops the benchmark when it fails. Prints how long it took."""
     started = time.time()
-    if main.main([str(arg) for arg in argv]) != 0:
+    if cli.main([str(arg) for arg in argv]) != 0:
         raise SystemExit(f'command failed: {" ".join(map(str, argv))}')
     print(f'{" ".join(str(a) for a in argv if str(a).startswith("--mode"))}: {time.time() - started:.0f} s',
           flush=True)

@@ -34,22 +34,24 @@ from pathlib import Path
 # of each is left out: names of module constants that are not numbers of the protocol (pixel art of the synthetic
 # images).
 MODULE_FILES = {
-    'training.py': (),
-    'options.py': (),
-    'main.py': (),
-    'train.py': (),
-    'cluster.py': (),
-    'datasets.py': (),
-    'pittsburgh.py': (),
-    'folder_dataset.py': (),
-    'msls.py': (),
-    'synthetic.py': ('PALETTE',),
-    'retrieval.py': (),
-    'patch_netvlad.py': (),
-    'prune.py': (),
-    'quantize.py': (),
+    'netvlad_toolkit/training/training.py': (),
+    'netvlad_toolkit/utils/options.py': (),
+    'netvlad_toolkit/cli.py': (),
+    'netvlad_toolkit/modes/train.py': (),
+    'netvlad_toolkit/modes/cluster.py': (),
+    'netvlad_toolkit/datasets/datasets.py': (),
+    'netvlad_toolkit/datasets/pittsburgh.py': (),
+    'netvlad_toolkit/datasets/folder_dataset.py': (),
+    'netvlad_toolkit/datasets/msls.py': (),
+    'netvlad_toolkit/datasets/synthetic.py': ('PALETTE',),
+    'netvlad_toolkit/search/retrieval.py': (),
+    'netvlad_toolkit/search/patch_netvlad.py': (),
+    'netvlad_toolkit/modes/prune.py': (),
+    'netvlad_toolkit/modes/quantize.py': (),
 }
 TESTS_DIR = 'tests'
+PACKAGE = 'netvlad_toolkit'
+CLI = 'netvlad_toolkit.cli'
 FIRST_TESTS = ['tests/test_protocol_defaults.py']  # the defaults table: fast, and imports every module above
 PROTOCOL_KEYWORDS = {'posDistThr', 'posDistSqThr', 'nonTrivPosDistSqThr'}
 REPO = Path(__file__).resolve().parents[1]
@@ -151,37 +153,42 @@ def mutants_of(path, skipped=()):
 # ---------------------------------------------------------------------------------------------- choosing tests
 
 def imported_names(path):
-    """Top-level names a file imports (import a, b / from a import c)."""
+    """The modules a file imports (import a.b / from a.b import c: a.b, and a.b.c in case c is a module)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split('.')[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split('.')[0])
+            names |= {node.module} | {f'{node.module}.{alias.name}' for alias in node.names}
     return names
 
 
+def module_name(path):
+    """netvlad_toolkit.training.training for netvlad_toolkit/training/training.py."""
+    return '.'.join(Path(path).with_suffix('').parts)
+
+
 def reached_modules(names, graph):
-    """The project modules `names` import, directly or through each other; main.py reaches every module (it
-    imports the modes by name)."""
+    """The package modules `names` import, directly or through each other; the command line (cli) reaches every
+    module (it imports the modes by name)."""
     seen, todo = set(), [n for n in names if n in graph]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
             todo += [n for n in graph[name] if n in graph]
-    return set(graph) if 'main' in seen else seen
+    return set(graph) if CLI in seen else seen
 
 
 def test_files_reaching(module_path):
     """FIRST_TESTS, then the other test files that import the module, then those that reach it through other
-    modules (or the conftest fixture that runs main), each group smallest first."""
-    graph = {p.stem: imported_names(p) for p in REPO.glob('*.py')}
-    name = Path(module_path).stem
+    modules (or the conftest fixture that runs the command line), each group smallest first."""
+    graph = {module_name(p.relative_to(REPO)): imported_names(p) for p in (REPO / PACKAGE).rglob('*.py')}
+    name = module_name(module_path)
     first = [REPO / f for f in FIRST_TESTS]
     found = {}
     for test in sorted((REPO / TESTS_DIR).glob('test_*.py')):
-        names = imported_names(test) | ({'main'} if 'run_cli' in test.read_text() else set())
+        names = imported_names(test) | ({CLI} if 'run_cli' in test.read_text() else set())
         if test not in first and name in reached_modules(names, graph):
             found[test] = (name not in names, test.stat().st_size)
     return [str(p.relative_to(REPO)) for p in first + sorted(found, key=found.get)]

@@ -11,8 +11,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'tests'))
 torch.set_num_threads(1)  # the machine is small and shared
 
-import main  # noqa: E402
-import synthetic  # noqa: E402
+from netvlad_toolkit import cli  # noqa: E402
+from netvlad_toolkit.datasets import synthetic  # noqa: E402
 
 TINY_SIZE = (64, 80)  # AlexNet conv5 on 64x80 images: a 3x4 feature map, 12 local descriptors per image
 
@@ -33,14 +33,14 @@ def tiny_copy(tiny_data, tmp_path):
 
 @pytest.fixture
 def run_cli():
-    """run_cli([...flags...]) runs the CLI (main.main) in this process and returns its exit code."""
-    return lambda argv: main.main([str(arg) for arg in argv])
+    """run_cli([...flags...]) runs the CLI (cli.main) in this process and returns its exit code."""
+    return lambda argv: cli.main([str(arg) for arg in argv])
 
 
 @pytest.fixture
 def make_opt():
-    """make_opt([...flags...]) is the options object the CLI builds from these flags (main.parse_options)."""
-    return lambda argv: main.parse_options([str(arg) for arg in argv])
+    """make_opt([...flags...]) is the options object the CLI builds from these flags (cli.parse_options)."""
+    return lambda argv: cli.parse_options([str(arg) for arg in argv])
 
 
 # Flags of the fast CPU runs of the shared fixtures below.
@@ -52,7 +52,7 @@ def clustered_data(tiny_data, tmp_path_factory):
     """A private copy of the tiny dataset with AlexNet (--fromscratch, K=8) centroids in it."""
     path = tmp_path_factory.mktemp('clustered') / 'data'
     shutil.copytree(tiny_data, path)
-    assert main.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+    assert cli.main(['--mode=cluster', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                       f'--dataPath={path}', *FAST]) == 0
     return path
 
@@ -60,9 +60,9 @@ def clustered_data(tiny_data, tmp_path_factory):
 @pytest.fixture(scope='session')
 def float_run(clustered_data, tmp_path_factory):
     """A run folder holding the checkpoint of a cluster-initialised (untrained) AlexNet (--fromscratch, K=8)."""
-    from centroids import initialised_model
-    from checkpoint import model_state, save_checkpoint
-    opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+    from netvlad_toolkit.model.centroids import initialised_model
+    from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+    opt = cli.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                               f'--dataPath={clustered_data}'])
     path = tmp_path_factory.mktemp('float_runs') / 'run'
     save_checkpoint(dict(model_state(initialised_model(opt)), epoch=0, recalls={}, best_score=0.0), str(path), True)
@@ -72,10 +72,10 @@ def float_run(clustered_data, tmp_path_factory):
 @pytest.fixture(scope='session')
 def static_run(float_run, clustered_data):
     """The static int8 quantization of float_run, made through the CLI (programs run uncompiled: fast)."""
-    from int8 import COMPILE_ENV
+    from netvlad_toolkit.model.int8 import COMPILE_ENV
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(COMPILE_ENV, '0')
-        assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={float_run}',
+        assert cli.main(['--mode=quantize', '--quantization_type=static', f'--resume={float_run}',
                           f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=16',
                           *FAST]) == 0
     return float_run.parent / 'run_quantized_static'

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import model_state, save_checkpoint
-from models import build_model
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+from netvlad_toolkit.model.models import build_model
 
 # The real Pittsburgh 30k test geometry, beside the repository (never part of it).
 REAL_GEOMETRY = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'pitts30k_test_geometry' / 'pitts30k_test.mat'
@@ -183,7 +183,7 @@ def free_port():
 
 
 def run_killed(argv, module, function, call, after=False, cwd=None):
-    """Run main.main(argv) in a child process that kills itself (SIGKILL) at the `call`-th call of module.function,
+    """Run cli.main(argv) in a child process that kills itself (SIGKILL) at the `call`-th call of module.function,
     before that call runs (or right after it returns, with after=True). Returns the child's exit status."""
     import subprocess
     import sys
@@ -192,7 +192,9 @@ def run_killed(argv, module, function, call, after=False, cwd=None):
     code = textwrap.dedent(f'''
         import os, signal, sys
         sys.path.insert(0, {repo!r})
-        import {module} as target, main
+        import importlib
+        from netvlad_toolkit import cli
+        target = importlib.import_module({module!r})
         original, calls = target.{function}, [0]
         def wrapped(*args, **kwargs):
             calls[0] += 1
@@ -203,7 +205,7 @@ def run_killed(argv, module, function, call, after=False, cwd=None):
                 os.kill(os.getpid(), signal.SIGKILL)
             return result
         target.{function} = wrapped
-        sys.exit(main.main({[str(a) for a in argv]!r}))
+        sys.exit(cli.main({[str(a) for a in argv]!r}))
     ''')
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True).returncode
 

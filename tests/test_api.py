@@ -4,16 +4,16 @@ import h5py
 import numpy as np
 import torch
 
-import main
 from conftest import REPO
-from netvlad_api import describe, load_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.api import describe, load_run
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8']
 
 
 def extracted(float_run, images, tmp_path):
     out = tmp_path / 'feats'
-    assert main.main(['--mode=extract', f'--resume={float_run}', f'--image_dir={images}', f'--export_dir={out}',
+    assert cli.main(['--mode=extract', f'--resume={float_run}', f'--image_dir={images}', f'--export_dir={out}',
                       *FAST]) == 0
     with h5py.File(out / 'global-feats-netvlad.h5', 'r') as f:
         return {name: f[name]['global_descriptor'][()] for name in f}

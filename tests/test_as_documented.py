@@ -12,13 +12,12 @@ import stat
 
 import pytest
 
-import main
-import results
-import runs
-import training
-from commons import atomic_write_json, plural
 from conftest import FAST
 from helpers import error_paragraph
+from netvlad_toolkit import cli
+from netvlad_toolkit.runs import results, runs
+from netvlad_toolkit.training import training
+from netvlad_toolkit.utils.commons import atomic_write_json, plural
 
 
 @pytest.fixture
@@ -50,14 +49,14 @@ def test_a_run_remembers_its_dataset_and_flags_given_win(adam_run, clustered_dat
     """Tested without data flags, from a folder without datasets: the run's dataset, logged in one line; the
     results are readable by others (umask 022: 0644); a --dataPath given wins, and its error names --dataset."""
     monkeypatch.chdir(tmp_path)
-    assert main.main(['--mode=test', f'--resume={adam_run}', *FAST]) == 0
+    assert cli.main(['--mode=test', f'--resume={adam_run}', *FAST]) == 0
     lines = restored_lines(capsys.readouterr().out)
     assert len(lines) == 1 and f'--dataPath {clustered_data}' in lines[0]
     for path in (adam_run / 'test_test.json', tmp_path / 'results.jsonl'):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
     assert json.loads((adam_run / 'test_test.json').read_text())['dataPath'] == str(clustered_data)
 
-    assert main.main(['--mode=test', f'--resume={adam_run}', *FAST, f'--dataPath={tmp_path / "elsewhere"}']) == 2
+    assert cli.main(['--mode=test', f'--resume={adam_run}', *FAST, f'--dataPath={tmp_path / "elsewhere"}']) == 2
     paragraph = error_paragraph(capsys.readouterr().err)
     assert str(tmp_path / 'elsewhere') in paragraph and '--dataset' in paragraph
 
@@ -111,13 +110,13 @@ def test_the_printed_merge_command_runs_as_printed(clustered_data, tmp_path, mon
     runs_path, parts = tmp_path / 'runs', tmp_path / 'parts'
     data = ['--dataset=pittsburgh', f'--dataPath={clustered_data}', '--arch=alexnet', '--num_clusters=8',
             '--fromscratch', f'--runsPath={runs_path}', *FAST]
-    assert main.main(['--mode=test', *data]) == 0
+    assert cli.main(['--mode=test', *data]) == 0
     expected = json.loads((runs_path / 'alexnet_offtheshelf' / 'test_test.json').read_text())
     capsys.readouterr()
     monkeypatch.setenv('WORLD_SIZE', '2')
     for rank in (1, 0):
         monkeypatch.setenv('RANK', str(rank))
-        assert main.main(['--mode=test', *data, f'--cachePath={parts}']) == 0
+        assert cli.main(['--mode=test', *data, f'--cachePath={parts}']) == 0
     monkeypatch.delenv('WORLD_SIZE')
     monkeypatch.delenv('RANK')
     printed = re.search(r'search them in one process \(without torchrun\) with: (.*)', capsys.readouterr().out)
@@ -125,7 +124,7 @@ def test_the_printed_merge_command_runs_as_printed(clustered_data, tmp_path, mon
     assert tokens[:2] == ['python', 'main.py']
     argv = [match for token in tokens[2:] for match in (sorted(glob.glob(token)) if '*' in token else [token])]
     (runs_path / 'alexnet_offtheshelf' / 'test_test.json').unlink()
-    assert main.main(argv) == 0
+    assert cli.main(argv) == 0
     merged = json.loads((runs_path / 'alexnet_offtheshelf' / 'test_test.json').read_text())
     assert merged['recalls'] == expected['recalls']
 
@@ -133,7 +132,7 @@ def test_the_printed_merge_command_runs_as_printed(clustered_data, tmp_path, mon
 def test_prune_prints_paths_that_exist_and_fine_tunes_as_the_run_trained(adam_run, capsys):
     """Every path prune prints under the pruned folder exists afterwards (none under .incomplete); its fine-tuning
     runs the run's Adam at 5e-5 (flags.json), and the pruned run keeps those flags."""
-    assert main.main(['--mode=prune', f'--resume={adam_run}', *FAST, '--pruning_criterion=l2',
+    assert cli.main(['--mode=prune', f'--resume={adam_run}', *FAST, '--pruning_criterion=l2',
                       '--finetune_epochs=1', '--nNegSample=20', '--runsPath', adam_run]) == 0
     out = capsys.readouterr().out
     assert '.incomplete' not in out
@@ -156,7 +155,7 @@ def test_train_checks_its_dataset_before_weights_centroids_or_writes(tmp_path, m
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     save = tmp_path / 'runs' / 'run'
-    assert main.main(['--mode=train', '--dataset=tokyoTM', f'--dataPath={tmp_path / "D"}',
+    assert cli.main(['--mode=train', '--dataset=tokyoTM', f'--dataPath={tmp_path / "D"}',
                       f'--imagesPath={tmp_path / "TM"}', '--arch=alexnet', f'--savePath={save}', '--nGPU=0',
                       *scratch]) == 2
     paragraph = error_paragraph(capsys.readouterr().err)
@@ -196,7 +195,7 @@ def test_export_refuses_to_overwrite_without_the_flag(float_run, tmp_path, run_c
                                         ('query', '--query'), ('prune', '--resume'), ('export', '--resume'),
                                         ('test', '--resume')])
 def test_help_marks_required_flags(mode, flag):
-    text = main.mode_parser(mode).format_help()
+    text = cli.mode_parser(mode).format_help()
     entry = re.search(r'\n  ' + re.escape(flag) + r'\b.*?(?=\n  -|\n\n|$)', text, flags=re.S).group(0)
     assert ('Required.' in entry) == (mode != 'test'), entry
 
@@ -217,7 +216,7 @@ def test_report_tells_two_runs_of_one_label_apart():
 
 
 def test_the_torchao_kernel_preference_warning_is_left_out():
-    import int8  # noqa: F401  (sets the filter)
+    from netvlad_toolkit.model import int8  # noqa: F401  (sets the filter)
     logger = logging.getLogger('torch.utils._pytree')  # torch's loggers do not propagate: listen on it
     seen = []
     handler = logging.Handler()

@@ -9,11 +9,11 @@ import pytest
 import scipy.io
 import torch
 
-import main
-import synthetic
-from global_features import read_descriptors
 from helpers import error_paragraph, run_killed
-from query import read_positions_csv
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets import synthetic
+from netvlad_toolkit.modes.query import read_positions_csv
+from netvlad_toolkit.search.global_features import read_descriptors
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
 MODEL = ['--arch=alexnet', '--fromscratch', '--num_clusters=8']
@@ -40,7 +40,7 @@ def nan_weight(checkpoint):
 ], ids=['state_dict a list', 'first_trainable a string', 'NaN weight'])
 def test_malformed_checkpoints_are_one_paragraph(float_run, clustered_data, tmp_path, capsys, change, message):
     run = changed_run(float_run, tmp_path, change)
-    assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST]) == 2
+    assert cli.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST]) == 2
     assert message in error_paragraph(capsys.readouterr().err)
 
 
@@ -60,7 +60,7 @@ def narrower_centroids(checkpoint):
 def test_weights_of_another_dtype_or_shape_name_the_entry(float_run, clustered_data, tmp_path, capsys, change, entry,
                                                           expected):
     run = changed_run(float_run, tmp_path, change)
-    assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
+    assert cli.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
                       *FAST]) == 2
     message = error_paragraph(capsys.readouterr().err)
     assert f'entry {entry} ' in message and expected in message
@@ -79,7 +79,7 @@ def test_only_trivial_training_positives_name_the_floor_and_the_split(clustered_
     scipy.io.savemat(path, {'dbStruct': struct})
     argv = ['--mode=train', *MODEL, '--recipe=authors', f'--dataPath={data}', f'--runsPath={tmp_path}',
             f'--savePath={tmp_path / "run"}', '--nEpochs=1', *FAST[:6]]
-    assert main.main(argv) == 2
+    assert cli.main(argv) == 2
     message = error_paragraph(capsys.readouterr().err)
     assert '--min_positive_dist=1' in message and 'trivial' in message and 'pitts30k_train.mat' in message
     assert 'within 1 m' in message and '(--dataPath=.)' not in message
@@ -88,7 +88,7 @@ def test_only_trivial_training_positives_name_the_floor_and_the_split(clustered_
 def test_an_empty_checkpoint_file_is_one_paragraph(float_run, clustered_data, tmp_path, capsys):
     run = shutil.copytree(float_run, tmp_path / 'run')
     (run / 'checkpoints' / 'checkpoint.pth.tar').write_bytes(b'')
-    assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST]) == 2
+    assert cli.main(['--mode=test', f'--resume={run}', f'--dataPath={clustered_data}', *FAST]) == 2
     assert 'cannot be read' in error_paragraph(capsys.readouterr().err)
 
 
@@ -99,7 +99,7 @@ def test_nan_centroids_are_refused(clustered_data, tmp_path, capsys):
         centroids = h5['centroids'][:]
         centroids[0, 0] = np.nan
         h5['centroids'][...] = centroids
-    assert main.main(['--mode=test', *MODEL, f'--dataPath={data}', *FAST, f'--runsPath={tmp_path}']) == 2
+    assert cli.main(['--mode=test', *MODEL, f'--dataPath={data}', *FAST, f'--runsPath={tmp_path}']) == 2
     assert 'not all finite' in error_paragraph(capsys.readouterr().err)
 
 
@@ -116,7 +116,7 @@ def test_db_struct_with_nan_positions_or_no_database_is_refused(clustered_data, 
         struct['utmDb'] = np.zeros((2, 0))
         struct['numImages'] = 0.0
     scipy.io.savemat(path, {'dbStruct': struct})
-    assert main.main(['--mode=test', *MODEL, f'--dataPath={data}', *FAST, f'--runsPath={tmp_path}']) == 2
+    assert cli.main(['--mode=test', *MODEL, f'--dataPath={data}', *FAST, f'--runsPath={tmp_path}']) == 2
     assert message in error_paragraph(capsys.readouterr().err)
 
 
@@ -125,7 +125,7 @@ def test_string_descriptors_in_a_global_feats_file_are_refused(tmp_path):
     with h5py.File(path, 'w') as h5:
         h5.create_dataset('a.jpg/global_descriptor', data=np.array([b'x'] * 4))
         h5.create_dataset('a.jpg/image_size', data=np.array([32, 32]))
-    with pytest.raises(main.UserError, match='not finite floating-point numbers'):
+    with pytest.raises(cli.UserError, match='not finite floating-point numbers'):
         read_descriptors(str(path), ['a.jpg'], 4, str(tmp_path / 'rows.npy'))
 
 
@@ -137,7 +137,7 @@ def test_string_descriptors_in_a_global_feats_file_are_refused(tmp_path):
 def test_positions_csv_errors(tmp_path, content, message):
     path = tmp_path / 'positions.csv'
     path.write_bytes(content)
-    with pytest.raises(main.UserError, match=message):
+    with pytest.raises(cli.UserError, match=message):
         read_positions_csv(str(path), ['a.jpg'])
 
 
@@ -145,15 +145,15 @@ def test_a_second_prune_needs_overwrite_and_replaces_the_folder_whole(float_run,
     run = shutil.copytree(float_run, tmp_path / 'run')
     argv = ['--mode=prune', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
             '--finetune_epochs=0', *FAST]
-    assert main.main(argv) == 0
+    assert cli.main(argv) == 0
     pruned = tmp_path / 'run_pruned_structured_20'
     report = (pruned / 'prune_report.json').read_bytes()
-    assert main.main(argv) == 2
+    assert cli.main(argv) == 2
     assert '--overwrite' in error_paragraph(capsys.readouterr().err)
     assert (pruned / 'prune_report.json').read_bytes() == report
-    assert main.main(argv + ['--pruning_amount=0.5']) == 0  # another amount: another folder
+    assert cli.main(argv + ['--pruning_amount=0.5']) == 0  # another amount: another folder
     assert (tmp_path / 'run_pruned_structured_50' / 'prune_report.json').is_file()
-    assert main.main(argv + ['--overwrite']) == 0
+    assert cli.main(argv + ['--overwrite']) == 0
     assert json.loads((pruned / 'prune_report.json').read_text())['after']['recall@1'] >= 0
     assert not (tmp_path / 'run_pruned_structured_20.incomplete').exists()
 
@@ -161,8 +161,8 @@ def test_a_second_prune_needs_overwrite_and_replaces_the_folder_whole(float_run,
 def test_a_killed_synthetic_generation_starts_clean(tmp_path):
     data = tmp_path / 'synthetic'
     argv = ['--mode=synth', f'--dataPath={data}', '--synth_db=12', '--synth_queries=6', '--synth_imsize=64x80']
-    assert run_killed(argv, 'synthetic', 'write_split', 2) == -9  # killed after the first split
+    assert run_killed(argv, 'netvlad_toolkit.datasets.synthetic', 'write_split', 2) == -9  # killed after the first split
     assert not synthetic.dataset_ready(str(data))
-    assert main.main(argv) == 0
+    assert cli.main(argv) == 0
     assert synthetic.dataset_ready(str(data))
     assert not (tmp_path / 'synthetic.incomplete').exists()

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from centroids import initialised_model
 from helpers import error_paragraph, files_under
+from netvlad_toolkit.model.centroids import initialised_model
 
 SEED = 123
 
@@ -24,10 +24,10 @@ def flags(root, runs, *more):
 @pytest.fixture(scope='module')
 def clustered_file(tiny_data, tmp_path_factory):
     """The centroids file `--mode=cluster --seed 123` writes for the tiny dataset (kept aside, never modified)."""
-    import main
+    from netvlad_toolkit import cli
     root = tmp_path_factory.mktemp('centroids') / 'data'
     shutil.copytree(tiny_data, root)
-    assert main.main(['--mode=cluster'] + flags(root, root.parent / 'runs')) == 0
+    assert cli.main(['--mode=cluster'] + flags(root, root.parent / 'runs')) == 0
     return root / 'data' / 'centroids' / 'alexnet_synthetic_64_desc_cen.hdf5'
 
 
@@ -85,7 +85,7 @@ def test_file_of_another_encoder_with_the_same_seed_stops(data_with_file, make_o
     root, runs, path = data_with_file
     with h5py.File(path, 'r+') as h5:
         h5.attrs['encoder_sha256'] = hashlib.sha256(b'other weights').hexdigest()
-    from commons import UserError
+    from netvlad_toolkit.utils.commons import UserError
     with pytest.raises(UserError, match='--mode=cluster'):
         initialised_model(make_opt(['--mode=test'] + flags(root, runs)))
 

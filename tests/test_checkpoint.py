@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import read_checkpoint
-from datasets import load_dataset
 from helpers import (
     alexnet_trunk,
     brute_force_positives,
@@ -20,8 +18,10 @@ from helpers import (
     read_geometry,
     read_image,
 )
-from retrieval import extract_descriptors
-from runs import open_run
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.model.checkpoint import read_checkpoint
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.search.retrieval import extract_descriptors
 
 ALEXNET_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
 K = 64

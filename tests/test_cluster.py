@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from centroids import initialised_model
 from helpers import alexnet_trunk, brute_force_positives, read_geometry, read_image
+from netvlad_toolkit.model.centroids import initialised_model
 
 SEED = 123  # the CLI's default --seed
 
@@ -23,11 +23,11 @@ def cluster_argv(data_root, runs):
 @pytest.fixture(scope='module')
 def clustered(tiny_data, tmp_path_factory):
     """A copy of the tiny dataset after `--mode=cluster`; returns (data root, runs folder, centroids file)."""
-    import main
+    from netvlad_toolkit import cli
     root = tmp_path_factory.mktemp('cluster') / 'data'
     shutil.copytree(tiny_data, root)
     runs = root.parent / 'runs'
-    assert main.main(cluster_argv(root, runs)) == 0
+    assert cli.main(cluster_argv(root, runs)) == 0
     return root, runs, root / 'data' / 'centroids' / 'alexnet_synthetic_64_desc_cen.hdf5'
 
 

@@ -10,12 +10,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
-import evaluate
-import retrieval
-from commons import UserError
-from datasets import load_dataset
-from folder_dataset import utm_from_filename
 from helpers import REAL_GEOMETRY, brute_force_positives, brute_force_recalls, error_paragraph, read_geometry
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.datasets.folder_dataset import utm_from_filename
+from netvlad_toolkit.modes import evaluate
+from netvlad_toolkit.search import retrieval
+from netvlad_toolkit.utils.commons import UserError
 
 ORIGIN = np.array([500000.0, 4000000.0])
 CLI = ['--arch=alexnet', '--fromscratch', '--nocuda', '--threads=0', '--latency_size=64x80']

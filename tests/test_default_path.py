@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
-import int8
-import main
-import training
-from checkpoint import checkpoint_path, read_checkpoint
 from helpers import error_paragraph, files_under, reference_quantization
-from runs import open_run
+from netvlad_toolkit import cli as main
+from netvlad_toolkit.model import int8
+from netvlad_toolkit.model.checkpoint import checkpoint_path, read_checkpoint
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.training import training
 
 FROZEN_CONVS = [0, 3, 6, 8]  # AlexNet conv1..conv4: frozen with ImageNet weights (the reference's rule)
 CONV5 = 10

@@ -14,9 +14,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import main
-from checkpoint import checkpoint_path
-from distillation import distillation_loss, student_for
 from helpers import (
     CONFIGS,
     brute_force_positives,
@@ -28,9 +25,12 @@ from helpers import (
     run_killed,
     save_run,
 )
-from int8 import COMPILE_ENV
-from models import STUDENTS
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.model.checkpoint import checkpoint_path
+from netvlad_toolkit.model.int8 import COMPILE_ENV
+from netvlad_toolkit.model.models import STUDENTS
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.training.distillation import distillation_loss, student_for
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8']
 STUDENT = 'mobilenet_v3_small'
@@ -77,7 +77,7 @@ def student_run(teacher_run, training_images, stand_in_home, tmp_path_factory):
     out = tmp_path_factory.mktemp('students') / 'student'
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv('TORCH_HOME', str(stand_in_home[0]))
-        assert main.main(distill_argv(teacher_run[0], training_images, out)) == 0
+        assert cli.main(distill_argv(teacher_run[0], training_images, out)) == 0
     return out
 
 
@@ -131,7 +131,7 @@ def test_loss_and_gradient_against_a_computation_here():
 
 def test_distillation_brings_the_student_towards_the_teacher(student_run, teacher_run, training_images):
     images = torch.stack([read_image(path).float() for path in sorted(training_images.rglob('*.jpg'))])
-    trained, state = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))
+    trained, state = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}']))
     torch.manual_seed(0)
     untrained = student_for(teacher_run[1], STUDENT, pretrained=False)
     with torch.no_grad():
@@ -143,13 +143,13 @@ def test_distillation_brings_the_student_towards_the_teacher(student_run, teache
 
 def test_asymmetric_recall_against_a_brute_force_search(student_run, teacher_run, tiny_data, tmp_path):
     runs = tmp_path / 'runs'
-    assert main.main(['--mode=test', f'--resume={student_run}', f'--database_run={teacher_run[0]}',
+    assert cli.main(['--mode=test', f'--resume={student_run}', f'--database_run={teacher_run[0]}',
                       '--dataset=synthetic', f'--dataPath={tiny_data}', '--split=test', f'--runsPath={runs}',
                       *FAST]) == 0
     result_file, = student_run.glob('test_test*_asymmetric.json')  # named by the dataset when not the student's own
     result = json.loads(result_file.read_text())
     db_names, utm_db, q_names, utm_q = read_geometry(tiny_data / 'datasets' / 'pitts30k_test.mat')
-    student = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
+    student = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
     with torch.no_grad():
         db_desc = teacher_run[1].eval()(torch.stack([read_image(tiny_data / n).float() for n in db_names])).numpy()
         q_desc = student(torch.stack([read_image(tiny_data / 'queries_real' / n).float() for n in q_names])).numpy()
@@ -166,7 +166,7 @@ def test_asymmetric_recall_against_a_brute_force_search(student_run, teacher_run
 def test_a_database_run_of_another_dimension_is_an_error(student_run, tiny_data, tmp_path, capsys):
     other = tmp_path / 'other'
     save_run(other, CONFIGS['whitened'])
-    assert main.main(['--mode=test', f'--resume={student_run}', f'--database_run={other}', '--dataset=synthetic',
+    assert cli.main(['--mode=test', f'--resume={student_run}', f'--database_run={other}', '--dataset=synthetic',
                       f'--dataPath={tiny_data}', f'--runsPath={tmp_path}', *FAST]) == 2
     assert '32-D' in error_paragraph(capsys.readouterr().err)
 
@@ -177,31 +177,31 @@ def test_the_distilled_run_reloads_through_every_mode(student_run, teacher_run, 
     assert flags['teacher'] == str(teacher_run[0]) and flags['student'] == STUDENT
     runs, export = tmp_path / 'runs', tmp_path / 'features'
     data = ['--dataset=synthetic', f'--dataPath={tiny_data}', '--split=test', f'--runsPath={runs}']
-    assert main.main(['--mode=test', f'--resume={student_run}', *data, *FAST]) == 0
+    assert cli.main(['--mode=test', f'--resume={student_run}', *data, *FAST]) == 0
     record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
     assert record['teacher'] == str(teacher_run[0]) and record['arch'] == STUDENT
     database, photos, _ = places
-    assert main.main(['--mode=extract', f'--resume={student_run}', f'--image_dir={database}',
+    assert cli.main(['--mode=extract', f'--resume={student_run}', f'--image_dir={database}',
                       f'--export_dir={export}', *FAST]) == 0
-    assert main.main(['--mode=pairs', f'--descriptors={export / "global-feats-netvlad.h5"}', '--num_matched=3',
+    assert cli.main(['--mode=pairs', f'--descriptors={export / "global-feats-netvlad.h5"}', '--num_matched=3',
                       f'--output={tmp_path / "pairs.txt"}']) == 0
-    assert main.main(['--mode=query', f'--resume={student_run}', '--query', photos, f'--database={database}',
+    assert cli.main(['--mode=query', f'--resume={student_run}', '--query', photos, f'--database={database}',
                       f'--export_dir={tmp_path / "answers"}', *FAST]) == 0
-    assert main.main(['--mode=export', '--format=onnx', f'--resume={student_run}',
+    assert cli.main(['--mode=export', '--format=onnx', f'--resume={student_run}',
                       f'--export_path={tmp_path / "student.onnx"}']) == 0
     import onnxruntime
     images = random_images(2)
     session = onnxruntime.InferenceSession(str(tmp_path / 'student.onnx'))
     onnx_desc = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
-    import netvlad_api
+    from netvlad_toolkit import api as netvlad_api
     model, _ = netvlad_api.load_run(str(student_run))
     np.testing.assert_allclose(onnx_desc, netvlad_api.describe(model, images), atol=1e-4)
-    hub_model = torch.hub.load(str(main.__file__).rsplit('/', 1)[0], 'netvlad', source='local', run=str(student_run))
+    hub_model = torch.hub.load(str(cli.__file__).rsplit('/', 1)[0], 'netvlad', source='local', run=str(student_run))
     np.testing.assert_allclose(netvlad_api.describe(hub_model, images), onnx_desc, atol=1e-4)
     monkeypatch.setenv(COMPILE_ENV, '0')
-    assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={student_run}', *data,
+    assert cli.main(['--mode=quantize', '--quantization_type=static', f'--resume={student_run}', *data,
                       '--calib_images=8', '--latency_size=64x80', *FAST]) == 0
-    int8_model = open_run(main.parse_options(['--mode=test', f'--resume={student_run}_quantized_static']))[0]
+    int8_model = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}_quantized_static']))[0]
     assert int8_model.output_dim == teacher_run[1].output_dim
     record = json.loads((runs / 'results.jsonl').read_text().splitlines()[-1])
     assert record['teacher'] == str(teacher_run[0]) and record['variant'].endswith('+ int8 static')
@@ -213,9 +213,9 @@ def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_
     assert run_killed(distill_argv(teacher_run[0], training_images, whole, '--fromscratch'), 'distillation',
                       'save_checkpoint', call=0) == 0
     argv = distill_argv(teacher_run[0], training_images, killed, '--fromscratch')
-    assert run_killed(argv, 'distillation', 'save_checkpoint', 2) != 0  # killed before epoch 2's checkpoint
+    assert run_killed(argv, 'netvlad_toolkit.training.distillation', 'save_checkpoint', 2) != 0  # killed before epoch 2's checkpoint
     assert torch.load(checkpoint_path(str(killed)), weights_only=False)['epoch'] == 1
-    assert run_killed(argv, 'distillation', 'save_checkpoint', call=0) == 0
+    assert run_killed(argv, 'netvlad_toolkit.training.distillation', 'save_checkpoint', call=0) == 0
     expected = torch.load(checkpoint_path(str(whole)), weights_only=False)
     resumed = torch.load(checkpoint_path(str(killed)), weights_only=False)
     assert resumed['epoch'] == 2 and resumed['epoch_losses'] == expected['epoch_losses']
@@ -229,7 +229,7 @@ def int8_teacher(teacher_run, clustered_data, tmp_path_factory):
     path = tmp_path_factory.mktemp('int8_teacher') / 'run_quantized_static'
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(COMPILE_ENV, '0')
-        assert main.main(['--mode=quantize', '--quantization_type=static', f'--resume={teacher_run[0]}',
+        assert cli.main(['--mode=quantize', '--quantization_type=static', f'--resume={teacher_run[0]}',
                           f'--dataPath={clustered_data}', f'--runsPath={path.parent}', '--calib_images=8',
                           '--split=test', '--latency_size=64x80', *FAST]) == 0
     return teacher_run[0].parent / 'teacher_quantized_static'
@@ -251,7 +251,7 @@ def test_bad_input_is_one_paragraph_exit_2_and_nothing_written(case, teacher_run
     else:
         teacher = request.getfixturevalue('int8_teacher')
     before = files_under(tmp_path)
-    assert main.main(distill_argv(teacher, images, out, *extra)) == 2
+    assert cli.main(distill_argv(teacher, images, out, *extra)) == 2
     message = error_paragraph(capsys.readouterr().err)
     expected = {'not a run': 'does not exist', 'unknown student': '--student', 'empty image folder': 'holds no image',
                 'int8 teacher': 'int8'}[case]
@@ -261,7 +261,7 @@ def test_bad_input_is_one_paragraph_exit_2_and_nothing_written(case, teacher_run
 
 def test_the_mode_lists_its_flags():
     """python main.py --mode=distill --help lists the mode's own flags."""
-    help_text = subprocess.run([sys.executable, main.__file__, '--mode=distill', '--help'], capture_output=True,
+    help_text = subprocess.run([sys.executable, cli.__file__, '--mode=distill', '--help'], capture_output=True,
                                text=True).stdout
     for flag in ('--student', '--image_dir', '--savePath', '--nEpochs', '--fromscratch'):
         assert flag in help_text, textwrap.shorten(help_text, 200)
@@ -271,10 +271,10 @@ def test_query_with_a_database_run_ranks_student_photos_among_teacher_descriptor
                                                                                    tmp_path):
     database, photos, positions = places
     out = tmp_path / 'answers'
-    assert main.main(['--mode=query', f'--resume={student_run}', f'--database_run={teacher_run[0]}', '--query',
+    assert cli.main(['--mode=query', f'--resume={student_run}', f'--database_run={teacher_run[0]}', '--query',
                       photos, f'--database={database}', f'--export_dir={out}', '--num_matched=4', *FAST]) == 0
     names = sorted(positions)
-    student = open_run(main.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
+    student = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}']))[0].eval()
     with torch.no_grad():
         db_desc = teacher_run[1].eval()(torch.stack([read_image(database / n).float() for n in names])).numpy()
         for i in range(3):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import main
-from commons import UserError
+from netvlad_toolkit import cli
+from netvlad_toolkit.utils.commons import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
@@ -49,8 +49,8 @@ def parse_as_documented(argv):
     """The mode's own parser over the documented flags. A command may leave out flags its mode requires (the docs
     show the flags that matter to a point); those get a stand-in value, everything else must parse as shown."""
     argv = [token for token in argv if token not in ('-h', '--help')]
-    mode = main.requested_mode(argv)
-    parser = main.mode_parser(mode)
+    mode = cli.requested_mode(argv)
+    parser = cli.mode_parser(mode)
     try:
         return parser.parse_args(argv)
     except UserError as error:

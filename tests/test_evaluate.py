@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval import exact_search, recall_curve
+from netvlad_toolkit.search.retrieval import exact_search, recall_curve
 
 
 def unit_rows(rng, n, dim):

@@ -8,10 +8,10 @@ import onnxruntime
 import pytest
 import torch
 
-from checkpoint import model_state, save_checkpoint
 from helpers import error_paragraph, files_under, matlab_network, write_matlab_network
-from models import build_model
-from runs import open_run
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+from netvlad_toolkit.model.models import build_model
+from netvlad_toolkit.runs.runs import open_run
 
 SIZES = [(1, 64, 80), (3, 96, 112)]
 
@@ -37,11 +37,11 @@ def whitened_run(tmp_path):
 
 
 def imported_run(tmp_path):
-    import main
+    from netvlad_toolkit import cli
     net = matlab_network(np.random.default_rng(0), [8] * 7 + [16] * 6, clusters=4, out_dim=8,
                          average_image=np.array([123.7, 116.8, 103.9]))
     write_matlab_network(tmp_path / 'net.mat', net)
-    assert main.main(['--mode=import', '--matlab', str(tmp_path / 'net.mat'), '--savePath', str(tmp_path / 'imp')]) == 0
+    assert cli.main(['--mode=import', '--matlab', str(tmp_path / 'net.mat'), '--savePath', str(tmp_path / 'imp')]) == 0
     return tmp_path / 'imp'
 
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import global_features
-import retrieval
 from helpers import CONFIGS, error_paragraph, read_image, save_run
+from netvlad_toolkit.search import global_features, retrieval
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '4']
 @pytest.fixture

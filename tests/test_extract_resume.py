@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-import global_features
 from helpers import error_paragraph
+from netvlad_toolkit.search import global_features
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '2']
 FILE = 'global-feats-netvlad.h5'

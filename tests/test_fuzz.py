@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-import main
-import pittsburgh
-from centroids import initialised_model
-from commons import UserError
-from global_features import h5_names, read_descriptors, write_groups
 from helpers import error_paragraph
-from images import load_image
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets import pittsburgh
+from netvlad_toolkit.datasets.images import load_image
+from netvlad_toolkit.model.centroids import initialised_model
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.search.global_features import h5_names, read_descriptors, write_groups
+from netvlad_toolkit.utils.commons import UserError
 
 SEED = 2026
 TRIALS = 12
@@ -28,8 +28,8 @@ REQUIRED = {'prune': ['--resume=run'], 'quantize': ['--resume=run'], 'pca': ['--
 def ranged_flags():
     """{flag: (a mode that reads it, its argparse type)} of every flag with a declared numeric range."""
     flags = {}
-    for mode in main.MODES:
-        for action in main.mode_parser(mode)._actions:
+    for mode in cli.MODES:
+        for action in cli.mode_parser(mode)._actions:
             if hasattr(action.type, 'bounds'):
                 flags.setdefault(action.dest, (mode, action.type))
     return flags
@@ -69,9 +69,9 @@ def test_numeric_flags_in_and_out_of_range(flag, capsys):
     for value, inside in values_around(*kind.bounds, kind.kind is int, rng):
         argv = [f'--mode={mode}', '--runsPath=/nonexistent/runs', *REQUIRED.get(mode, []), f'--{flag}={value}']
         if inside:
-            assert getattr(main.parse_options(argv), flag) == value
+            assert getattr(cli.parse_options(argv), flag) == value
         else:
-            assert main.main(argv) == 2, (flag, value)
+            assert cli.main(argv) == 2, (flag, value)
             assert f'--{flag}' in error_paragraph(capsys.readouterr().err)
 
 
@@ -105,7 +105,7 @@ def test_corrupted_checkpoints(float_run, tmp_path):
         run = tmp_path / f'run_{copy.name}'
         (run / 'checkpoints').mkdir(parents=True)
         shutil.move(copy, run / 'checkpoints' / 'checkpoint.pth.tar')
-        works_or_user_error(lambda: open_run(main.parse_options(['--mode=test', f'--resume={run}'])))
+        works_or_user_error(lambda: open_run(cli.parse_options(['--mode=test', f'--resume={run}'])))
 
 
 def test_corrupted_centroids_files(clustered_data, tmp_path):
@@ -116,7 +116,7 @@ def test_corrupted_centroids_files(clustered_data, tmp_path):
         data = tmp_path / f'data_{copy.name}'
         (data / 'data' / 'centroids').mkdir(parents=True)
         shutil.move(copy, data / 'data' / 'centroids' / source.name)
-        opt = main.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
+        opt = cli.parse_options(['--mode=train', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                                   f'--dataPath={data}'])
         works_or_user_error(lambda: initialised_model(opt))
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import gpu_decode
-import main
-from datasets import SplitImages, load_dataset
-from images import ImageList, load_image
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets import gpu_decode
+from netvlad_toolkit.datasets.datasets import SplitImages, load_dataset
+from netvlad_toolkit.datasets.images import ImageList, load_image
 
 LEVEL = 1 / 255 / 0.225  # one 8-bit level after normalisation (the smallest ImageNet std)
 
@@ -65,7 +65,7 @@ def test_files_that_are_not_jpeg_are_load_images_own(tmp_path):
 
 
 def test_a_subset_of_a_subset_reads_the_right_images(tiny_data):
-    split = load_dataset(main.parse_options(['--mode=test', f'--dataPath={tiny_data}', '--split=test']), 'test')
+    split = load_dataset(cli.parse_options(['--mode=test', f'--dataPath={tiny_data}', '--split=test']), 'test')
     assert isinstance(split, SplitImages)
     inner = torch.utils.data.Subset(split, [5, 9, 2, 40])
     base, indices = gpu_decode.base_of(torch.utils.data.Subset(inner, [3, 0]))

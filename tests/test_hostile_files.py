@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as checkpoint_module
-import int8
-import main
-from checkpoint import read_checkpoint
-from commons import UserError
 from helpers import error_paragraph
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.model import checkpoint as checkpoint_module
+from netvlad_toolkit.model import int8
+from netvlad_toolkit.model.checkpoint import read_checkpoint
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.utils.commons import UserError
 
 SEED = 7
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--split', 'test']
@@ -73,13 +73,13 @@ def rename_local_header(path, name, new_name):
 
 
 def options(run, data, *flags):
-    return main.parse_options(['--mode=test', f'--resume={run}', f'--dataPath={data}', *FAST, *flags])
+    return cli.parse_options(['--mode=test', f'--resume={run}', f'--dataPath={data}', *FAST, *flags])
 
 
 def refused_by_cli(run, data, capsys):
     """The one paragraph of `--mode=test` on a hostile run folder; nothing written to the results file."""
     runs_path = run.parent / 'results_of_hostile_runs'
-    assert main.main(['--mode=test', f'--resume={run}', f'--dataPath={data}', f'--runsPath={runs_path}', *FAST]) == 2
+    assert cli.main(['--mode=test', f'--resume={run}', f'--dataPath={data}', f'--runsPath={runs_path}', *FAST]) == 2
     assert not (runs_path / 'results.jsonl').exists()
     return error_paragraph(capsys.readouterr().err)
 

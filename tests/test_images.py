@@ -9,8 +9,8 @@ import torch
 import torchvision
 from PIL import ExifTags, Image
 
-import images
 from helpers import CONFIGS, error_paragraph, read_image, save_run
+from netvlad_toolkit.datasets import images
 from test_extract import extract_cli, hloc_names
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

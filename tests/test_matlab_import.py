@@ -7,9 +7,9 @@ import pytest
 import scipy.io
 import torch
 
-from checkpoint import read_checkpoint
 from helpers import error_paragraph, files_under, matlab_forward, matlab_network, write_matlab_network
-from runs import open_run
+from netvlad_toolkit.model.checkpoint import read_checkpoint
+from netvlad_toolkit.runs.runs import open_run
 
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 SMALL_WIDTHS = [8] * 7 + [16] * 6
@@ -45,11 +45,11 @@ def load_run(make_opt, run):
 @pytest.fixture(scope='module')
 def vgg16_import(tmp_path_factory):
     """A full-width VGG16 network (K=8, whitening to 16) imported once for the module."""
-    import main
+    from netvlad_toolkit import cli
     tmp_path = tmp_path_factory.mktemp('vgg16_import')
     net = matlab_network(np.random.default_rng(0), VGG16_WIDTHS, clusters=8, out_dim=16,
                          average_image=average_image(np.random.default_rng(1)))
-    run = import_file(lambda argv: main.main([str(a) for a in argv]), net, tmp_path)
+    run = import_file(lambda argv: cli.main([str(a) for a in argv]), net, tmp_path)
     return net, run
 
 
@@ -122,13 +122,13 @@ def wrong_kernel_input(net):
 @pytest.mark.parametrize('damage', [drop_layer_33, wrong_vlad_shape, no_average_image, no_conv_weights,
                                     wrong_kernel_input])
 def test_other_layouts_are_refused_naming_what_is_missing(damage, tmp_path, capsys):
-    import main
+    from netvlad_toolkit import cli
     net = matlab_network(np.random.default_rng(4), SMALL_WIDTHS, clusters=4, out_dim=8,
                          average_image=np.array([120., 110., 100.]))
     expected = damage(net)
     path = tmp_path / 'damaged.mat'
     write_matlab_network(path, net)
-    assert main.main(['--mode=import', '--matlab', str(path), '--savePath', str(tmp_path / 'run')]) == 2
+    assert cli.main(['--mode=import', '--matlab', str(path), '--savePath', str(tmp_path / 'run')]) == 2
     message = error_paragraph(capsys.readouterr().err)
     assert expected in message and 'damaged.mat' in message
     assert files_under(tmp_path) == ['damaged.mat']
@@ -136,13 +136,13 @@ def test_other_layouts_are_refused_naming_what_is_missing(damage, tmp_path, caps
 
 @pytest.mark.parametrize('content', ['not a mat file', 'other variable'])
 def test_not_a_network_file(content, tmp_path, capsys):
-    import main
+    from netvlad_toolkit import cli
     path = tmp_path / 'other.mat'
     if content == 'not a mat file':
         path.write_text('hello')
     else:
         scipy.io.savemat(str(path), {'dbStruct': np.zeros(3)})
-    assert main.main(['--mode=import', '--matlab', str(path), '--savePath', str(tmp_path / 'run')]) == 2
+    assert cli.main(['--mode=import', '--matlab', str(path), '--savePath', str(tmp_path / 'run')]) == 2
     message = error_paragraph(capsys.readouterr().err)
     assert 'other.mat' in message
     assert ('no variable `net`' in message) == (content == 'other variable')
@@ -152,7 +152,7 @@ def test_not_a_network_file(content, tmp_path, capsys):
 def test_imported_run_in_every_mode(tiny_data, tmp_path, run_cli, make_opt, monkeypatch):
     """test, pca (a new whitening in place of the authors'), prune, quantize and export all take the imported run,
     and the re-normalisation travels with the model into each derived run."""
-    import int8
+    from netvlad_toolkit.model import int8
     monkeypatch.setenv(int8.COMPILE_ENV, '0')  # the uncompiled int8 program: same arithmetic, no C++ build
     fast = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'val',
             f'--dataPath={tiny_data}', f'--runsPath={tmp_path}']

@@ -1,7 +1,7 @@
 """Latency as the reports state it: on LATENCY_THREADS CPU threads, in process CPU time, thread count restored."""
 import torch
 
-import measure
+from netvlad_toolkit.runs import measure
 
 
 class RecordsThreads(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import netvlad_reference
-from netvlad import GlobalPool, NetVLAD
+from netvlad_toolkit.model.netvlad import GlobalPool, NetVLAD
 
 
 def make_layer(vladv2, normalize_input=True, num_clusters=8, dim=16, seed=0):

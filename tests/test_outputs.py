@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-import main
-from descriptors import cache_folder
 from helpers import error_paragraph
+from netvlad_toolkit import cli
+from netvlad_toolkit.search.descriptors import cache_folder
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -22,7 +22,7 @@ def test_output_paths_are_checked_before_any_work(flags, message, tmp_path, caps
     file.write_text('')
     argv = [flag.format(folder=tmp_path, file=file) for flag in flags]
     before = sorted(os.listdir(tmp_path))
-    assert main.main(argv) == 2
+    assert cli.main(argv) == 2
     paragraph = error_paragraph(capsys.readouterr().err)
     assert message in paragraph and argv[1] in paragraph
     assert sorted(os.listdir(tmp_path)) == before

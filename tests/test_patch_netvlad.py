@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import figures
-import main
-import patch_netvlad as pn
-import retrieval
-from commons import UserError
 from conftest import FAST
-from datasets import load_dataset
-from global_features import PhotoList, describe_images, extraction_settings
-from models import build_model
-from patch_features import PatchStore, StoreWriter, store_path
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.model.models import build_model
+from netvlad_toolkit.runs import figures
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.search import patch_netvlad as pn
+from netvlad_toolkit.search import retrieval
+from netvlad_toolkit.search.global_features import PhotoList, describe_images, extraction_settings
+from netvlad_toolkit.search.patch_features import PatchStore, StoreWriter, store_path
+from netvlad_toolkit.utils.commons import UserError
 
 WHITENED = dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, encoder_channels=None, pca_dim=32)
 
@@ -375,7 +375,7 @@ def whitened_run(float_run, clustered_data, tmp_path_factory):
     """A copy of the session's float run, PCA-whitened to 16 dimensions by --mode=pca."""
     run = tmp_path_factory.mktemp('patch_runs') / 'run'
     shutil.copytree(float_run, run)
-    assert main.main(['--mode=pca', f'--resume={run}', f'--dataPath={clustered_data}', '--pca_dim=16',
+    assert cli.main(['--mode=pca', f'--resume={run}', f'--dataPath={clustered_data}', '--pca_dim=16',
                       *FAST]) == 0
     return f'{run}_pca16'
 
@@ -385,7 +385,7 @@ def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered
     """The test split at 128x160 (a 7x9 AlexNet feature map: no patch of size 8): the database's store, then each
     query's top 10 of the global search re-ranked; the store holds what extraction gives, and each re-ranked
     list is its candidates ordered by the scores computed again from freshly extracted features."""
-    opt = main.parse_options(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}',
+    opt = cli.parse_options(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}',
                               '--resize=128x160', *FAST])
     model, _ = open_run(opt)
     dataset = load_dataset(opt, 'test')
@@ -419,7 +419,7 @@ def test_rerank_through_a_whitened_run_folder(whitened_run, float_run, clustered
         assert reranked[q].tolist() == predictions[q][order].tolist()
         np.testing.assert_allclose(scores[q], fused[order], atol=1e-6)
     assert timing['matching_s'].shape == (len(predictions),) and np.all(timing['extraction_s'] > 0)
-    float_opt = main.parse_options(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST])
+    float_opt = cli.parse_options(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST])
     with pytest.raises(UserError, match='--mode=pca'):
         pn.build_store(open_run(float_opt)[0], database, dataset.db_struct.db_paths, tmp_path / 'raw', config,
                        device)
@@ -464,9 +464,9 @@ def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whiten
     flags = ['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', '--resize=128x160', *FAST,
              '--runsPath', tmp_path]
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--rerank_top', '10']
-    opt = main.parse_options(flags)
-    plain = main.run(opt)
-    reranked = main.run(main.parse_options(flags + rerank))
+    opt = cli.parse_options(flags)
+    plain = cli.run(opt)
+    reranked = cli.run(cli.parse_options(flags + rerank))
     dataset = load_dataset(opt, 'test')
     num_db = dataset.db_struct.numDb
     config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], name='speed_p5_s1_d16', pca_dim=16, num_candidates=10)
@@ -497,7 +497,7 @@ def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--patch_sizes', '2',
               '--rerank_top', '12']
     assert run_cli(common + rerank + ['--export_dir', out]) == 0
-    opt = main.parse_options(common)
+    opt = cli.parse_options(common)
     model, _ = open_run(opt)
     names = sorted(p.relative_to(database).as_posix() for p in database.rglob('*.jpg'))
     photo_paths = sorted(photos.glob('*.jpg'))
@@ -582,8 +582,8 @@ def test_rerank_on_the_default_imagenet_path(imagenet_home, tiny_copy, run_cli, 
     assert run_cli(['--mode=pca', '--pca_dim=16', *common]) == 0
     run = tmp_path / 'alexnet_offtheshelf_pca16'
     test = ['--mode=test', f'--resume={run}', '--resize=128x160', *common]
-    plain = main.run(main.parse_options([str(a) for a in test]))
-    reranked = main.run(main.parse_options([str(a) for a in test] + ['--rerank', 'patch', '--rerank_config',
+    plain = cli.run(cli.parse_options([str(a) for a in test]))
+    reranked = cli.run(cli.parse_options([str(a) for a in test] + ['--rerank', 'patch', '--rerank_config',
                                                                      'speed', '--num_pcs', '16', '--rerank_top',
                                                                      '10']))
     assert [sorted(row) for row in reranked['predictions'][:, :10].tolist()] == \

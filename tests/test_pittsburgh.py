@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import scipy.io
 
-from commons import UserError
-from datasets import load_dataset, positives_within
 from helpers import REAL_GEOMETRY, brute_force_positives, error_paragraph, files_under, read_geometry
-from images import load_image
-from pittsburgh import parse_db_struct
+from netvlad_toolkit.datasets.datasets import load_dataset, positives_within
+from netvlad_toolkit.datasets.images import load_image
+from netvlad_toolkit.datasets.pittsburgh import parse_db_struct
+from netvlad_toolkit.utils.commons import UserError
 
 FIELDS = ['whichSet', 'dbImageFns', 'utmDb', 'qImageFns', 'utmQ', 'numImages', 'numQueries', 'posDistThr',
           'posDistSqThr', 'nonTrivPosDistSqThr']

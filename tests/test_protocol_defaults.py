@@ -16,16 +16,13 @@ import pytest
 import scipy.io
 import torch
 
-import cluster
-import main
-import patch_netvlad
-import pittsburgh
-import prune
-import quantize
-import retrieval
-import training
-from commons import UserError
-from datasets import load_dataset, with_positive_floor
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets import pittsburgh
+from netvlad_toolkit.datasets.datasets import load_dataset, with_positive_floor
+from netvlad_toolkit.modes import cluster, prune, quantize
+from netvlad_toolkit.search import patch_netvlad, retrieval
+from netvlad_toolkit.training import training
+from netvlad_toolkit.utils.commons import UserError
 from test_datasets import write_msls_side
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -137,7 +134,7 @@ APPROXIMATE = dict(IVF_NPROBE=32, PQ_MAX_BYTES=64, HNSW_M=32, HNSW_EF_SEARCH=128
 
 def parsed(mode, *flags):
     """What a user gets: the mode's parser, as main.py builds it, on a command line."""
-    return vars(main.mode_parser(mode).parse_args([f'--mode={mode}', *REQUIRED.get(mode, []), *flags]))
+    return vars(cli.mode_parser(mode).parse_args([f'--mode={mode}', *REQUIRED.get(mode, []), *flags]))
 
 
 @pytest.mark.parametrize('mode', list(MODE_DEFAULTS))
@@ -153,7 +150,7 @@ def test_every_default_of_a_mode_is_the_references(mode):
 
 @pytest.mark.parametrize('mode', list(MODE_DEFAULTS))
 def test_the_defaults_that_depend_on_other_flags_resolve_to_the_references(mode, tmp_path):
-    opt = main.parse_options([f'--mode={mode}', f'--runsPath={tmp_path}', *REQUIRED.get(mode, [])])
+    opt = cli.parse_options([f'--mode={mode}', f'--runsPath={tmp_path}', *REQUIRED.get(mode, [])])
     for flag, value in RESOLVED.items():
         assert getattr(opt, flag) == value, flag
     if mode == 'train':  # SPEC 1: <arch>_netvlad_checkpoint/<arch>_netvlad_checkpoint under the runs folder
@@ -180,7 +177,7 @@ SEED_COMMANDS = [  # SPEC 1, verbatim (the elided --resume of the compression co
 @pytest.mark.parametrize('command, given', SEED_COMMANDS)
 def test_a_seed_command_reads_its_flags_and_the_reference_defaults(command, given, tmp_path):
     argv = command.split() + [f'--runsPath={tmp_path}']
-    opt = vars(main.parse_options(argv))
+    opt = vars(cli.parse_options(argv))
     mode = opt['mode']
     expected = {**MODE_DEFAULTS[mode], **RESOLVED, **given, 'nGPU': 1, 'arch': opt['arch']}
     for flag, value in expected.items():
@@ -204,7 +201,7 @@ REJECTED_EDGES = [('train', '--lr=0'), ('train', '--margin=0'), ('train', '--bat
 
 @pytest.mark.parametrize('mode, flag', ACCEPTED_EDGES)
 def test_a_flag_accepts_the_edge_values_the_references_use(mode, flag, tmp_path):
-    opt = main.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
+    opt = cli.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
     name, value = flag[2:].split('=')
     assert getattr(opt, name) == float(value)
 
@@ -212,13 +209,13 @@ def test_a_flag_accepts_the_edge_values_the_references_use(mode, flag, tmp_path)
 @pytest.mark.parametrize('mode, flag', REJECTED_EDGES)
 def test_a_flag_refuses_a_value_outside_its_range(mode, flag, tmp_path):
     with pytest.raises(UserError, match=flag.split('=')[0]):
-        main.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
+        cli.parse_options([f'--mode={mode}', *REQUIRED.get(mode, []), flag, f'--runsPath={tmp_path}'])
 
 
 def test_adam_gets_no_weight_decay_and_sgd_the_references():
     """The port gives Adam the lr only; SGD lr 1e-4, momentum 0.9, weight decay 1e-3 (SPEC 6)."""
     layer = torch.nn.Linear(2, 2)
-    adam = main.parse_options(['--mode=train', '--arch=alexnet', '--nGPU', '1', '--optim', 'ADAM', '--lr', '0.0001'])
+    adam = cli.parse_options(['--mode=train', '--arch=alexnet', '--nGPU', '1', '--optim', 'ADAM', '--lr', '0.0001'])
     optimizer, scheduler = training.make_optimizer(layer, adam)
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.param_groups[0]['weight_decay'] == 0 and optimizer.param_groups[0]['lr'] == 0.0001
@@ -226,7 +223,7 @@ def test_adam_gets_no_weight_decay_and_sgd_the_references():
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]['lr'] == 0.0001  # the port steps no schedule for Adam
-    sgd, _ = training.make_optimizer(layer, main.parse_options(['--mode=train']))
+    sgd, _ = training.make_optimizer(layer, cli.parse_options(['--mode=train']))
     assert isinstance(sgd, torch.optim.SGD)
     group = sgd.param_groups[0]
     assert (group['lr'], group['momentum'], group['weight_decay']) == (0.0001, 0.9, 0.001)
@@ -234,7 +231,7 @@ def test_adam_gets_no_weight_decay_and_sgd_the_references():
 
 @pytest.mark.parametrize('arch', ['alexnet', 'vgg16'])
 def test_the_authors_recipe_is_trainweakly(arch):
-    opt = main.parse_options(['--mode=train', f'--arch={arch}', '--recipe=authors'])
+    opt = cli.parse_options(['--mode=train', f'--arch={arch}', '--recipe=authors'])
     training.apply_recipe(opt)
     assert {flag: getattr(opt, flag) for flag in AUTHORS} == AUTHORS
     assert opt.backPropToLayer == AUTHORS_FIRST_LAYER[arch]
@@ -315,7 +312,7 @@ def write_db_struct(root, name, offsets, pos_dist=25.0, non_trivial_sq=100.0):
 
 def folder_split(tmp_path, mode, offsets, *flags):
     write_folder_split(tmp_path, 'test', offsets)
-    opt = main.parse_options([f'--mode={mode}', '--dataset=folder', f'--dataPath={tmp_path}',
+    opt = cli.parse_options([f'--mode={mode}', '--dataset=folder', f'--dataPath={tmp_path}',
                               f'--runsPath={tmp_path}', *flags])
     return load_dataset(opt, 'test', images=False).db_struct
 
@@ -330,7 +327,7 @@ def test_a_folder_training_positive_lies_within_10_m_and_the_authors_floor_beyon
     offsets = np.concatenate([distances_around(1.0), distances_around(10.0)])
     truth = folder_split(tmp_path, 'train', offsets)
     assert [list(p) for p in truth.nontrivial_positives()] == [[0, 1, 2]]  # the port: no floor
-    authors = main.parse_options(['--mode=train', '--recipe=authors', '--arch=alexnet'])
+    authors = cli.parse_options(['--mode=train', '--recipe=authors', '--arch=alexnet'])
     training.apply_recipe(authors)
     split = SimpleNamespace(db_struct=truth, split='train', resize=None)
     floored = with_positive_floor(split, authors.min_positive_dist).db_struct
@@ -340,7 +337,7 @@ def test_a_folder_training_positive_lies_within_10_m_and_the_authors_floor_beyon
 
 def test_a_dbstruct_database_image_counts_as_correct_within_its_posdistthr_only(tmp_path):
     write_db_struct(tmp_path, 'pitts30k_test', np.concatenate([distances_around(10.0), distances_around(25.0)]))
-    opt = main.parse_options(['--mode=test', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
+    opt = cli.parse_options(['--mode=test', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
     truth = load_dataset(opt, 'test', images=False).db_struct
     assert [list(p) for p in truth.positives()] == [[0, 1, 2]]
     assert [list(p) for p in truth.nontrivial_positives()] == [[0]]
@@ -353,7 +350,7 @@ def test_an_msls_database_image_is_correct_within_25_m_and_a_training_positive_w
     write_msls_side(side / 'database', [f'db{i}' for i in range(4)],
                     [(500000.0 + offset, 4000000.0) for offset in offsets], [False] * 4)
     write_msls_side(side / 'query', ['q0'], [(500000.0, 4000000.0)], [False])
-    opt = main.parse_options(['--mode=train', '--dataset=msls', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
+    opt = cli.parse_options(['--mode=train', '--dataset=msls', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
     truth = load_dataset(opt, 'train', images=False).db_struct
     assert [list(p) for p in truth.positives()] == [[0, 1, 2]]
     assert [list(p) for p in truth.nontrivial_positives()] == [[0]]
@@ -363,7 +360,7 @@ def test_training_reads_the_train_split_and_validates_on_every_val_query(tmp_pat
     """Outside torchrun the process validates (the port: every val query; the authors: 1000 of them)."""
     write_db_struct(tmp_path, 'pitts30k_train', distances_around(10.0))
     write_db_struct(tmp_path, 'pitts30k_val', distances_around(25.0))
-    opt = main.parse_options(['--mode=train', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
+    opt = cli.parse_options(['--mode=train', f'--dataPath={tmp_path}', f'--runsPath={tmp_path}'])
     data, val_set = training.training_splits(opt)
     assert list(data.queries) == [0] and [list(p) for p in data.nontrivial] == [[0]]
     assert val_set is not None and val_set.split == 'val' and [list(p) for p in val_set.positives()] == [[0]]
@@ -373,9 +370,9 @@ def test_the_synthetic_dataset_has_the_pittsburgh_thresholds_and_its_documented_
     """docs/datasets.md: streets 1 km apart, a database view every 5 m, the train split twice as large; and the
     Pittsburgh thresholds in dbStruct fields 7, 8 and 9 (posDistThr 25, posDistSqThr 625, nonTrivPosDistSqThr 100).
     61 database images need two streets of at most 60 views each."""
-    opt = main.parse_options(['--mode=synth', f'--dataPath={tmp_path}', '--synth_db=61', '--synth_queries=2',
+    opt = cli.parse_options(['--mode=synth', f'--dataPath={tmp_path}', '--synth_db=61', '--synth_queries=2',
                               '--synth_imsize=32x32'])
-    main.run(opt)
+    cli.run(opt)
     for split, num_db in (('train', 122), ('val', 61), ('test', 61)):
         fields = scipy.io.loadmat(tmp_path / 'datasets' / f'pitts30k_{split}.mat')['dbStruct'][0, 0]
         assert [float(fields[i].ravel()[0]) for i in (7, 8, 9)] == [25.0, 625.0, 100.0]
@@ -403,7 +400,7 @@ def margin_cache(best_positive, negatives):
 
 @pytest.mark.parametrize('loss', ['reference', 'paper'])
 def test_a_negative_is_mined_just_inside_the_margin_and_not_just_outside(loss):
-    opt = main.parse_options(['--mode=train', f'--loss={loss}'])
+    opt = cli.parse_options(['--mode=train', f'--loss={loss}'])
     d_pos, margin = 0.5, 0.1
     edge = d_pos + math.sqrt(margin) if loss == 'reference' else math.sqrt(d_pos ** 2 + margin)
     negatives = [edge - EPS, edge + EPS]
@@ -426,7 +423,7 @@ def test_a_negative_is_mined_just_inside_the_margin_and_not_just_outside(loss):
 def test_the_lr_halves_after_5_epochs_and_again_after_10():
     """trainWeakly.m: lr / lrDownFactor before every epoch e > 1 with rem(e, lrDownFreq) == 1, so epochs 1-5 train
     at 1e-4, 6-10 at 5e-5, 11 at 2.5e-5; fit steps the scheduler after each epoch."""
-    opt = main.parse_options(['--mode=train'])
+    opt = cli.parse_options(['--mode=train'])
     optimizer, scheduler = training.make_optimizer(torch.nn.Linear(2, 2), opt)
     rate = {}
     for epoch in range(1, 12):
@@ -452,7 +449,7 @@ def test_a_query_is_mined_with_one_of_its_own_positives():
     nontrivial = [np.array([1]), np.array([2, 3])]
     data = SimpleNamespace(num_db=num_db, nontrivial=nontrivial, potential=[np.array([1]), np.array([2, 3])],
                            refresh_cache=lambda *args: cache)
-    opt = main.parse_options(['--mode=train'])
+    opt = cli.parse_options(['--mode=train'])
     memory = np.full((num_q, training.memory_width(opt)), -1, dtype=np.int64)
     triplets = training.chunk_triplets(data, None, None, np.arange(num_q), memory, opt, None,
                                        np.random.default_rng(0), 0, 1)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
-import prune
-from checkpoint import checkpoint_path, model_state, read_checkpoint, save_checkpoint
 from helpers import alexnet_trunk, error_paragraph
-from models import build_model, conv_indices
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.model.checkpoint import checkpoint_path, model_state, read_checkpoint, save_checkpoint
+from netvlad_toolkit.model.models import build_model, conv_indices
+from netvlad_toolkit.modes import prune
+from netvlad_toolkit.runs.runs import open_run
 
 ALEXNET_CONVS = [0, 3, 6, 8, 10]
 # 80% of 64, 192, 384, 256, 256 channels, to the nearest multiple of 8
@@ -33,7 +33,7 @@ def run_dir(float_run, tmp_path):
 
 
 def prune_cli(run_dir, data, *flags):
-    return main.main(['--mode=prune', f'--resume={run_dir}', f'--dataPath={data}', *FAST, *flags])
+    return cli.main(['--mode=prune', f'--resume={run_dir}', f'--dataPath={data}', *FAST, *flags])
 
 
 def masked_copy(model, widths):
@@ -125,7 +125,7 @@ def test_structured_prune_mode_reloads_in_test_mode(run_dir, clustered_data, cap
     assert os.listdir(os.path.join(out_dir, 'checkpoints')) == ['checkpoint.pth.tar']
 
     capsys.readouterr()
-    assert main.main(['--mode=test', f'--resume={out_dir}', f'--dataPath={clustered_data}', *FAST]) == 0
+    assert cli.main(['--mode=test', f'--resume={out_dir}', f'--dataPath={clustered_data}', *FAST]) == 0
     assert f'====> Recall@1: {after["recall@1"]:.4f}' in capsys.readouterr().out
     with open(os.path.join(out_dir, 'test_test.json')) as f:
         assert json.load(f)['recalls'] == {str(n): after[f'recall@{n}'] for n in (1, 5, 10, 20)}
@@ -134,7 +134,7 @@ def test_structured_prune_mode_reloads_in_test_mode(run_dir, clustered_data, cap
 def test_reloaded_pruned_checkpoint_gives_the_same_descriptors(tmp_path):
     model = prune.prune_structured(tiny_alexnet(), 0.3, ALEXNET_CONVS)
     save_checkpoint(dict(model_state(model), epoch=0, recalls={}, best_score=0.0), str(tmp_path), False)
-    opt = main.parse_options(['--mode=test', f'--resume={tmp_path}'])
+    opt = cli.parse_options(['--mode=test', f'--resume={tmp_path}'])
     reloaded, _ = open_run(opt)
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_unstructured_pruning_reaches_the_sparsity_and_shrinks_the_file(run_dir,
     weights = [state[f'encoder.{i}.weight'] for i in ALEXNET_CONVS]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-6)
-    opt = main.parse_options(['--mode=test', f'--resume={out_dir}'])
+    opt = cli.parse_options(['--mode=test', f'--resume={out_dir}'])
     reloaded, _ = open_run(opt)  # packed weights come back dense, in the original order
     assert [reloaded.encoder[i].out_channels for i in ALEXNET_CONVS] == [64, 192, 384, 256, 256]
 

@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import main
-import quantize
-import training
-from checkpoint import checkpoint_path
-from datasets import load_dataset
 from helpers import error_paragraph, reference_quantization
-from int8 import (
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.model.checkpoint import checkpoint_path
+from netvlad_toolkit.model.int8 import (
     COMPILE_ENV,
     ENCODER_NAME,
     QuantizedEmbedNet,
@@ -29,8 +27,10 @@ from int8 import (
     load_quantized_model,
     save_encoder,
 )
-from models import build_model, config_from_state_dict
-from runs import open_run
+from netvlad_toolkit.model.models import build_model, config_from_state_dict
+from netvlad_toolkit.modes import quantize
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.training import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
@@ -43,7 +43,7 @@ def uncompiled(monkeypatch):
 
 
 def options(run_dir, data, *flags):
-    return main.parse_options(['--mode=test', f'--resume={run_dir}', f'--dataPath={data}', *FAST, *flags])
+    return cli.parse_options(['--mode=test', f'--resume={run_dir}', f'--dataPath={data}', *FAST, *flags])
 
 
 def fp32_weights(run_dir):
@@ -58,7 +58,7 @@ def program_weights(run_dir, data):
 
 
 def sample_images(data, count=8):
-    dataset = load_dataset(main.parse_options(['--mode=test', f'--dataPath={data}']), 'test')
+    dataset = load_dataset(cli.parse_options(['--mode=test', f'--dataPath={data}']), 'test')
     return torch.stack([dataset[i][0] for i in range(count)])
 
 
@@ -169,17 +169,17 @@ def test_reload_in_fresh_process_without_training_split(static_run, clustered_da
         sys.path.insert(0, {REPO!r})
         import numpy as np, torch
         torch.set_num_threads(1)  # as in this process (conftest): float reductions then add up in the same order
-        import main
-        from runs import open_run
-        from datasets import load_dataset
+        from netvlad_toolkit import cli
+        from netvlad_toolkit.runs.runs import open_run
+        from netvlad_toolkit.datasets.datasets import load_dataset
         argv = ['--mode=test', '--resume={static_run}', '--dataPath={data}', '--runsPath={tmp_path}', *{FAST!r}]
-        model = open_run(main.parse_options(argv))[0]
-        dataset = load_dataset(main.parse_options(argv), 'test')
+        model = open_run(cli.parse_options(argv))[0]
+        dataset = load_dataset(cli.parse_options(argv), 'test')
         with torch.inference_mode():
             descriptors = model(torch.stack([dataset[i][0] for i in range(8)]))
         np.save('{tmp_path / "descriptors.npy"}', descriptors.numpy())
-        assert main.main(argv) == 0
-        assert not {{'train', 'training', 'prune'}} & set(sys.modules), 'training code imported'
+        assert cli.main(argv) == 0
+        assert not {{'netvlad_toolkit.modes.train', 'netvlad_toolkit.training.training', 'netvlad_toolkit.modes.prune'}} & set(sys.modules), 'training code imported'
     ''')
     done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -195,7 +195,7 @@ def test_test_mode_on_a_cuda_machine_evaluates_on_the_cpu(static_run, clustered_
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     # No driver here: the DataLoader's page-locking of batches, which a real CUDA machine does, is skipped.
     monkeypatch.setattr(torch.utils.data._utils.pin_memory, 'pin_memory', lambda data, device=None: data)
-    assert main.main(['--mode=test', f'--resume={static_run}', f'--dataPath={clustered_data}',
+    assert cli.main(['--mode=test', f'--resume={static_run}', f'--dataPath={clustered_data}',
                       f'--runsPath={static_run.parent}', *FAST[2:]]) == 0
     out = capsys.readouterr().out
     assert 'evaluating on the CPU instead of cuda' in out and 'Recall@1:' in out
@@ -208,7 +208,7 @@ def test_test_mode_on_a_cuda_machine_evaluates_on_the_cpu(static_run, clustered_
 def qat_program(float_run, data, out_dir):
     """QAT of float_run through quantize.quantize_qat (calibration, training.fit): the trained prepared encoder, the
     model with its head and the quantization record, without the report."""
-    opt = main.parse_options(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}',
+    opt = cli.parse_options(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}',
                               f'--dataPath={data}', '--calib_images=8', '--qat_epochs=1', '--optim=ADAM',
                               '--lr=0.01', '--weightDecay=0', '--nNeg=2', '--nNegSample=20', *FAST])
     model, _ = open_run(opt)
@@ -260,7 +260,7 @@ def test_qat_learns_through_the_triplet_loss(float_run, clustered_data, tmp_path
 
 
 def test_qat_cli_writes_an_int8_model_test_mode_runs(float_run, clustered_data, uncompiled, capsys):
-    assert main.main(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}', *FAST,
+    assert cli.main(['--mode=quantize', '--quantization_type=qat', f'--resume={float_run}', *FAST,
                       f'--dataPath={clustered_data}', f'--runsPath={float_run.parent}', '--calib_images=8',
                       '--qat_epochs=1', '--nNeg=2', '--nNegSample=20']) == 0
     qat_run = float_run.parent / 'run_quantized_qat'
@@ -271,7 +271,7 @@ def test_qat_cli_writes_an_int8_model_test_mode_runs(float_run, clustered_data, 
     with open(qat_run / 'quantize_report.json') as f:
         assert json.load(f)['ratio_after_over_before']['file_bytes'] <= 1 / 3.5
     capsys.readouterr()
-    assert main.main(['--mode=test', f'--resume={qat_run}', f'--dataPath={clustered_data}',
+    assert cli.main(['--mode=test', f'--resume={qat_run}', f'--dataPath={clustered_data}',
                       f'--runsPath={float_run.parent}', *FAST]) == 0
     assert '====> Recall@1:' in capsys.readouterr().out
 
@@ -280,7 +280,7 @@ def test_qat_cli_writes_an_int8_model_test_mode_runs(float_run, clustered_data, 
 
 def cli_error(capsys, *argv):
     """The one-paragraph error of a quantize run that must fail (exit status 2)."""
-    assert main.main(['--mode=quantize', *FAST, *argv]) == 2
+    assert cli.main(['--mode=quantize', *FAST, *argv]) == 2
     return error_paragraph(capsys.readouterr().err)
 
 
@@ -299,7 +299,7 @@ def test_missing_training_split_is_an_error(float_run, clustered_data, tmp_path,
 
 def test_unknown_quantization_type_is_an_error(float_run, clustered_data, capsys):
     # argparse knows the choices
-    assert main.main(['--mode=quantize', f'--resume={float_run}', '--quantization_type=dynamic']) == 2
+    assert cli.main(['--mode=quantize', f'--resume={float_run}', '--quantization_type=dynamic']) == 2
     assert "invalid choice: 'dynamic'" in error_paragraph(capsys.readouterr().err)
 
 
@@ -317,5 +317,5 @@ def test_missing_program_is_an_error(static_run, clustered_data, tmp_path, capsy
     copy = tmp_path / 'copy_quantized'
     shutil.copytree(static_run, copy)
     os.remove(copy / 'checkpoints' / ENCODER_NAME)
-    assert main.main(['--mode=test', f'--resume={copy}', f'--dataPath={clustered_data}', *FAST]) == 2
+    assert cli.main(['--mode=test', f'--resume={copy}', f'--dataPath={clustered_data}', *FAST]) == 2
     assert ENCODER_NAME in error_paragraph(capsys.readouterr().err)

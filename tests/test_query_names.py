@@ -6,8 +6,8 @@ import shutil
 import pytest
 from PIL import Image
 
-import query
 from helpers import error_paragraph
+from netvlad_toolkit.modes import query
 from test_query import query_cli
 
 

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from commons import UserError
-from datasets import load_dataset
-from global_features import find_images
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.search.global_features import find_images
+from netvlad_toolkit.utils.commons import UserError
 from test_datasets import ORIGIN, folder_name, msls, opt_for, save_image, write_csv, write_folder_split
 
 

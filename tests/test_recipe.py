@@ -9,13 +9,13 @@ import h5py
 import numpy as np
 import torch
 
-import main
-import training
-from datasets import GroundTruth, SplitImages, query_sample, with_positive_floor
+from netvlad_toolkit import cli
+from netvlad_toolkit.datasets.datasets import GroundTruth, SplitImages, query_sample, with_positive_floor
+from netvlad_toolkit.training import training
 
 
 def train_opt(*flags):
-    return main.parse_options(['--mode=train', '--arch=alexnet', *flags])
+    return cli.parse_options(['--mode=train', '--arch=alexnet', *flags])
 
 
 def test_the_authors_recipe_sets_every_rule_and_a_given_flag_wins():
@@ -24,7 +24,7 @@ def test_the_authors_recipe_sets_every_rule_and_a_given_flag_wins():
     for flag, value in training.AUTHORS_RECIPE.items():
         assert getattr(opt, flag) == (5 if flag == 'nNeg' else value), flag
     assert opt.backPropToLayer == 'conv2'  # demo.m trains AlexNet from conv2
-    vgg = main.parse_options(['--mode=train', '--arch=vgg16', '--recipe=authors'])
+    vgg = cli.parse_options(['--mode=train', '--arch=vgg16', '--recipe=authors'])
     training.apply_recipe(vgg)
     assert vgg.backPropToLayer == 'conv5_1'
     reference = train_opt()

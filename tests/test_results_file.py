@@ -7,7 +7,7 @@ import os
 import pytest
 
 from helpers import error_paragraph
-from results import append_result
+from netvlad_toolkit.runs.results import append_result
 
 EVALUATION = dict(recalls={1: 0.5, 5: 0.75, 10: 0.875, 20: 1.0}, curve=[0.5, 0.75], descriptor_dim=2048)
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import commons
-import int8
-import main
-import quantize
-import training
-from checkpoint import model_state, save_checkpoint
 from helpers import error_paragraph, files_under
-from models import build_model, first_trainable_index
-from runs import open_run
+from netvlad_toolkit import cli
+from netvlad_toolkit.model import int8
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+from netvlad_toolkit.model.models import build_model, first_trainable_index
+from netvlad_toolkit.modes import quantize
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.training import training
+from netvlad_toolkit.utils import commons
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8', '--latency_size', '64x80', '--split', 'test']
 MODEL = ['--arch=alexnet', '--fromscratch', '--num_clusters=8']
@@ -41,9 +41,9 @@ def trainable(model):
 
 def test_reference_checkpoint_gets_the_reference_rule(tmp_path):
     run = reference_run(tmp_path / 'run')
-    model, _ = open_run(main.parse_options(['--mode=test', f'--resume={run}']))
+    model, _ = open_run(cli.parse_options(['--mode=test', f'--resume={run}']))
     assert model.frozen_layers == 10 and trainable(model) == [False] * 8 + [True] * 2  # conv5 only
-    model, _ = open_run(main.parse_options(['--mode=test', f'--resume={run}', '--fromscratch']))
+    model, _ = open_run(cli.parse_options(['--mode=test', f'--resume={run}', '--fromscratch']))
     assert model.frozen_layers == 0 and all(trainable(model))
 
 
@@ -51,7 +51,7 @@ def test_stored_first_trainable_layer_wins_over_the_rule(tmp_path):
     torch.manual_seed(0)
     model = build_model(dict(arch='alexnet', pooling='netvlad', num_clusters=8, vladv2=False, first_trainable=6))
     save_checkpoint(dict(model_state(model), epoch=1, recalls={}, best_score=0.0), str(tmp_path / 'run'), False)
-    reopened, checkpoint = open_run(main.parse_options(['--mode=test', f'--resume={tmp_path / "run"}']))
+    reopened, checkpoint = open_run(cli.parse_options(['--mode=test', f'--resume={tmp_path / "run"}']))
     assert checkpoint['first_trainable_layer'] == 'conv3' and reopened.frozen_layers == 6
     assert trainable(reopened) == [False] * 4 + [True] * 6
 
@@ -66,7 +66,7 @@ def test_back_prop_to_layer_names_are_checked(make_opt):
 
 def test_resume_refuses_another_first_trainable_layer(clustered_data, float_run, tmp_path, capsys):
     run = shutil.copytree(float_run, tmp_path / 'run')
-    assert main.main(['--mode=train', f'--resume={run}', f'--dataPath={clustered_data}', '--backPropToLayer=conv5',
+    assert cli.main(['--mode=train', f'--resume={run}', f'--dataPath={clustered_data}', '--backPropToLayer=conv5',
                       *FAST]) == 2
     message = error_paragraph(capsys.readouterr().err)
     assert 'trains from conv1' in message and '--backPropToLayer=conv5' in message and '--savePath' in message
@@ -82,7 +82,7 @@ def damaged_copy(clustered_data, tmp_path, split):
 
 def test_train_without_val_split_writes_no_run_folder(clustered_data, tmp_path, capsys):
     data = damaged_copy(clustered_data, tmp_path, 'val')
-    assert main.main(['--mode=train', *MODEL, f'--dataPath={data}', f'--savePath={tmp_path / "run"}', *FAST]) == 2
+    assert cli.main(['--mode=train', *MODEL, f'--dataPath={data}', f'--savePath={tmp_path / "run"}', *FAST]) == 2
     assert 'pitts30k_val.mat' in error_paragraph(capsys.readouterr().err)
     assert not (tmp_path / 'run').exists()
 
@@ -93,7 +93,7 @@ def test_train_without_val_split_writes_no_run_folder(clustered_data, tmp_path, 
 ])
 def test_prune_with_bad_flags_writes_nothing(clustered_data, float_run, tmp_path, capsys, flags, message):
     run = shutil.copytree(float_run, tmp_path / 'run')
-    assert main.main(['--mode=prune', f'--resume={run}', f'--dataPath={clustered_data}', *FAST, *flags]) == 2
+    assert cli.main(['--mode=prune', f'--resume={run}', f'--dataPath={clustered_data}', *FAST, *flags]) == 2
     assert message in error_paragraph(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ['run']
 
@@ -101,7 +101,7 @@ def test_prune_with_bad_flags_writes_nothing(clustered_data, float_run, tmp_path
 def test_prune_without_val_split_writes_nothing(clustered_data, float_run, tmp_path, capsys):
     data = damaged_copy(clustered_data, tmp_path, 'val')
     run = shutil.copytree(float_run, tmp_path / 'run')
-    assert main.main(['--mode=prune', f'--resume={run}', f'--dataPath={data}', *FAST]) == 2
+    assert cli.main(['--mode=prune', f'--resume={run}', f'--dataPath={data}', *FAST]) == 2
     assert 'pitts30k_val.mat' in error_paragraph(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ['data', 'run']
 
@@ -110,7 +110,7 @@ def test_prune_without_val_split_writes_nothing(clustered_data, float_run, tmp_p
 def test_quantize_with_a_missing_split_writes_nothing(clustered_data, float_run, tmp_path, capsys, missing, flags):
     data = damaged_copy(clustered_data, tmp_path, missing)
     run = shutil.copytree(float_run, tmp_path / 'run')
-    assert main.main(['--mode=quantize', f'--resume={run}', f'--dataPath={data}', *FAST, *flags]) == 2
+    assert cli.main(['--mode=quantize', f'--resume={run}', f'--dataPath={data}', *FAST, *flags]) == 2
     assert f'pitts30k_{missing}.mat' in error_paragraph(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ['data', 'run']
 
@@ -123,7 +123,7 @@ def test_quantize_with_a_missing_split_writes_nothing(clustered_data, float_run,
 def test_pca_with_bad_input_writes_nothing(clustered_data, float_run, tmp_path, capsys, missing, flags, message):
     data = damaged_copy(clustered_data, tmp_path, missing) if missing else clustered_data
     run = shutil.copytree(float_run, tmp_path / 'run')
-    assert main.main(['--mode=pca', f'--resume={run}', f'--dataPath={data}', *FAST, *flags]) == 2
+    assert cli.main(['--mode=pca', f'--resume={run}', f'--dataPath={data}', *FAST, *flags]) == 2
     assert message in error_paragraph(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == (['data', 'run'] if missing else ['run'])
 
@@ -166,7 +166,7 @@ def test_a_second_quantize_replaces_encoder_and_head_together(float_run, cluster
     run = shutil.copytree(float_run, tmp_path / 'run')
     argv = ['--mode=quantize', f'--resume={run}', f'--dataPath={clustered_data}', f'--runsPath={tmp_path}',
             '--calib_images=8', *FAST]
-    assert main.main(argv) == 0
+    assert cli.main(argv) == 0
     folder = tmp_path / 'run_quantized_static' / 'checkpoints'
     before = {name: (folder / name).read_bytes() for name in files_under(folder)}
     real_save = quantize.save_encoder
@@ -177,7 +177,7 @@ def test_a_second_quantize_replaces_encoder_and_head_together(float_run, cluster
 
     monkeypatch.setattr(quantize, 'save_encoder', killed_after_the_encoder)
     with pytest.raises(KeyboardInterrupt):
-        main.main(argv + ['--calib_images=4', '--overwrite'])
+        cli.main(argv + ['--calib_images=4', '--overwrite'])
     assert {name: (folder / name).read_bytes() for name in files_under(folder)} == before
 
 

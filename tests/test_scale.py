@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-import retrieval
-from centroids import initialised_model
-from commons import UserError
-from datasets import load_dataset
-from descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
 from helpers import error_paragraph
-from pca import fit_whitening
-from retrieval import approximate_search, exact_search, recall_curve
-from runs import open_run
+from netvlad_toolkit import cli as main
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.model.centroids import initialised_model
+from netvlad_toolkit.modes.pca import fit_whitening
+from netvlad_toolkit.runs.runs import open_run
+from netvlad_toolkit.search import retrieval
+from netvlad_toolkit.search.descriptors import DescriptorFile, load_descriptor_file, open_parts, part_name, part_rows
+from netvlad_toolkit.search.retrieval import approximate_search, exact_search, recall_curve
+from netvlad_toolkit.utils.commons import UserError
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '16', '--latency_size', '64x80', '--split', 'test']
 MODEL = ['--arch=alexnet', '--fromscratch', '--num_clusters=8']

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import training
-from checkpoint import read_checkpoint
 from helpers import free_port
+from netvlad_toolkit.model.checkpoint import read_checkpoint
+from netvlad_toolkit.training import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,10 +63,10 @@ def clustered(tiny_data, tmp_path_factory):
     """A private copy of the tiny dataset with its centroids (the session's tiny_data stays as generated)."""
     import shutil
 
-    import main
+    from netvlad_toolkit import cli
     path = tmp_path_factory.mktemp('train_clustered') / 'data'
     shutil.copytree(tiny_data, path)
-    assert main.main(['--mode=cluster', '--dataset=synthetic', '--dataPath', str(path), '--arch=alexnet',
+    assert cli.main(['--mode=cluster', '--dataset=synthetic', '--dataPath', str(path), '--arch=alexnet',
                       '--fromscratch', '--nocuda', '--threads=0']) == 0
     return path
 
@@ -95,7 +95,7 @@ def test_short_training_writes_checkpoints_flags_and_logs(clustered, run_cli, tm
 
 
 def test_loss_falls_on_a_fixed_batch(clustered, make_opt):
-    from centroids import initialised_model
+    from netvlad_toolkit.model.centroids import initialised_model
     opt = make_opt(train_argv(clustered, 'unused', 1))
     model = initialised_model(opt)
     data = training.TrainingData(opt)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import training
-from centroids import new_model
 from helpers import alexnet_trunk, netvlad_reference, read_image
+from netvlad_toolkit.model.centroids import new_model
+from netvlad_toolkit.training import training
 
 BETAS, ADAM_EPS, MOMENTUM = (0.9, 0.999), 1e-8, 0.9
 PAIRWISE_EPS = 1e-6  # torch's pairwise distance adds it to the difference: ||a - b + eps||

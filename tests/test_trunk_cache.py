@@ -14,12 +14,11 @@ import torch
 import torchvision
 from torch.utils.data import Subset
 
-import gpu_decode
-import training
-import trunk_cache
 from helpers import free_port
-from images import load_image
-from models import build_model, model_config
+from netvlad_toolkit.datasets import gpu_decode
+from netvlad_toolkit.datasets.images import load_image
+from netvlad_toolkit.model.models import build_model, model_config
+from netvlad_toolkit.training import training, trunk_cache
 
 REPO = Path(__file__).resolve().parents[1]
 CONV5 = 10

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import images
 from conftest import REPO
+from netvlad_toolkit.datasets import images
 
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 # Run in a fresh interpreter: sets the interpreter's start method before the toolkit is imported (argv: method,
@@ -131,13 +131,16 @@ def test_an_unknown_start_method_is_a_user_error(monkeypatch):
 
 
 def test_the_forkserver_preloads_the_toolkit_modules_imported():
-    """Every top-level module of the repository imported so far, and nothing else (not the tests' own modules, not
+    """Every module of the toolkit's package imported so far, and nothing else (not the tests' own modules, not
     torch, not __main__)."""
-    import training  # noqa: F401  (the triplet loader's module, as a train run has it)
-    flat_modules = {path[:-3] for path in os.listdir(REPO) if path.endswith('.py')}
-    imported = {name for name in sys.modules if name in flat_modules}
+    from netvlad_toolkit.training import training  # noqa: F401  (the triplet loader's module, as a train run has it)
+    package = REPO / 'netvlad_toolkit'
+    files = {'.'.join(path.relative_to(REPO).with_suffix('').parts).removesuffix('.__init__')
+             for path in package.rglob('*.py')}
+    imported = {name for name in sys.modules if name in files}
     assert set(images.toolkit_modules()) == imported
-    assert {'images', 'training', 'models'} <= imported and 'conftest' not in imported
+    assert {'netvlad_toolkit.datasets.images', 'netvlad_toolkit.training.training',
+            'netvlad_toolkit.model.models'} <= imported and 'conftest' not in imported
 
 
 def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
@@ -148,8 +151,8 @@ def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
     done = subprocess.run([sys.executable, '-c', first_extraction], capture_output=True, text=True, cwd=REPO,
                           check=True)
     preloaded = set(done.stdout.split())
-    import datasets
-    import training
+    from netvlad_toolkit.datasets import datasets
+    from netvlad_toolkit.training import training
     sent_to_workers = [datasets.SplitImages, images.ImageList, images.stack_images, training.TripletImages,
                        training.collate_triplets]
     assert {thing.__module__ for thing in sent_to_workers} <= preloaded

@@ -1,0 +1,126 @@
+"""--mode=distill: a trained run (the teacher, --resume) distilled into a MobileNetV3 or ResNet18 student whose
+descriptors live in the teacher's space (see distillation.py), written as the run folder
+<teacher>_distilled_<student>; running the same command again after a kill continues it from its last checkpoint.
+
+Training images need no labels: an image folder (--image_dir) or the images of the dataset's train split.
+"""
+import logging
+import os
+import time
+
+from netvlad_toolkit.datasets.datasets import load_dataset
+from netvlad_toolkit.datasets.folder_dataset import images_in
+from netvlad_toolkit.datasets.images import ImageList
+from netvlad_toolkit.model.checkpoint import checkpoint_path
+from netvlad_toolkit.model.models import STUDENTS
+from netvlad_toolkit.runs.results import variant_of
+from netvlad_toolkit.runs.runs import (
+    check_new_run_folder,
+    derived_run_folder,
+    flags_to_store,
+    open_other_run,
+    open_run,
+    run_folder,
+)
+from netvlad_toolkit.training.distillation import distil, student_for, teacher_descriptors
+from netvlad_toolkit.training.training import add_optimizer_flags
+from netvlad_toolkit.utils.commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
+from netvlad_toolkit.utils.options import (
+    AT_LEAST_1,
+    add_common_flags,
+    add_dataset_flags,
+    add_extraction_flags,
+    add_network_flags,
+    add_run_flags,
+)
+
+# Flags a continued distillation must share with the run it continues.
+SAME_ON_CONTINUE = ('teacher', 'student')
+
+
+def add_flags(p):
+    add_common_flags(p)
+    add_dataset_flags(p)
+    add_network_flags(p)
+    add_run_flags(p, required=True)
+    add_extraction_flags(p)
+    group = p.add_argument_group('distillation')
+    group.add_argument('--student', default='mobilenet_v3_large', choices=list(STUDENTS),
+                       help='The torchvision network to distil the --resume run (the teacher) into; ImageNet-'
+                            'initialised unless --fromscratch.')
+    group.add_argument('--image_dir', default=None,
+                       help='Folder of training images (unlabelled, any depth); default: the images (database and '
+                            'queries) of the train split of --dataset.')
+    group.add_argument('--savePath', default=None,
+                       help='Run folder of the student (default: <teacher run>_distilled_<student>). Running the same '
+                            'command again continues the run in it from its last checkpoint.')
+    group.add_argument('--nEpochs', type=AT_LEAST_1, default=10, help='Epochs of distillation.')
+    group.add_argument('--batchSize', type=AT_LEAST_1, default=16, help='Training images per step.')
+    add_optimizer_flags(group)
+    p.set_defaults(optim='ADAM', lr=0.001)
+
+
+def open_teacher(opt):
+    """The teacher model and checkpoint of --resume (any float run); an int8 run is refused."""
+    teacher, checkpoint = open_run(opt)
+    if 'quantized' in checkpoint:
+        raise UserError(f'--resume={opt.resume} holds an int8 model (--mode=quantize): its encoder is a fixed int8 '
+                        f'program, whose descriptors are an approximation of its float run\'s. Distil the float run '
+                        f'it was made from ({checkpoint.get("source_run", "its source run")}) instead, and quantize '
+                        f'the student afterwards. Nothing was written.')
+    return teacher.eval(), checkpoint
+
+
+def training_images(opt):
+    """The unlabelled training images: --image_dir, else the train split's database and queries."""
+    if opt.image_dir:
+        return ImageList(images_in(opt.image_dir, '--image_dir'), opt.resize)
+    truth = load_dataset(opt, 'train').db_struct
+    return ImageList(truth.db_paths + truth.query_paths, opt.resize)
+
+
+def student_run(opt, teacher, out_dir):
+    """(student, training state): the run in out_dir to continue, or a new student (state None)."""
+    if not os.path.isfile(checkpoint_path(out_dir)):
+        check_new_run_folder(out_dir)
+        return student_for(teacher, opt.student, pretrained=not opt.fromscratch), None
+    student, state = open_other_run(opt, out_dir)
+    if any(state.get(key) != opt.distilled[key] for key in SAME_ON_CONTINUE):
+        raise UserError(f'{out_dir} holds the distillation of {state.get("teacher")} into {state.get("student")}, '
+                        f'not of {opt.teacher} into {opt.student}: give another --savePath, or move that folder '
+                        f'away. Nothing was written.')
+    logging.info('Continuing the distillation in %s after epoch %d', out_dir, state.get('epoch', 0))
+    return student, state
+
+
+def write_flags(opt, out_dir):
+    atomic_write_json(flags_to_store(opt, 'distilled'), os.path.join(out_dir, 'checkpoints', 'flags.json'))
+
+
+def distill(opt):
+    make_deterministic(opt.seed)
+    teacher, teacher_checkpoint = open_teacher(opt)
+    opt.teacher = os.path.normpath(opt.resume)
+    opt.distilled = dict(teacher=opt.teacher, teacher_arch=teacher.arch, student=opt.student,
+                         variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
+    out_dir = opt.savePath or derived_run_folder(opt.resume, f'distilled_{opt.student}')
+    images = training_images(opt)
+    with run_folder(out_dir):
+        student, state = student_run(opt, teacher, out_dir)
+        if state is not None and state.get('epoch', 0) >= opt.nEpochs:
+            logging.info('%s holds the distillation already done (%d epochs): nothing to do; give a larger '
+                         '--nEpochs to continue it.', out_dir, state['epoch'])
+            return state
+        setup_logging(out_dir)  # only now: a run that stops on its input writes nothing
+        device = select_device(opt)
+        logging.info('Distilling %s (%s, %d-D) into %s (%s) on %d images: %s, lr %g, batch %d, %d epochs',
+                     opt.resume, teacher.arch, teacher.output_dim, opt.student,
+                     'random init' if opt.fromscratch else 'ImageNet init', len(images), opt.optim, opt.lr,
+                     opt.batchSize, opt.nEpochs)
+        started = time.time()
+        targets = teacher_descriptors(teacher, images, opt, device)
+        state = distil(student, targets, images, opt, device, out_dir, state,
+                       on_checkpoint=lambda: write_flags(opt, out_dir))
+        logging.info('====> Distillation done in %.1f min: epoch %d, mean cosine to the teacher %.4f; the student '
+                     'run is %s', (time.time() - started) / 60, state['epoch'], 1 - state['epoch_losses'][-1], out_dir)
+    return state
