@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from conftest import REPO
 from helpers import (
     CONFIGS,
     brute_force_positives,
@@ -196,7 +197,7 @@ def test_the_distilled_run_reloads_through_every_mode(student_run, teacher_run, 
     from netvlad_toolkit import api as netvlad_api
     model, _ = netvlad_api.load_run(str(student_run))
     np.testing.assert_allclose(onnx_desc, netvlad_api.describe(model, images), atol=1e-4)
-    hub_model = torch.hub.load(str(cli.__file__).rsplit('/', 1)[0], 'netvlad', source='local', run=str(student_run))
+    hub_model = torch.hub.load(str(REPO), 'netvlad', source='local', run=str(student_run))
     np.testing.assert_allclose(netvlad_api.describe(hub_model, images), onnx_desc, atol=1e-4)
     monkeypatch.setenv(COMPILE_ENV, '0')
     assert cli.main(['--mode=quantize', '--quantization_type=static', f'--resume={student_run}', *data,
@@ -210,8 +211,8 @@ def test_the_distilled_run_reloads_through_every_mode(student_run, teacher_run, 
 def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_images, tmp_path):
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
     # both in a child process, which runs with the same threads (the same float sums) as the other
-    assert run_killed(distill_argv(teacher_run[0], training_images, whole, '--fromscratch'), 'distillation',
-                      'save_checkpoint', call=0) == 0
+    assert run_killed(distill_argv(teacher_run[0], training_images, whole, '--fromscratch'),
+                      'netvlad_toolkit.training.distillation', 'save_checkpoint', call=0) == 0
     argv = distill_argv(teacher_run[0], training_images, killed, '--fromscratch')
     assert run_killed(argv, 'netvlad_toolkit.training.distillation', 'save_checkpoint', 2) != 0  # killed before epoch 2's checkpoint
     assert torch.load(checkpoint_path(str(killed)), weights_only=False)['epoch'] == 1
@@ -261,7 +262,7 @@ def test_bad_input_is_one_paragraph_exit_2_and_nothing_written(case, teacher_run
 
 def test_the_mode_lists_its_flags():
     """python main.py --mode=distill --help lists the mode's own flags."""
-    help_text = subprocess.run([sys.executable, cli.__file__, '--mode=distill', '--help'], capture_output=True,
+    help_text = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=distill', '--help'], capture_output=True,
                                text=True).stdout
     for flag in ('--student', '--image_dir', '--savePath', '--nEpochs', '--fromscratch'):
         assert flag in help_text, textwrap.shorten(help_text, 200)

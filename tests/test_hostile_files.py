@@ -196,7 +196,7 @@ def test_hostile_programs_run_code_in_torch_and_are_refused(case, legacy_run, st
     assert not marker.exists()
 
 
-BOMBS = {  # size expressions sympy evaluates without end, and one it cannot parse before the stack runs out
+BOMBS = {  # size expressions sympy evaluates without end, and one nested deeper than Python's parser allows
     'exponent': "Pow(Integer(9), Pow(Integer(9), Integer(10)))",
     'factorial': "factorial(Integer(100000000))",
     'deeply nested': "Add(" * 100000 + "Integer(1)" + ", Integer(1))" * 100000,
@@ -228,7 +228,9 @@ def test_expression_bombs_never_end_in_torch_and_are_refused_at_once(legacy_run,
     for load in loads.values():
         load.kill()
         load.join()
-    assert running == list(BOMBS), 'an unprotected load of a bomb ended'
+    # the nested one stops torch's own parser (too many nested parentheses), after a while that depends on the
+    # machine's load; the others run for as long as they are let
+    assert set(running) >= set(BOMBS) - {'deeply nested'}, 'an unprotected load of a bomb ended'
 
     for name in BOMBS:
         path = tmp_path / f'{name.replace(" ", "_")}.pt2'

@@ -28,7 +28,8 @@ if __name__ == '__main__':
     multiprocessing.set_start_method(method)
     import numpy as np
     import torch
-    import gpu_decode, images, retrieval
+    from netvlad_toolkit.datasets import gpu_decode, images
+    from netvlad_toolkit.search import retrieval
 
     class ChannelMeans(torch.nn.Module):
         output_dim = 3
@@ -147,7 +148,8 @@ def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
     """A forkserver starts at a run's first worker, with the toolkit modules imported by then (an extraction's):
     the modules of every dataset and collate function the toolkit's loaders send to workers, the training loader's
     included, are among them, so that no worker imports a toolkit module."""
-    first_extraction = 'import images, datasets; print(" ".join(images.toolkit_modules()))'
+    first_extraction = ('from netvlad_toolkit.datasets import datasets, images; '
+                        'print(" ".join(images.toolkit_modules()))')
     done = subprocess.run([sys.executable, '-c', first_extraction], capture_output=True, text=True, cwd=REPO,
                           check=True)
     preloaded = set(done.stdout.split())
@@ -161,7 +163,7 @@ def test_what_workers_unpickle_is_preloaded_from_the_first_extraction_on():
 PRELOADED = '''
 import multiprocessing.forkserver, sys, types
 if __name__ == '__main__':
-    import images, datasets
+    from netvlad_toolkit.datasets import datasets, images
     opt = types.SimpleNamespace(threads=1, cuda=False)
     list(images.image_loader(images.ImageList(sys.argv[1:]), opt, 1))
     server = multiprocessing.forkserver._forkserver._forkserver_pid
