@@ -2,6 +2,7 @@
 `pip install` into a fresh virtual environment, run from another folder."""
 import json
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,14 @@ def test_torch_hub_loads_beside_a_project_with_plain_module_names(float_run, tin
     np.testing.assert_allclose(np.array(seen['descriptor']), expected, rtol=0, atol=1e-5)
 
 
+def make_venv(venv):
+    """A fresh venv that sees this interpreter's packages (pip, setuptools, torch, ...: nothing is fetched), whether
+    this interpreter is a venv itself or not."""
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=300)
+    site_packages = next(venv.glob('lib/python*/site-packages'))
+    (site_packages / 'parent_environment.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
+
+
 def run_in(venv, *argv, cwd):
     done = subprocess.run([str(venv / 'bin' / argv[0]), *map(str, argv[1:])], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
@@ -81,7 +90,7 @@ def test_pip_install_gives_the_package_its_command_and_its_api(clustered_data, t
     for name in ('pyproject.toml', 'README.md'):
         shutil.copy(REPO / name, source / name)
     venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', str(venv)], check=True, timeout=300)
+    make_venv(venv)
     run_in(venv, 'python', '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '--no-index', '-q',
            source, cwd=tmp_path)
     elsewhere = tmp_path / 'elsewhere'
