@@ -138,7 +138,8 @@ def explicit_flags(parser, argv):
 
 def run(opt):
     from netvlad_toolkit.runs.runs import restore_run_flags
-    restore_run_flags(opt)  # the dataset a run was trained on, unless the command line names another
+    # the dataset a run was trained on, unless the command line names another
+    restore_run_flags(opt, getattr(mode_module(opt.mode), 'REUSES_RUN_TRAINING', True))
     if getattr(opt, 'dataset', None) == 'synthetic' and hasattr(opt, 'synth_db'):
         from netvlad_toolkit.datasets.synthetic import ensure_synthetic
         ensure_synthetic(opt)

@@ -34,6 +34,8 @@ from netvlad_toolkit.utils.options import (
     add_run_flags,
 )
 
+# --resume names the teacher: the student takes its data, never its optimiser or training settings.
+REUSES_RUN_TRAINING = False
 # Flags a continued distillation must share with the run it continues.
 SAME_ON_CONTINUE = ('teacher', 'student')
 

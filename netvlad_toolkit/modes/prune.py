@@ -70,7 +70,7 @@ from netvlad_toolkit.runs.runs import (
     open_run,
 )
 from netvlad_toolkit.search.retrieval import evaluate, log_recalls
-from netvlad_toolkit.training.training import add_training_flags, apply_recipe, fit, training_splits
+from netvlad_toolkit.training.training import add_compressing_flags, apply_recipe, fit, training_splits
 from netvlad_toolkit.utils.commons import (
     UserError,
     building_folder,
@@ -82,9 +82,6 @@ from netvlad_toolkit.utils.commons import (
 from netvlad_toolkit.utils.options import (
     AT_LEAST_0,
     FRACTION_OPEN,
-    add_evaluating_flags,
-    add_latency_flags,
-    add_overwrite_flag,
 )
 
 # Layers between two convs of the encoders: they act on each channel alone, so channels can be removed across them.
@@ -101,10 +98,7 @@ REPORT_NAME = 'prune_report.json'
 # ---------------------------------------------------------------------------------------------- flags
 
 def add_flags(p):
-    add_evaluating_flags(p, trains=True, run_required=True)
-    add_training_flags(p)
-    add_latency_flags(p, optional=False)
-    add_overwrite_flag(p)
+    add_compressing_flags(p)
     group = p.add_argument_group('pruning')
     group.add_argument('--pruning_type', default='structured', choices=PRUNING_TYPES,
                        help='structured: remove whole conv channels (smaller, faster); unstructured: zero individual '

@@ -55,14 +55,11 @@ from netvlad_toolkit.runs.runs import (
     open_run,
 )
 from netvlad_toolkit.search.retrieval import evaluate, log_recalls
-from netvlad_toolkit.training.training import add_training_flags, apply_recipe, fit, training_splits
+from netvlad_toolkit.training.training import add_compressing_flags, apply_recipe, fit, training_splits
 from netvlad_toolkit.utils.commons import UserError, building_folder, make_deterministic, select_device, setup_logging
 from netvlad_toolkit.utils.options import (
     AT_LEAST_1,
     add_calibration_flag,
-    add_evaluating_flags,
-    add_latency_flags,
-    add_overwrite_flag,
 )
 
 QUANTIZATION_TYPES = ('static', 'qat')
@@ -127,10 +124,7 @@ def quantize_qat(model, loader, splits, opt, device, run_dir):
 # ---------------------------------------------------------------------------------------------- the mode
 
 def add_flags(p):
-    add_evaluating_flags(p, trains=True, run_required=True)
-    add_training_flags(p)
-    add_latency_flags(p, optional=False)
-    add_overwrite_flag(p)
+    add_compressing_flags(p)
     group = p.add_argument_group('quantization')
     group.add_argument('--quantization_type', default='static', choices=QUANTIZATION_TYPES,
                        help='static: int8 post-training quantization calibrated on training images; qat: '

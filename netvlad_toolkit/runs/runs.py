@@ -117,11 +117,11 @@ TRAINING_FLAGS = ('margin', 'loss', 'batchSize', 'nNeg', 'nNegSample', 'cacheRef
                   'min_positive_dist', 'neg_memory', 'nNegCache')
 
 
-def restore_run_flags(opt):
+def restore_run_flags(opt, reuses_training=True):
     """Take the dataset, its paths and the training settings that --resume's flags.json stored and the command line
-    leaves out (flags given win), logged in one line; opt.restored names them."""
+    leaves out (flags given win), logged in one line; opt.restored names them. reuses_training=False: only the
+    dataset and its paths (a mode whose --resume is not the run it continues)."""
     stored = stored_flags(opt.resume) if getattr(opt, 'resume', '') and hasattr(opt, 'imagesPath') else {}
-    reuses_training = opt.mode != 'distill'  # a student trains by its own settings, on its teacher's data
     restored = {key: stored[key] for key in ('dataset', 'optim') if key in stored and hasattr(opt, key)
                 and key not in opt.explicit and (reuses_training or key == 'dataset')}
     same = {key: key in stored and stored[key] == restored.get(key, getattr(opt, key, None))

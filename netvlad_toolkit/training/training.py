@@ -34,7 +34,15 @@ from netvlad_toolkit.model.models import trainable_layers_text
 from netvlad_toolkit.search.retrieval import autocast, evaluate, extract_descriptors, log_recalls
 from netvlad_toolkit.training import trunk_cache
 from netvlad_toolkit.utils.commons import UserError, torchrun_process
-from netvlad_toolkit.utils.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, number_in
+from netvlad_toolkit.utils.options import (
+    ABOVE_0,
+    AT_LEAST_0,
+    AT_LEAST_1,
+    add_evaluating_flags,
+    add_latency_flags,
+    add_overwrite_flag,
+    number_in,
+)
 
 LOSSES = ('reference', 'paper')
 # The authors' recipe (trainWeakly.m's defaults and demo.m's settings); the reference recipe is every flag's default.
@@ -46,6 +54,15 @@ AUTHORS_RECIPE = dict(optim='SGD', lr=0.0001, momentum=0.9, weightDecay=0.001, l
 AUTHORS_FIRST_TRAINED = {'alexnet': 'conv2', 'vgg16': 'conv5_1'}  # demo.m's backPropToLayer
 RECIPES = {'reference': {}, 'authors': AUTHORS_RECIPE}
 TIE_TOLERANCE = 1e-6  # getBestEpoch.m: recalls this close are equal
+
+
+def add_compressing_flags(p):
+    """The flags prune and quantize share: a run evaluated before and after, fine-tuned by triplet training, timed,
+    written to a new folder."""
+    add_evaluating_flags(p, trains=True, run_required=True)
+    add_training_flags(p)
+    add_latency_flags(p, optional=False)
+    add_overwrite_flag(p)
 
 
 def add_training_flags(p):
