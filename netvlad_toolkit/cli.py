@@ -41,8 +41,19 @@ NOT_GIVEN = object()
 # Flags that name what a mode writes: checked before any work, so that a bad path never wastes a computation.
 OUTPUT_FILES = ('output', 'export_path')
 OUTPUT_FOLDERS = ('export_dir', 'runsPath', 'cachePath', 'savePath')
+# The console command pyproject.toml installs.
+CONSOLE_COMMAND = 'netvlad-toolkit'
 DESCRIPTION = 'NetVLAD for visual place recognition (Pittsburgh, Tokyo 24/7, Tokyo Time Machine, MSLS and ' \
               'VPR-datasets-downloader folders).'
+
+
+def command_name():
+    """How this command line was started, so that help and the recorded command say what the user typed: the
+    installed `netvlad-toolkit`, `python -m netvlad_toolkit`, or `python main.py` (also when called from Python)."""
+    program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ''
+    if program == os.path.join(os.path.dirname(os.path.abspath(__file__)), '__main__.py'):
+        return f'python -m {__package__}'
+    return CONSOLE_COMMAND if os.path.basename(program) == CONSOLE_COMMAND else 'python main.py'
 
 
 def mode_module(mode):
@@ -52,16 +63,18 @@ def mode_module(mode):
 def modes_help():
     width = max(map(len, MODES))
     lines = [f'  {mode:<{width}}  {text}' for mode, (_, _, text) in MODE_TABLE.items()]
-    return '\n'.join(['usage: python main.py --mode=MODE [flags]', '', DESCRIPTION, '', 'modes:', *lines, '',
-                      'python main.py --mode=MODE --help lists the flags of one mode, with their defaults.'])
+    command = command_name()
+    return '\n'.join([f'usage: {command} --mode=MODE [flags]', '', DESCRIPTION, '', 'modes:', *lines, '',
+                      f'{command} --mode=MODE --help lists the flags of one mode, with their defaults.'])
 
 
 def mode_parser(mode):
     """The parser of one mode: --mode and the flags its module declares (add_flags)."""
-    parser = Parser(mode, prog='python main.py', usage=f'python main.py --mode={mode} [flags]', description=f'--mode={mode}: {MODE_TABLE[mode][2]}.',
-                    formatter_class=HelpFormatter)
+    command = command_name()
+    parser = Parser(mode, prog=command, usage=f'{command} --mode={mode} [flags]',
+                    description=f'--mode={mode}: {MODE_TABLE[mode][2]}.', formatter_class=HelpFormatter)
     parser.add_argument('--mode', required=True, choices=MODES, metavar='MODE',
-                        help=f'What to run: {", ".join(MODES)} (python main.py --help says what each does).')
+                        help=f'What to run: {", ".join(MODES)} ({command} --help says what each does).')
     mode_module(mode).add_flags(parser)
     return parser
 
@@ -78,7 +91,7 @@ def requested_mode(argv):
         print(modes_help())
         sys.exit(0)
     given = f'--mode={known.mode} does not exist' if known.mode else '--mode is required'
-    raise UserError(f'{given}: give one of {", ".join(MODES)}. See python main.py --help.')
+    raise UserError(f'{given}: give one of {", ".join(MODES)}. See {command_name()} --help.')
 
 
 def warn_unread(mode, extras):
@@ -88,7 +101,7 @@ def warn_unread(mode, extras):
     unknown = [flag for flag in given if not any(flag in flags for flags in elsewhere.values())]
     if unknown or not given:
         raise UserError(f'Unrecognised argument{"s" if len(unknown or extras) > 1 else ""} '
-                        f'{" ".join(unknown or extras)}: no mode has such a flag. See python main.py --mode={mode} '
+                        f'{" ".join(unknown or extras)}: no mode has such a flag. See {command_name()} --mode={mode} '
                         f'--help.')
     for flag in given:
         readers = [other for other, flags in elsewhere.items() if flag in flags]
@@ -104,7 +117,7 @@ def parse_options(argv=None):
     if extras:
         warn_unread(mode, extras)
     opt.explicit = explicit_flags(parser, argv)
-    opt.command = 'python main.py ' + ' '.join(shlex.quote(a) for a in argv)
+    opt.command = ' '.join([command_name(), *map(shlex.quote, argv)])
     set_defaults(opt)
     check_output_paths(opt)
     return opt

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import FAST, REPO
 from netvlad_toolkit.api import describe, load_run
+from netvlad_toolkit.runs.results import code_commit
 
 USER_MODULES = ('models', 'datasets', 'utils', 'options', 'commons', 'images', 'main')
 PACKAGE = 'netvlad_toolkit'
@@ -95,12 +96,22 @@ def test_pip_install_gives_the_package_its_command_and_its_api(clustered_data, t
            source, cwd=tmp_path)
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    assert 'modes:' in run_in(venv, 'netvlad-toolkit', '--help', cwd=elsewhere)
-    assert '--pruning_amount' in run_in(venv, 'python', '-m', PACKAGE, '--mode=prune', '--help', cwd=elsewhere)
+    console_help = run_in(venv, 'netvlad-toolkit', '--help', cwd=elsewhere)
+    assert 'modes:' in console_help and 'usage: netvlad-toolkit --mode=MODE' in console_help
+    module_help = run_in(venv, 'python', '-m', PACKAGE, '--mode=prune', '--help', cwd=elsewhere)
+    assert '--pruning_amount' in module_help and f'usage: python -m {PACKAGE} --mode=prune' in module_help
     tested = run_in(venv, 'netvlad-toolkit', '--mode=test', '--arch=alexnet', '--fromscratch', '--num_clusters=8',
                     f'--dataPath={clustered_data}', f'--runsPath={tmp_path / "runs"}', *FAST, cwd=elsewhere)
     assert '====> Recall@1:' in tested
+    record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text().splitlines()[-1])
+    assert record['command'].startswith('netvlad-toolkit --mode=test') and record['commit'] is None
     where = run_in(venv, 'python', '-c', f'import {PACKAGE}.api as api; print(api.__file__, callable(api.load_run))',
                    cwd=elsewhere)
     location, loadable = where.split()
     assert location.startswith(str(venv)) and loadable == 'True'
+
+
+@pytest.mark.skipif(not (REPO / '.git').exists(), reason='the checkout is not a git repository')
+def test_results_name_the_checkouts_commit():
+    head = subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True)
+    assert code_commit() == head.stdout.strip()

@@ -71,13 +71,18 @@ def gpu_model():
 
 @functools.lru_cache(maxsize=1)
 def code_commit():
-    folder = os.path.dirname(os.path.abspath(__file__))
+    """The toolkit's git commit, when the package is a folder of a git checkout (None once pip-installed, and never the
+    commit of another repository that happens to hold an installed copy)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        result = subprocess.run(['git', '-C', folder, 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                timeout=10)
+        result = subprocess.run(['git', '-C', package_root, 'rev-parse', '--show-toplevel', 'HEAD'],
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    lines = result.stdout.split()
+    if result.returncode or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(package_root):
+        return None
+    return lines[1]
 
 
 @functools.lru_cache(maxsize=1)
