@@ -231,6 +231,7 @@ PRELOADED = '''
 import multiprocessing.forkserver, sys, types
 if __name__ == '__main__':
     from netvlad_toolkit.datasets import datasets, images
+    images.WORKER_START_SECONDS = dict.fromkeys(images.WORKER_START_SECONDS, 0)  # a worker even for two images
     opt = types.SimpleNamespace(threads=1, cuda=False)
     list(images.image_loader(images.ImageList(sys.argv[1:]), opt, 1))
     server = multiprocessing.forkserver._forkserver._forkserver_pid
