@@ -5,6 +5,11 @@ way too ($NETVLAD_WORKER_START_METHOD; a checkout that does not read it follows 
 Wall time and CPU time of each run (the subprocess and every process it started: its DataLoader workers, a
 forkserver and the workers forked from it), the arms interleaved over --rounds, each in a fresh folder.
 
+First, the start cost of one worker under each method (what images.WORKER_START_SECONDS holds): in a fresh process
+per method that has the toolkit imported, DataLoaders of one worker over one small image, after a first one (which
+starts the forkserver): the CPU time the worker spent before its first item (its worker_init_fn; a forked child's
+CPU clock starts at zero), plus what this process spent starting it.
+
 Usage: python benchmarks/bench_workers.py [--methods fork forkserver spawn] [--rounds 2] [--repo DIR]
        (--repo: the checkout whose main.py runs; by default the one this script is in)
 """
@@ -63,6 +68,50 @@ def timed_demo(repo, method, log_path):
     return wall, cpu
 
 
+def worker_started(_):
+    """worker_init_fn: the CPU time this worker process has spent so far, in the folder $BENCH_WORKERS_STARTS."""
+    with open(os.path.join(os.environ['BENCH_WORKERS_STARTS'], f'{os.getpid()}.txt'), 'w') as record:
+        record.write(str(time.process_time()))
+
+
+def start_cost_probe(method, loaders=4):
+    """Print the median CPU seconds of one worker's start under `method` (in the worker before its first item, and in
+    this process), over `loaders` DataLoaders of one worker after a first."""
+    import multiprocessing
+
+    import numpy as np
+    import torch.utils.data as data
+    from PIL import Image
+
+    from netvlad_toolkit.datasets import datasets, images  # noqa: F401  (what a run has imported by its first loader)
+    multiprocessing.set_start_method(method)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ['BENCH_WORKERS_STARTS'] = folder
+        path = os.path.join(folder, 'image.png')
+        Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(path)
+        parent_seconds = []
+        for _ in range(loaders + 1):
+            loader = data.DataLoader(images.ImageList([path]), num_workers=1, worker_init_fn=worker_started,
+                                     multiprocessing_context=images.worker_context(method))
+            started = time.process_time()
+            list(loader)
+            parent_seconds.append(time.process_time() - started)
+        worker_seconds = [float(open(os.path.join(folder, name)).read()) for name in os.listdir(folder)
+                          if name.endswith('.txt')]
+    print(statistics.median(worker_seconds), statistics.median(parent_seconds[1:]))
+
+
+def start_costs(repo, methods):
+    """{method: (worker CPU s, this process's CPU s)} of one worker's start, each method in a fresh process."""
+    costs = {}
+    for method in methods:
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get('PYTHONPATH')])))
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), '--probe_start', method], env=environment,
+                              capture_output=True, text=True, check=True)
+        costs[method] = tuple(float(x) for x in done.stdout.split()[-2:])
+    return costs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=['fork', 'forkserver', 'spawn'],
@@ -70,9 +119,16 @@ def main():
     p.add_argument('--rounds', type=int, default=2, help='Runs of each method, interleaved.')
     p.add_argument('--repo', default=ROOT, help='The checkout whose main.py runs.')
     p.add_argument('--logs', default=tempfile.gettempdir(), help='Folder of each run\'s output.')
+    p.add_argument('--probe_start', choices=['fork', 'forkserver', 'spawn'], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe_start:
+        return start_cost_probe(args.probe_start)
     repo = os.path.abspath(args.repo)
     print(f'CPU: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}; {repo}', flush=True)
+    print('\n| start method | one worker\'s start: CPU s in the worker | CPU s in the main process |\n|---|---|---|')
+    for method, (worker, parent) in start_costs(repo, args.methods).items():
+        print(f'| {method} | {worker:.3f} | {parent:.3f} |', flush=True)
+    print()
     times = {method: [] for method in args.methods}
     for round_number in range(1, args.rounds + 1):
         for method in args.methods:

@@ -1,6 +1,7 @@
 """DataLoader workers: descriptors extracted through workers started by forkserver and by spawn equal those computed
 here without the toolkit; the loaders never fork this process (no fork-from-threads DeprecationWarning on Python
-3.12+), whatever the interpreter's default; small sets are decoded in process; the forkserver's preload list."""
+3.12+), whatever the interpreter's default; a set gets as many workers as its estimated loading work repays; the
+forkserver's preload list."""
 import argparse
 import json
 import os
@@ -43,7 +44,7 @@ if __name__ == '__main__':
         used.append(images_loader(*args, **kwargs))
         return used[-1]
     images_loader, gpu_decode.image_loader = gpu_decode.image_loader, recorded
-    images.IMAGES_PER_WORKER_START = dict.fromkeys(images.IMAGES_PER_WORKER_START, 1)  # workers even for a few
+    images.WORKER_START_SECONDS = dict.fromkeys(images.WORKER_START_SECONDS, 0)  # workers even for a few images
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()
     torch.set_num_threads(2)
@@ -112,23 +113,89 @@ def test_the_default_never_forks_this_process(monkeypatch):
     assert images.start_method('auto') == ('spawn' if sys.platform in ('darwin', 'win32') else 'forkserver')
 
 
+@pytest.mark.parametrize('most', [0, 1, 2, 4])
+@pytest.mark.parametrize('work', [0.0, 0.5, 2.99, 3.0, 6.5, 100.0])
+@pytest.mark.parametrize('start', [0.0, 0.02, 3.0])
+def test_each_worker_takes_over_at_least_its_start_cost(most, work, start):
+    """The largest count up to `most` whose starts together cost no more than the work: found by trying every count."""
+    repaid = [count for count in range(most + 1) if count * start <= work]
+    assert images.worker_count(most, work, start) == max(repaid)
+
+
+class ClockedItems:
+    """A dataset whose items cost known seconds on a clock of its own: item i advances it by costs[i]."""
+
+    def __init__(self, costs):
+        self.costs, self.now, self.loaded = costs, 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def __len__(self):
+        return len(self.costs)
+
+    def __getitem__(self, index):
+        self.loaded.append(index)
+        self.now += self.costs[index]
+        return index
+
+
+@pytest.mark.parametrize('count', [1, 3, 50, 1000])
+def test_the_loading_work_of_a_set_is_estimated_from_a_few_items(count):
+    items = ClockedItems([0.25] * count)
+    assert images.loading_seconds(items, items.clock) == pytest.approx(0.25 * count)
+    assert len(items.loaded) == len(set(items.loaded)) == min(count, images.SAMPLED_ITEMS)
+    assert {0, count - 1} <= set(items.loaded)  # spread over the set, first to last
+
+
+def test_a_first_item_that_pays_one_time_costs_does_not_inflate_the_estimate():
+    items = ClockedItems([50.0] + [0.01] * 199)
+    assert images.loading_seconds(items, items.clock) == pytest.approx(0.01 * 200)
+
+
+def test_an_empty_set_costs_nothing():
+    items = ClockedItems([])
+    assert images.loading_seconds(items, items.clock) == 0.0 and items.loaded == []
+
+
 @pytest.mark.parametrize('method', ['forkserver', 'spawn'])
-def test_a_set_too_small_for_a_worker_start_is_decoded_in_process(monkeypatch, method):
+def test_a_set_gets_the_workers_its_loading_work_repays(monkeypatch, method):
     monkeypatch.setenv(images.START_METHOD_VARIABLE, method)
+    start = images.WORKER_START_SECONDS[method]
     opt = argparse.Namespace(threads=2, cuda=False)
-    per_worker = images.IMAGES_PER_WORKER_START[method]
-    assert images.loading(opt, per_worker - 1)['num_workers'] == 0
-    assert 'multiprocessing_context' not in images.loading(opt, per_worker - 1)
-    workers = min(2, os.cpu_count())
-    many = images.loading(opt, workers * per_worker)
-    assert many['num_workers'] == workers
+    monkeypatch.setattr(images, 'loading_seconds', lambda dataset: 0.9 * start)
+    assert images.loading(opt, range(10))['num_workers'] == 0
+    assert 'multiprocessing_context' not in images.loading(opt, range(10))
+    monkeypatch.setattr(images, 'loading_seconds', lambda dataset: 2 * start)
+    many = images.loading(opt, range(10))
+    assert many['num_workers'] == min(2, os.cpu_count())
     assert many['multiprocessing_context'].get_start_method() == method
+
+
+def test_no_item_is_loaded_to_estimate_when_no_worker_may_start():
+    items = ClockedItems([1.0] * 10)
+    assert images.loading(argparse.Namespace(threads=0, cuda=False), items)['num_workers'] == 0
+    assert items.loaded == []
+
+
+def test_the_training_loader_weighs_the_tuples_it_loads(monkeypatch):
+    """The triplet loader's work is that of its tuples (each a query, a positive and its negatives), not a count of
+    rows."""
+    from netvlad_toolkit.training import training
+    weighed = []
+    monkeypatch.setenv(images.START_METHOD_VARIABLE, 'spawn')
+    monkeypatch.setattr(images, 'loading_seconds', lambda dataset: weighed.append(dataset) or 0.0)
+    triplets = [(0, 1, [2, 3]), (4, 5, [6])]
+    loader = training.triplet_batches(list(range(7)), triplets, [[0, 1]], argparse.Namespace(threads=2, cuda=False))
+    assert loader.num_workers == 0
+    assert [type(dataset) for dataset in weighed] == [images.TripletImages]
+    assert weighed[0].triplets == triplets
 
 
 def test_an_unknown_start_method_is_a_user_error(monkeypatch):
     monkeypatch.setenv(images.START_METHOD_VARIABLE, 'thread')
     with pytest.raises(images.UserError, match=f'{images.START_METHOD_VARIABLE}.*thread'):
-        images.loading(argparse.Namespace(threads=2, cuda=False), 1000)
+        images.loading(argparse.Namespace(threads=2, cuda=False), range(1000))
 
 
 def test_the_forkserver_preloads_the_toolkit_modules_imported():
@@ -164,6 +231,7 @@ PRELOADED = '''
 import multiprocessing.forkserver, sys, types
 if __name__ == '__main__':
     from netvlad_toolkit.datasets import datasets, images
+    images.WORKER_START_SECONDS = dict.fromkeys(images.WORKER_START_SECONDS, 0)  # a worker even for two images
     opt = types.SimpleNamespace(threads=1, cuda=False)
     list(images.image_loader(images.ImageList(sys.argv[1:]), opt, 1))
     server = multiprocessing.forkserver._forkserver._forkserver_pid

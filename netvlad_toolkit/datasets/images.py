@@ -6,7 +6,9 @@ kept to its top byte, alpha dropped.
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import statistics
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -28,10 +30,12 @@ START_METHOD_VARIABLE = 'NETVLAD_WORKER_START_METHOD'
 # What a forkserver imports once, so that the workers forked from it start without importing them; the toolkit's own
 # modules are added as imported (toolkit_modules). '__main__' is the script run (main.py), as multiprocessing's default.
 HEAVY_MODULES = ['__main__', 'torch', 'torchvision', 'PIL.Image', 'numpy']
-# About how many images' decoding costs as much as starting one DataLoader worker, by start method (a spawned worker
-# imports torch and the toolkit afresh; a forked one, from this process or a preloaded forkserver, imports nothing).
-# A set with fewer images per worker is decoded in this process.
-IMAGES_PER_WORKER_START = {'fork': 1, 'forkserver': 2, 'spawn': 128}
+# The CPU seconds one DataLoader worker costs before it loads anything, by start method: a spawned worker starts an
+# interpreter and imports torch, torchvision and the toolkit's modules afresh; a forked one (from this process, or
+# from the forkserver that has them preloaded) imports nothing. benchmarks/bench_workers.py measures them.
+WORKER_START_SECONDS = {'fork': 0.02, 'forkserver': 0.02, 'spawn': 3.0}
+# How many items of a set are loaded in this process to estimate the loading work of the whole set.
+SAMPLED_ITEMS = 4
 
 
 def read_image(path, read):
@@ -175,18 +179,41 @@ def image_loader(dataset, opt, batch_size, shuffle=False, generator=None, collat
     singles_from = None if shuffle else sizes_vary_from(dataset)
     batching = (dict(batch_size=batch_size, shuffle=shuffle, generator=generator) if singles_from is None else
                 dict(batch_sampler=batches(len(dataset), batch_size, singles_from)))
-    return data.DataLoader(dataset, collate_fn=collate_fn, **loading(opt, len(dataset)), **batching)
+    return data.DataLoader(dataset, collate_fn=collate_fn, **loading(opt, dataset), **batching)
 
 
-def loading(opt, num_images):
-    """How every DataLoader of the project reads `num_images` images: decoding in --threads workers (at most one per
-    core, and none where the set is too small to repay their start), started as $NETVLAD_WORKER_START_METHOD says;
-    pinned memory on CUDA."""
+def loading(opt, dataset):
+    """How every DataLoader of the project reads `dataset`: in --threads workers (at most one per core, and only as
+    many as the set's loading work repays, see worker_count), started as $NETVLAD_WORKER_START_METHOD says; pinned
+    memory on CUDA."""
     method = start_method(os.environ.get(START_METHOD_VARIABLE, 'auto'))
-    workers = min(opt.threads, os.cpu_count() or 1, num_images // IMAGES_PER_WORKER_START[method])
+    most = min(opt.threads, os.cpu_count() or 1)
+    workers = worker_count(most, loading_seconds(dataset) if most else 0.0, WORKER_START_SECONDS[method])
     context = dict(multiprocessing_context=worker_context(method)) if workers else {}
     return dict(num_workers=workers, pin_memory=opt.cuda and torch.cuda.is_available(), persistent_workers=False,
                 **context)
+
+
+def worker_count(most, work_seconds, start_seconds):
+    """How many workers, up to `most`, to load a set whose loading takes `work_seconds` of CPU in one process, when
+    one worker costs `start_seconds` before it loads anything: as many as each take over at least their own start
+    cost of loading (a worker's start is paid on the cores this process computes on, before its first item), so
+    none for a set that loads here faster than one worker starts."""
+    return most if start_seconds <= 0 else min(most, int(work_seconds // start_seconds))
+
+
+def loading_seconds(dataset, clock=time.process_time):
+    """The CPU time it takes to load every item of `dataset`, estimated from up to SAMPLED_ITEMS items spread over
+    it, loaded here as a worker loads them (whatever an item is: an image, a tuple of images, a file's bytes): the
+    median item's time times the number of items (the median: the first item loaded in a process may pay one-time
+    costs)."""
+    count = len(dataset)
+    seconds = []
+    for index in sorted({round(i) for i in np.linspace(0, count - 1, min(count, SAMPLED_ITEMS))}):
+        started = clock()
+        dataset[index]
+        seconds.append(clock() - started)
+    return statistics.median(seconds) * count if seconds else 0.0
 
 
 def start_method(chosen):

@@ -261,9 +261,8 @@ def triplet_batches(source, triplets, batches, opt):
     operation per batch; on the images, decoded by the DataLoader's workers."""
     if isinstance(source, trunk_cache.TrunkFeatures):
         return ((source.rows(batch_rows(triplets, batch)), [len(triplets[i][2]) for i in batch]) for batch in batches)
-    num_images = sum(2 + len(negatives) for _, _, negatives in triplets)
-    return DataLoader(TripletImages(source, triplets), batch_sampler=batches, collate_fn=collate_triplets,
-                      **loading(opt, num_images))
+    tuples = TripletImages(source, triplets)
+    return DataLoader(tuples, batch_sampler=batches, collate_fn=collate_triplets, **loading(opt, tuples))
 
 
 def triplet_indices(neg_counts):
