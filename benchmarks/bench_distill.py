@@ -136,7 +136,7 @@ def parse_args():
     p.add_argument('--trained_teachers', nargs='*', default=[],
                    help='Teachers trained (triplets) before distillation; the others are cluster-initialised.')
     p.add_argument('--teacher_epochs', default='3', help='Training epochs of each trained teacher.')
-    p.add_argument('--distill_epochs', type=int, default=6)
+    p.add_argument('--distill_epochs', type=int, default=4)
     p.add_argument('--hint_weight', default='1.0', help="--mode=distill's weight of the local-feature term.")
     p.add_argument('--synth_db', type=int, default=150,
                    help='Test database images; the train split (the distillation images) has twice as many, and '

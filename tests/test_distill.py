@@ -27,11 +27,11 @@ from helpers import (
     save_run,
 )
 from netvlad_toolkit import cli
+from netvlad_toolkit.datasets.images import ImageList
 from netvlad_toolkit.model.checkpoint import checkpoint_path
 from netvlad_toolkit.model.int8 import COMPILE_ENV
 from netvlad_toolkit.model.models import STUDENTS
 from netvlad_toolkit.runs.runs import open_run
-from netvlad_toolkit.datasets.images import ImageList
 from netvlad_toolkit.training.distillation import (
     distil_epoch,
     distillation_loss,

@@ -64,10 +64,11 @@ def teacher_local_targets(features, grid):
     return F.adaptive_avg_pool2d(F.normalize(features, p=2, dim=1), grid)
 
 
-def student_grid(student, image_size, device):
+def student_grid(student, image_size):
     """The (h, w) of the student's feature map for images of `image_size` (H, W)."""
     with torch.no_grad():
-        return tuple(student.eval().features(torch.zeros(1, 3, *image_size, device=device)).shape[-2:])
+        probe = torch.zeros(1, 3, *image_size, device=next(student.parameters()).device)
+        return tuple(student.eval().features(probe).shape[-2:])
 
 
 def teacher_targets(teacher, student, images, opt, device):
@@ -81,7 +82,8 @@ def teacher_targets(teacher, student, images, opt, device):
                                    unit='batch'):
             batch = batch.to(device).contiguous(memory_format=torch.channels_last)
             size = tuple(batch.shape[-2:])
-            grids.setdefault(size, student_grid(student, size, device))
+            if size not in grids:
+                grids[size] = student_grid(student, size)
             features = teacher.features(batch).float()
             for index, descriptor, local in zip(indices.tolist(), teacher.describe(features).cpu(),
                                                 teacher_local_targets(features, grids[size]).cpu()):
