@@ -99,7 +99,8 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     """Train `student` for epochs state['epoch']+1 .. opt.nEpochs so that its descriptor and local features of
     images[i] approach targets (teacher_targets' pair) at i, checkpointing into run_dir after every epoch (the best
     epoch: the lowest mean loss). Returns the final state (epoch, epoch losses, ...)."""
-    student = student.to(device).to(memory_format=torch.channels_last)
+    memory_format = training_memory_format(student, device)
+    student = student.to(device).to(memory_format=memory_format)
     optimizer, scheduler = make_optimizer(student, opt)
     state = dict(state or {})
     if 'optimizer' in state:
@@ -111,7 +112,8 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     try:
         while epoch < opt.nEpochs:
             epoch += 1
-            step, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step)
+            step, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
+                                               memory_format)
             scheduler.step()
             epoch_losses.append(loss)
             best_epoch = 1 + int(np.argmin(epoch_losses))
@@ -129,7 +131,16 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     return state
 
 
-def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step):
+def training_memory_format(student, device):
+    """Channels-last, except on the CPU for a network with depthwise convs (MobileNetV3), whose backward runs slower
+    there in channels-last than in the default layout."""
+    depthwise = any(isinstance(layer, torch.nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+                    for layer in student.modules())
+    return torch.contiguous_format if device.type == 'cpu' and depthwise else torch.channels_last
+
+
+def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
+                 memory_format=torch.channels_last):
     """One pass over the training images in an order drawn from (seed, epoch): (step count, mean loss, (mean
     descriptor cosine, mean local-feature cosine) to the teacher)."""
     generator = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
@@ -140,7 +151,7 @@ def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer
     losses, cosines = [], []
     with tqdm(loader, desc=f'epoch {epoch}/{opt.nEpochs}', unit='batch') as bar:
         for batch, indices in bar:
-            batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast(opt.precision, device):
                 local = student.features(batch)
             global_term = distillation_loss(student.describe(local), target_descriptors[indices].to(device))
