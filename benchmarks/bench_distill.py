@@ -2,11 +2,14 @@
 
     python benchmarks/bench_distill.py --work_dir /tmp/bench_distill
 
-Per teacher: cluster, train (--teacher_epochs, Adam at 1e-5 from scratch as the demo; the teachers not in
---trained_teachers are the cluster-initialised network as it is: VGG16 trains too slowly on this CPU), test. Per student (--fromscratch: no ImageNet weights can be downloaded here): --mode=distill on
-the train split's images, then --mode=test of the student alone (symmetric) and of its queries against the
-teacher's database (asymmetric, --database_run). Latency: one 480x640 image, one thread, process CPU time, the
-teacher and its students timed in alternating rounds; GMAC counted at 480x640; size: the serialised state dict.
+Per teacher: cluster, then, for the teachers in --trained_teachers, train (--teacher_epochs, Adam at 1e-5 from
+scratch as the demo); the others are the cluster-initialised network as it is (by default both: the question here is
+how close a student gets to its teacher, and the CPU time goes to distillation). Test. Per student (--fromscratch: no
+ImageNet weights can be downloaded here): --mode=distill on the train split's images (with --hint_weight), then
+--mode=test of the student alone (symmetric) and of its queries against the teacher's database (asymmetric,
+--database_run). Latency: one 480x640 image, one thread, process CPU time, the teacher and its students timed in
+alternating rounds; GMAC counted at 480x640; size: the serialised state dict. Distillation time: wall and process CPU
+time of the --mode=distill command; the mean cosines to the teacher are those of its last epoch (training images).
 """
 import argparse
 import json
@@ -56,17 +59,18 @@ def recalls(run, data_flags, *flags):
         return json.load(f)['recalls']
 
 
-def distilled(teacher, student, epochs, data_flags):
-    """(student run, distillation seconds): distilled unless done."""
+def distilled(teacher, student, args, data_flags):
+    """(student run, its row's distillation fields): distilled unless done."""
     run = f'{teacher}_distilled_{student}'
-    seconds = None
-    done = os.path.exists(checkpoint_path(run)) and read_checkpoint(checkpoint_path(run))['epoch'] >= int(epochs)
+    timing = dict(seconds=None, cpu_seconds=None)
+    done = os.path.exists(checkpoint_path(run)) and read_checkpoint(checkpoint_path(run))['epoch'] >= args.distill_epochs
     if not done:  # a run killed before its last epoch continues (its time is then that of the rest)
-        started = time.time()
-        run_command('--mode=distill', '--resume', teacher, '--student', student, '--nEpochs', epochs, '--fromscratch',
-                    *data_flags)
-        seconds = time.time() - started
-    return run, seconds
+        started, started_cpu = time.time(), time.process_time()
+        run_command('--mode=distill', '--resume', teacher, '--student', student, '--nEpochs', args.distill_epochs,
+                    '--hint_weight', args.hint_weight, '--fromscratch', *data_flags)
+        timing = dict(seconds=time.time() - started, cpu_seconds=time.process_time() - started_cpu)
+    state = read_checkpoint(checkpoint_path(run))
+    return run, dict(timing, descriptor_cosine=state['descriptor_cosine'], local_cosine=state['local_cosine'])
 
 
 def model_of(run):
@@ -85,12 +89,12 @@ def bench(args):
     rows = []
     for arch in args.teachers:
         teacher = teacher_run(arch, args.teacher_epochs if arch in args.trained_teachers else 0, data_flags)
-        row = dict(model=f'{arch} teacher', symmetric=recalls(teacher, data_flags), asymmetric=None, seconds=None)
+        row = dict(model=f'{arch} teacher', symmetric=recalls(teacher, data_flags), asymmetric=None)
         runs = [(teacher, row)]
         for student in args.students:
-            run, seconds = distilled(teacher, student, args.distill_epochs, data_flags)
+            run, distillation = distilled(teacher, student, args, data_flags)
             runs.append((run, dict(model=f'{student} from {arch}', symmetric=recalls(run, data_flags),
-                                   asymmetric=recalls(run, data_flags, '--database_run', teacher), seconds=seconds)))
+                                   asymmetric=recalls(run, data_flags, '--database_run', teacher), **distillation)))
         models = [model_of(run) for run, _ in runs]
         latencies = interleaved_latency([m for m, _ in models], LATENCY_SIZE, args.rounds, args.repeats)
         for (run, row), (model, checkpoint), latency in zip(runs, models, latencies):
@@ -112,14 +116,16 @@ def saved_rows(teachers):
 
 def print_table(rows):
     print(f'\nCPU: {cpu_model()}; latency at {LATENCY_SIZE[0]}x{LATENCY_SIZE[1]}, 1 thread, process CPU time\n')
-    print('| model | R@1 | R@5 | asym. R@1 | asym. R@5 | size (MB) | latency (ms) | GMAC | distillation (min) |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('| model | R@1 | R@5 | asym. R@1 | asym. R@5 | size (MB) | latency (ms) | GMAC | distillation wall / CPU '
+          '(min) | cosine to teacher: descriptor / local |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for row in rows:
         sym, asym = row['symmetric'], row['asymmetric']
         asym_cells = f'{asym["1"]:.3f} | {asym["5"]:.3f}' if asym else '- | -'
-        minutes = f'{row["seconds"] / 60:.1f}' if row['seconds'] else '-'
+        minutes = f'{row["seconds"] / 60:.1f} / {row["cpu_seconds"] / 60:.1f}' if row.get('seconds') else '-'
+        cosines = f'{row["descriptor_cosine"]:.3f} / {row["local_cosine"]:.3f}' if asym else '-'
         print(f'| {row["model"]} | {sym["1"]:.3f} | {sym["5"]:.3f} | {asym_cells} | {row["mb"]:.1f} | '
-              f'{row["latency_ms"]:.0f} | {row["gmac"]:.2f} | {minutes} |')
+              f'{row["latency_ms"]:.0f} | {row["gmac"]:.2f} | {minutes} | {cosines} |')
 
 
 def parse_args():
@@ -127,11 +133,15 @@ def parse_args():
     p.add_argument('--work_dir', default='/tmp/bench_distill')
     p.add_argument('--teachers', nargs='+', default=['alexnet', 'vgg16'])
     p.add_argument('--students', nargs='+', default=['mobilenet_v3_large', 'mobilenet_v3_small', 'resnet18'])
-    p.add_argument('--trained_teachers', nargs='*', default=['alexnet'])
+    p.add_argument('--trained_teachers', nargs='*', default=[],
+                   help='Teachers trained (triplets) before distillation; the others are cluster-initialised.')
     p.add_argument('--teacher_epochs', default='3', help='Training epochs of each trained teacher.')
-    p.add_argument('--distill_epochs', default='5')
-    p.add_argument('--synth_db', type=int, default=300)
-    p.add_argument('--synth_queries', type=int, default=150)
+    p.add_argument('--distill_epochs', type=int, default=4)
+    p.add_argument('--hint_weight', default='1.0', help="--mode=distill's weight of the local-feature term.")
+    p.add_argument('--synth_db', type=int, default=150,
+                   help='Test database images; the train split (the distillation images) has twice as many, and '
+                        'twice as many queries.')
+    p.add_argument('--synth_queries', type=int, default=75)
     p.add_argument('--synth_imsize', default='120x160')
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--table', action='store_true', help='Only print the table of the rows measured before.')

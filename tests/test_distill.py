@@ -27,11 +27,19 @@ from helpers import (
     save_run,
 )
 from netvlad_toolkit import cli
+from netvlad_toolkit.datasets.images import ImageList
 from netvlad_toolkit.model.checkpoint import checkpoint_path
 from netvlad_toolkit.model.int8 import COMPILE_ENV
 from netvlad_toolkit.model.models import STUDENTS
 from netvlad_toolkit.runs.runs import open_run
-from netvlad_toolkit.training.distillation import distillation_loss, student_for
+from netvlad_toolkit.training.distillation import (
+    distil_epoch,
+    distillation_loss,
+    local_feature_loss,
+    student_for,
+    teacher_local_targets,
+    teacher_targets,
+)
 
 FAST = ['--nGPU', '0', '--threads', '0', '--cacheBatchSize', '8']
 STUDENT = 'mobilenet_v3_small'
@@ -128,6 +136,74 @@ def test_loss_and_gradient_against_a_computation_here():
     expected_grad = -projected / norms / len(raw)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     np.testing.assert_allclose(raw_t.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def cosine_terms(student, teacher):
+    """Per-vector 1 - cos of rows of two [N, D] arrays and the gradient of their mean with respect to `student`."""
+    norms_s = np.linalg.norm(student, axis=1, keepdims=True)
+    unit_s, unit_t = student / norms_s, teacher / np.linalg.norm(teacher, axis=1, keepdims=True)
+    cosines = np.sum(unit_s * unit_t, axis=1)
+    # d/ds of 1 - s.t/(|s||t|): -(t/|t| - cos s/|s|) / |s|
+    gradient = -(unit_t - cosines[:, None] * unit_s) / norms_s / len(student)
+    return 1 - cosines, gradient
+
+
+def test_local_feature_loss_and_gradient_against_a_computation_here():
+    rng = np.random.default_rng(6)
+    student, teacher = rng.normal(size=(2, 5, 3, 4)), rng.normal(size=(2, 5, 3, 4))
+    student_t = torch.tensor(student, requires_grad=True)
+    loss = local_feature_loss(student_t, torch.tensor(teacher))
+    loss.backward()
+    as_rows = lambda maps: maps.transpose(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731 (one vector per cell)
+    terms, gradient = cosine_terms(as_rows(student), as_rows(teacher))
+    assert loss.item() == pytest.approx(terms.mean(), rel=1e-12)
+    expected_grad = gradient.reshape(2, 3, 4, 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(student_t.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_teacher_local_features_are_normalised_then_averaged_over_each_student_cell():
+    features = np.random.default_rng(7).normal(size=(2, 5, 6, 8))
+    targets = teacher_local_targets(torch.tensor(features), (3, 2)).numpy()
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    expected = unit.reshape(2, 5, 3, 2, 2, 4).mean(axis=(3, 5))  # 2x4 blocks of the 6x8 map
+    np.testing.assert_allclose(targets, expected, rtol=1e-12)
+
+
+class NoWriter:
+    def add_scalar(self, *args):
+        pass
+
+
+@pytest.mark.parametrize('hint_weight', [0.0, 0.5])
+def test_an_epochs_loss_is_the_descriptor_term_plus_the_weighted_local_term(hint_weight, teacher_run,
+                                                                            training_images):
+    """With a learning rate of 0 the student stays as it is, so the epoch's mean loss is the mean over its batches
+    of the loss of that fixed student, computed here from the descriptors and feature maps."""
+    opt = cli.parse_options(distill_argv(teacher_run[0], training_images, 'unused', f'--hint_weight={hint_weight}',
+                                         '--batchSize=8'))
+    images = ImageList(sorted(str(p) for p in training_images.rglob('*.jpg')), None)
+    torch.manual_seed(1)
+    student = student_for(teacher_run[1], STUDENT, pretrained=False)
+    targets = teacher_targets(teacher_run[1], student, images, opt, torch.device('cpu'))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    _, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, torch.device('cpu'), 1, NoWriter(), 0)
+    batch = torch.stack([images[i][0] for i in range(len(images))])
+    student.train()  # as the epoch ran it (batch norm on the batch's statistics: one batch of all 8 images)
+    with torch.no_grad():
+        local = student.features(batch)
+        descriptors = student.describe(local).numpy()
+        teacher_local = teacher_run[1].eval().features(batch).numpy()
+    teacher_desc = targets[0].numpy()
+    global_term = np.mean(1 - np.sum(descriptors * teacher_desc, axis=1))  # both unit vectors
+    unit = teacher_local / np.linalg.norm(teacher_local, axis=1, keepdims=True)
+    grid = local.shape[-2:]
+    assert targets[1][0].shape[-2:] == grid
+    expected_targets = torch.nn.functional.adaptive_avg_pool2d(torch.tensor(unit), grid).numpy()
+    np.testing.assert_allclose(torch.stack(targets[1]).numpy(), expected_targets, atol=1e-5)
+    as_rows = lambda maps: maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])  # noqa: E731
+    local_terms, _ = cosine_terms(as_rows(local.numpy()), as_rows(expected_targets))
+    assert loss == pytest.approx(global_term + hint_weight * local_terms.mean(), rel=1e-4)
+    assert cosines == pytest.approx((1 - global_term, 1 - local_terms.mean()), rel=1e-4)
 
 
 def test_distillation_brings_the_student_towards_the_teacher(student_run, teacher_run, training_images):

@@ -22,7 +22,7 @@ from netvlad_toolkit.runs.runs import (
     open_run,
     run_folder,
 )
-from netvlad_toolkit.training.distillation import distil, student_for, teacher_descriptors
+from netvlad_toolkit.training.distillation import distil, student_for, teacher_targets
 from netvlad_toolkit.training.training import add_optimizer_flags
 from netvlad_toolkit.utils.commons import UserError, atomic_write_json, make_deterministic, select_device, setup_logging
 from netvlad_toolkit.utils.options import (
@@ -32,12 +32,13 @@ from netvlad_toolkit.utils.options import (
     add_extraction_flags,
     add_network_flags,
     add_run_flags,
+    number_in,
 )
 
 # --resume names the teacher: the student takes its data, never its optimiser or training settings.
 REUSES_RUN_TRAINING = False
 # Flags a continued distillation must share with the run it continues.
-SAME_ON_CONTINUE = ('teacher', 'student')
+SAME_ON_CONTINUE = ('teacher', 'student', 'hint_weight')
 
 
 def add_flags(p):
@@ -58,6 +59,10 @@ def add_flags(p):
                             'command again continues the run in it from its last checkpoint.')
     group.add_argument('--nEpochs', type=AT_LEAST_1, default=10, help='Epochs of distillation.')
     group.add_argument('--batchSize', type=AT_LEAST_1, default=16, help='Training images per step.')
+    group.add_argument('--hint_weight', type=number_in(float, 0), default=1.0,
+                       help='Weight of the local-feature term of the loss (1 - cosine of the student\'s projected '
+                            'local features and the teacher\'s, resampled onto the student\'s grid), added to the '
+                            'descriptor term (1 - cosine of the descriptors); 0: the descriptor term alone.')
     add_optimizer_flags(group)
     p.set_defaults(optim='ADAM', lr=0.001)
 
@@ -104,7 +109,7 @@ def distill(opt):
     teacher, teacher_checkpoint = open_teacher(opt)
     opt.teacher = os.path.normpath(opt.resume)
     opt.distilled = dict(teacher=opt.teacher, teacher_arch=teacher.arch, student=opt.student,
-                         variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
+                         hint_weight=opt.hint_weight, variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
     out_dir = opt.savePath or derived_run_folder(opt.resume, f'distilled_{opt.student}')
     images = training_images(opt)
     with run_folder(out_dir):
@@ -120,9 +125,9 @@ def distill(opt):
                      'random init' if opt.fromscratch else 'ImageNet init', len(images), opt.optim, opt.lr,
                      opt.batchSize, opt.nEpochs)
         started = time.time()
-        targets = teacher_descriptors(teacher, images, opt, device)
+        targets = teacher_targets(teacher, student, images, opt, device)
         state = distil(student, targets, images, opt, device, out_dir, state,
                        on_checkpoint=lambda: write_flags(opt, out_dir))
         logging.info('====> Distillation done in %.1f min: epoch %d, mean cosine to the teacher %.4f; the student '
-                     'run is %s', (time.time() - started) / 60, state['epoch'], 1 - state['epoch_losses'][-1], out_dir)
+                     'run is %s', (time.time() - started) / 60, state['epoch'], state['descriptor_cosine'], out_dir)
     return state

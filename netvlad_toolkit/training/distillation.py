@@ -7,21 +7,29 @@ of the teacher's pooling and whitening, then L2 normalisation: its descriptor ha
 normalisation by construction, and the copied head gives the projection a target it can already be compared with.
 Every layer of the student trains (the copied head too).
 
-The loss is 1 - cos(student, teacher), averaged over the batch; for unit vectors that is half their squared L2
-distance, the quantity the exact search ranks by, and unlike an element-wise MSE it does not shrink with the
-descriptor's dimension. The teacher is frozen, so its descriptors of the training images are computed once.
+The loss has two terms, each a mean of 1 - cosine:
+- global: 1 - cos(student descriptor, teacher descriptor); for unit vectors that is half their squared L2 distance,
+  the quantity the exact search ranks by, and unlike an element-wise MSE it does not shrink with the dimension;
+- local (a hint, FitNets-style), weighted by --hint_weight: at every cell of the student's feature map, 1 - cos of
+  the student's projected local feature and the teacher's local features (the input of its pooling) averaged over
+  the image region the cell covers (the teacher's map resampled onto the student's grid by area averaging, each
+  teacher feature L2-normalised first, as NetVLAD normalises its input). The global term alone is one target
+  vector per image, reached only through the pooling's soft-assignment; the local term tells every cell of the
+  projection what the teacher's pooling expects there, a far denser signal for a student trained from scratch.
+The teacher is frozen, so its descriptors and resampled local features of the training images are computed once.
 """
 import logging
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from netvlad_toolkit.datasets.images import image_loader
 from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
 from netvlad_toolkit.model.models import build_model, config_from_state_dict
-from netvlad_toolkit.search.retrieval import autocast, extract_descriptors
+from netvlad_toolkit.search.retrieval import autocast
 from netvlad_toolkit.training.training import make_optimizer, tensorboard_writer
 
 
@@ -44,21 +52,55 @@ def distillation_loss(student_desc, teacher_desc):
     return (1 - (student_desc * teacher_desc).sum(dim=1)).mean()
 
 
-def teacher_descriptors(teacher, images, opt, device):
-    """The teacher's descriptors [N, D] float32 of every training image, computed once."""
+def local_feature_loss(student_local, teacher_local):
+    """Mean over the batch and the cells of 1 - cos(student, teacher) of [B, D, h, w] local feature maps on one
+    grid (the teacher's resampled by `teacher_local_targets`; neither needs to be normalised)."""
+    return (1 - F.cosine_similarity(student_local, teacher_local, dim=1)).mean()
+
+
+def teacher_local_targets(features, grid):
+    """The teacher's local features [B, D, H, W] resampled onto the student's grid (h, w): each feature
+    L2-normalised, then averaged over the region of the image each student cell covers."""
+    return F.adaptive_avg_pool2d(F.normalize(features, p=2, dim=1), grid)
+
+
+def student_grid(student, image_size):
+    """The (h, w) of the student's feature map for images of `image_size` (H, W)."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, *image_size, device=next(student.parameters()).device)
+        return tuple(student.eval().features(probe).shape[-2:])
+
+
+def teacher_targets(teacher, student, images, opt, device):
+    """The teacher's descriptors [N, D] and local features resampled onto the student's grid (a list of N
+    [D, h, w] tensors: images of different sizes give different grids) of every training image, computed once."""
     started = time.time()
-    targets = extract_descriptors(teacher.to(device).to(memory_format=torch.channels_last), images, opt, device,
-                                  'teacher descriptors')
-    logging.info('Teacher descriptors of %d training images (%d-D) in %.1f s', len(images), targets.shape[1],
+    teacher = teacher.to(device).eval().to(memory_format=torch.channels_last)
+    descriptors, local_targets, grids = [None] * len(images), [None] * len(images), {}
+    with torch.inference_mode(), autocast(opt.precision, device):
+        for batch, indices in tqdm(image_loader(images, opt, opt.cacheBatchSize), desc='teacher targets',
+                                   unit='batch'):
+            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+            size = tuple(batch.shape[-2:])
+            if size not in grids:
+                grids[size] = student_grid(student, size)
+            features = teacher.features(batch).float()
+            for index, descriptor, local in zip(indices.tolist(), teacher.describe(features).cpu(),
+                                                teacher_local_targets(features, grids[size]).cpu()):
+                descriptors[index], local_targets[index] = descriptor, local
+    logging.info('Teacher targets of %d training images (%d-D descriptors, local features on the student\'s '
+                 'grid %s) in %.1f s', len(images), teacher.output_dim, ', '.join(f'{h}x{w}' for h, w in
+                                                                                  grids.values()),
                  time.time() - started)
-    return torch.from_numpy(targets)
+    return torch.stack(descriptors), local_targets
 
 
 def distil(student, targets, images, opt, device, run_dir, state=None, on_checkpoint=None):
-    """Train `student` for epochs state['epoch']+1 .. opt.nEpochs so that its descriptor of images[i] approaches
-    targets[i], checkpointing into run_dir after every epoch (the best epoch: the lowest mean loss). Returns the final
-    state (epoch, epoch losses, ...)."""
-    student = student.to(device).to(memory_format=torch.channels_last)
+    """Train `student` for epochs state['epoch']+1 .. opt.nEpochs so that its descriptor and local features of
+    images[i] approach targets (teacher_targets' pair) at i, checkpointing into run_dir after every epoch (the best
+    epoch: the lowest mean loss). Returns the final state (epoch, epoch losses, ...)."""
+    memory_format = training_memory_format(student, device)
+    student = student.to(device).to(memory_format=memory_format)
     optimizer, scheduler = make_optimizer(student, opt)
     state = dict(state or {})
     if 'optimizer' in state:
@@ -70,16 +112,17 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     try:
         while epoch < opt.nEpochs:
             epoch += 1
-            step, loss = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step)
+            step, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
+                                               memory_format)
             scheduler.step()
             epoch_losses.append(loss)
             best_epoch = 1 + int(np.argmin(epoch_losses))
             writer.add_scalar('Train/epoch_loss', loss, epoch)
-            logging.info('Epoch %d: distillation loss %.5f (mean cosine to the teacher %.4f)%s', epoch, loss,
-                         1 - loss, ' *' if best_epoch == epoch else '')
+            logging.info('Epoch %d: distillation loss %.5f, mean cosine to the teacher: descriptors %.4f, local '
+                         'features %.4f%s', epoch, loss, *cosines, ' *' if best_epoch == epoch else '')
             state = dict(epoch=epoch, step=step, epoch_losses=epoch_losses, best_epoch=best_epoch,
-                         best_score=1 - min(epoch_losses), recalls={}, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict())
+                         best_score=cosines[0], descriptor_cosine=cosines[0], local_cosine=cosines[1], recalls={},
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             save_checkpoint(dict(model_state(student), **state, **opt.distilled), run_dir, best_epoch == epoch)
             if on_checkpoint is not None:
                 on_checkpoint()
@@ -88,24 +131,40 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     return state
 
 
-def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step):
-    """One pass over the training images in an order drawn from (seed, epoch): (step count, mean loss)."""
+def training_memory_format(student, device):
+    """Channels-last, except on the CPU for a network with depthwise convs (MobileNetV3), whose backward runs slower
+    there in channels-last than in the default layout."""
+    depthwise = any(isinstance(layer, torch.nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+                    for layer in student.modules())
+    return torch.contiguous_format if device.type == 'cpu' and depthwise else torch.channels_last
+
+
+def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
+                 memory_format=torch.channels_last):
+    """One pass over the training images in an order drawn from (seed, epoch): (step count, mean loss, (mean
+    descriptor cosine, mean local-feature cosine) to the teacher)."""
     generator = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
     torch.manual_seed(opt.seed * 1000 + epoch)
     loader = image_loader(images, opt, opt.batchSize, shuffle=True, generator=generator)
+    target_descriptors, target_locals = targets
     student.train()
-    losses = []
+    losses, cosines = [], []
     with tqdm(loader, desc=f'epoch {epoch}/{opt.nEpochs}', unit='batch') as bar:
         for batch, indices in bar:
-            batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast(opt.precision, device):
-                descriptors = student(batch)
-            loss = distillation_loss(descriptors.float(), targets[indices].to(device))
+                local = student.features(batch)
+            global_term = distillation_loss(student.describe(local), target_descriptors[indices].to(device))
+            local_term = local_feature_loss(local.float(), torch.stack([target_locals[i] for i in indices]).to(device))
+            loss = global_term + opt.hint_weight * local_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             losses.append(loss.item())
+            cosines.append((1 - global_term.item(), 1 - local_term.item()))
             bar.set_postfix(loss=f'{losses[-1]:.4f}')
             writer.add_scalar('Train/Loss', losses[-1], step)
-    return step, float(np.mean(losses))
+            writer.add_scalar('Train/descriptor_cosine', cosines[-1][0], step)
+            writer.add_scalar('Train/local_cosine', cosines[-1][1], step)
+    return step, float(np.mean(losses)), tuple(np.mean(cosines, axis=0).tolist())
