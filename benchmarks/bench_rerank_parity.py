@@ -212,17 +212,43 @@ def per_candidate_scores(query, candidates, config):
 
 
 def former_ransac(source, target, threshold):
+    """The former matcher's RANSAC of one candidate, with its own homography and inlier test (former_*)."""
     source, target = torch.from_numpy(source).double(), torch.from_numpy(target).double()
     samples = pn.ransac_samples(len(source))
-    inliers = pn.within(pn.four_point_homographies(source[samples], target[samples]), source, target, threshold)
+    inliers = former_within(former_homographies(source[samples], target[samples]), source, target, threshold)
     best = inliers[inliers.sum(dim=1).argmax()]
     x, y, u, v = source[best, 0], source[best, 1], target[best, 0], target[best, 1]
     one, zero = torch.ones_like(x), torch.zeros_like(x)
     system = torch.cat([torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=1),
                         torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=1)])
     refit = torch.linalg.lstsq(system, torch.cat([u, v])[:, None]).solution[:, 0]
-    refit_inliers = pn.within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target, threshold)[0]
+    refit_inliers = former_within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target,
+                                  threshold)[0]
     return (refit_inliers if refit_inliers.sum() >= best.sum() else best).numpy()
+
+
+def former_adjugate(m):
+    a, b, c = m.unbind(dim=-2)
+    return torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=-1)
+
+
+def former_from_basis(points):
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(1, 2)  # [h, 3, 4]
+    first_three = homogeneous[:, :, :3]
+    return first_three * (former_adjugate(first_three) @ homogeneous[:, :, 3:]).transpose(1, 2)
+
+
+def former_homographies(source, target):
+    return former_from_basis(target) @ former_adjugate(former_from_basis(source))
+
+
+def former_within(homographies, source, target, threshold):
+    unit = homographies / torch.linalg.matrix_norm(homographies)[:, None, None]
+    points = torch.cat([source, torch.ones_like(source[:, :1])], dim=1).float()  # [n, 3]
+    x, y, w = (unit.float().reshape(-1, 3) @ points.T).reshape(len(homographies), 3, -1).unbind(dim=1)
+    u, v = target.float().T
+    dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
+    return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()
 
 
 def batched_scores(query, candidates, config):

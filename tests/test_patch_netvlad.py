@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import FAST
 from netvlad_toolkit import cli
 from netvlad_toolkit.datasets.datasets import load_dataset
-from netvlad_toolkit.model.models import build_model
+from netvlad_toolkit.model.models import EmbedNet, build_model
 from netvlad_toolkit.runs import figures
 from netvlad_toolkit.runs.runs import open_run
 from netvlad_toolkit.search import patch_netvlad as pn
@@ -457,17 +457,19 @@ def test_rerank_flags_override_the_config_and_name_its_store(make_opt):
 
 
 def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whitened_run, clustered_data, run_cli,
-                                                                           tmp_path):
+                                                                           tmp_path, encoded_images):
     """--rerank patch in test mode against the global ranking of the same run and the library's re-ranking of it:
-    the top 10 of each query are the global top 10 in the order rerank_queries gives, and Recall@N is that of
-    the new order, counted here."""
+    each image goes through the encoder once; the top 10 of each query are the global top 10 in the order
+    rerank_queries gives (from queries extracted afresh), and Recall@N is that of the new order, counted here."""
     flags = ['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', '--resize=128x160', *FAST,
              '--runsPath', tmp_path]
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--rerank_top', '10']
     opt = cli.parse_options(flags)
     plain = cli.run(opt)
+    encoded_images.clear()
     reranked = cli.run(cli.parse_options(flags + rerank))
     dataset = load_dataset(opt, 'test')
+    assert sorted(encoded_images) == sorted([tuple(dataset[0][0].shape[1:])] * len(dataset))
     num_db = dataset.db_struct.numDb
     config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], name='speed_p5_s1_d16', pca_dim=16, num_candidates=10)
     model, _ = open_run(opt)
@@ -485,6 +487,57 @@ def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whiten
     assert record['variant'].endswith('+ patch re-ranking (speed_p5_s1_d16)')
     assert record['rerank']['candidates'] == 10 and record['rerank']['ms_per_query'] > 0
     assert record['rerank']['global_recalls'] == {str(n): r for n, r in plain['recalls'].items()}
+
+
+@pytest.fixture
+def encoded_images(monkeypatch):
+    """Counts the images that go through any model's encoder (EmbedNet.features), by image size."""
+    counted = []
+    features = EmbedNet.features
+
+    def counting(self, images):
+        counted.extend([tuple(images.shape[2:])] * len(images))
+        return features(self, images)
+    monkeypatch.setattr(EmbedNet, 'features', counting)
+    return counted
+
+
+def test_joint_pass_gives_the_plain_global_descriptors_and_both_stores(whitened_run, clustered_data, tmp_path,
+                                                                       encoded_images):
+    """extract_jointly on a database whose store holds its first 30 images already (a store being extended): every
+    image through the encoder once; the global descriptors those of the model applied to each image here; the
+    database store's new rows and the query store's rows the patch features of each image computed here."""
+    opt = cli.parse_options(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}',
+                              '--resize=128x160', *FAST])
+    model, _ = open_run(opt)
+    dataset = load_dataset(opt, 'test')
+    struct, num_db = dataset.db_struct, dataset.db_struct.numDb
+    config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], pca_dim=16, num_candidates=10)
+    device = torch.device('cpu')
+    database = torch.utils.data.Subset(dataset, range(num_db))
+    queries = torch.utils.data.Subset(dataset, range(num_db, len(dataset)))
+    pn.build_store(model, torch.utils.data.Subset(database, range(30)), struct.db_paths[:30], tmp_path / 'db', config,
+                   device, batch_size=16)
+    encoded_images.clear()
+    descriptors = np.full((len(dataset), model.output_dim), np.nan, dtype=np.float32)
+    query_store, extraction_s = pn.extract_jointly(model, database, struct.db_paths, queries, struct.query_paths,
+                                                   tmp_path / 'db', tmp_path / 'queries', config, device, descriptors,
+                                                   batch_size=16)
+    assert len(encoded_images) == len(dataset) and extraction_s > 0
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = torch.cat([model(images[first:first + 16]) for first in range(0, len(images), 16)]).numpy()
+    np.testing.assert_allclose(descriptors, expected, atol=1e-5)
+    direct = pn.patch_features(model, images, config)[1]
+    with pn.open_store(tmp_path / 'db', config) as db_store, \
+            PatchStore(query_store, config.patch_sizes, config.strides, config.pca_dim) as stored:
+        assert stored.names == list(struct.query_paths) and db_store.names == list(struct.db_paths)
+        for index in (30, num_db - 1):
+            np.testing.assert_allclose(pn.store_features(db_store, [index], config)[0].descriptors[0],
+                                       direct[index].descriptors[0], atol=1e-3)  # float16 rows
+        for q in (0, len(queries) - 1):
+            np.testing.assert_allclose(pn.store_features(stored, [q], config)[0].descriptors[0],
+                                       direct[num_db + q].descriptors[0], atol=1e-6)
 
 
 def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli):
