@@ -540,16 +540,21 @@ def test_joint_pass_gives_the_plain_global_descriptors_and_both_stores(whitened_
                                        direct[num_db + q].descriptors[0], atol=1e-6)
 
 
-def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli):
+def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli, encoded_images):
     """--mode=query --rerank patch with every database image a candidate: the answers are the database in the
-    order of the library's re-ranking of the global search, read from the store beside the cached database."""
+    order of the library's re-ranking of the global search (of photos extracted afresh here), read from the store
+    beside the cached database; asked again, each photo goes through the encoder once (its global descriptor and
+    its patches from one pass), the cached database not at all."""
     database, photos, _ = places
     out = tmp_path / 'answers'
     common = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
               '--threads', '0', '--num_matched', '12']
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--patch_sizes', '2',
               '--rerank_top', '12']
+    assert run_cli(common + rerank + ['--export_dir', tmp_path / 'first']) == 0
+    encoded_images.clear()
     assert run_cli(common + rerank + ['--export_dir', out]) == 0
+    assert len(encoded_images) == len(list(photos.glob('*.jpg')))
     opt = cli.parse_options(common)
     model, _ = open_run(opt)
     names = sorted(p.relative_to(database).as_posix() for p in database.rglob('*.jpg'))

@@ -19,14 +19,16 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from netvlad_toolkit.datasets.folder_dataset import utm_from_filename
 from netvlad_toolkit.runs.figures import patch_matches, query_strip
 from netvlad_toolkit.runs.runs import load_model, open_database_run, place_model
-from netvlad_toolkit.search.descriptors import load_descriptor_file
+from netvlad_toolkit.search.descriptors import cache_folder, load_descriptor_file
 from netvlad_toolkit.search.global_features import (
     PhotoList,
     cache_path,
@@ -38,8 +40,10 @@ from netvlad_toolkit.search.global_features import (
     h5_names,
     path_key,
     read_descriptors,
+    size_groups,
 )
 from netvlad_toolkit.search.patch_netvlad import (
+    build_store,
     flags_config,
     matched_points,
     patch_projection,
@@ -154,28 +158,49 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     db_file, db_names, db_root = database(db_model, request.database, image_dir, settings, device, db_run,
                                           request.names)
     photos = request.photos
-    kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
-    if not kept:
-        raise UserError(f'None of the {len(photos)} query photos could be read.')
-    db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(db_run, CACHE_FOLDER))
-    scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
-    if rerank is not None:
-        candidates = found[:, :rerank.num_candidates]
-        reranked, _, summary = rerank_candidates(
-            model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names,
-            PhotoList([photos[q][1] for q in kept], resize_max), candidates,
-            store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads, run_dir,
-            match_drawer(rerank, [photos[q] for q in kept], db_root, db_names, out))
-        scores, found = reorder_first(scores, found, reranked)
-        logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query; '
-                     'the patch store of the database in %s', summary['candidates'], rerank.name, rerank.matcher,
-                     1000 * summary['seconds_per_query'], summary['store'])
+    with cache_folder(prefix='netvlad_query_patches_') as folder:
+        if rerank is None:
+            kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
+        else:
+            kept, query_desc, query_store = describe_photos_jointly(model, photos, settings, device, rerank, folder,
+                                                                    run_dir)
+        if not kept:
+            raise UserError(f'None of the {len(photos)} query photos could be read.')
+        db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(db_run, CACHE_FOLDER))
+        scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
+        if rerank is not None:
+            candidates = found[:, :rerank.num_candidates]
+            reranked, _, summary = rerank_candidates(
+                model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names, None,
+                candidates, store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1,
+                threads, run_dir, match_drawer(rerank, [photos[q] for q in kept], db_root, db_names, out),
+                query_store)
+            scores, found = reorder_first(scores, found, reranked)
+            logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per '
+                         'query; the patch store of the database in %s', summary['candidates'], rerank.name,
+                         rerank.matcher, 1000 * summary['seconds_per_query'], summary['store'])
     answers = [answer(photos[q], scores[row, :top], found[row, :top], db_names, request.positions)
                for row, q in enumerate(kept)]
     write_answers(answers, request.columns, db_root, out)
     logging.info('====> Answered %s against %d database images: %s', plural(len(answers), 'query', 'queries'),
                  len(db_names), out)
     return answers
+
+
+def describe_photos_jointly(model, photos, settings, device, config, folder, run_dir):
+    """describe_images of the query photos with --rerank patch: each readable photo through the encoder once, its
+    global descriptor and its patches (into a float32 store in `folder`) from the same pass. Returns (indices of
+    the photos described, their descriptors [n, D], rerank_candidates' query_store)."""
+    paths = [path for _, path in photos]
+    kept = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    descriptors = np.empty((len(kept), model.output_dim), dtype=np.float32)
+    if not kept:
+        return kept, descriptors, None
+    started = time.process_time()
+    path = build_store(model, PhotoList([paths[i] for i in kept], settings.resize_max), [paths[i] for i in kept],
+                       folder, config, device, settings.precision, 1, settings.threads, run_dir, 'float32',
+                       descriptors)
+    return kept, descriptors, (path, (time.process_time() - started) / len(kept))
 
 
 def match_drawer(config, query_photos, db_root, db_names, out):

@@ -9,19 +9,22 @@ how well the query's image patches match theirs, and how consistently those matc
   integral image instead; its differences of large running sums cancel for clusters that are weakly assigned in
   a patch, and intra-normalisation turns what is left into unit-norm noise rows.
 - Matching: mutual nearest neighbours between the query's and each candidate's patches of one size, all
-  candidates of a query at once (one matrix product per block of candidates).
+  candidates of a query at once (one matrix product per block of candidates, both argmaxes of it).
 - Scoring: the inliers of a RANSAC homography between the matched patch centres ('ransac', the performance
   config), or rapid spatial scoring ('spatial', the speed and storage configs), both over all candidates at once;
   each size's scores are z-normalised over the query's candidates and summed with the config's weights. RANSAC
   follows cv2.findHomography's (the reference's scorer): seeded 4-point samples that keep their orientation, tried
   in turn until OpenCV's adaptive count for confidence 0.995 (at most 2000), the best one's inliers counted; the
-  candidates' hypotheses are tried in rounds, one batched computation each. Keypoints are the patch centres in
+  candidates' hypotheses are tried in rounds, one batched computation each (the homographies of all samples,
+  the inliers of only those that keep their orientation). Keypoints are the patch centres in
   feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike; the reference's
   are pixels for VGG16's stride of 16, a similarity of these, with the threshold scaled alike.
 
 A run without PCA whitening is refused (a UserError naming --mode=pca): its raw patch descriptors are K*D-D
 (32768 for VGG16), tens to hundreds of MB per image (storage_per_image), terabytes for a Pitts30k database.
-The database's patch features are computed once into a store file (patch_features.py).
+The database's patch features are computed once into a store file (patch_features.py). A re-ranked search takes
+each image through the encoder once (extract_jointly): the global descriptors and the patch stores of the
+database and of the queries from the same pass.
 """
 import dataclasses
 import functools
@@ -639,15 +642,12 @@ def rerank_candidates(model, database, db_names, queries, candidates, store_dir,
     """Re-rank each query's candidates [Q, k] (database ids from the global search, best first): the database's
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
     order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. query_store:
-    extract_jointly's (store path, extraction seconds per query), when it has written both stores already: the
-    queries' patches are read from it instead of extracted. Returns (re-ranked ids [Q, k], patch scores [Q, k], a
+    (the path of a store of the queries' patches, extraction seconds per query), as extract_jointly gives it: the
+    queries' patches are read from it instead of extracted (queries unused). Returns (re-ranked ids [Q, k], patch scores [Q, k], a
     summary: the config's settings, the store, and seconds per query: in all and of each part)."""
+    check_first_image(model, database, config, device)
     started = time.perf_counter()
-    if query_store is None:
-        check_first_image(model, database, config, device)
-        path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
-    else:
-        path = store_path(store_dir, config.name)
+    path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
     store_s = time.perf_counter() - started
     with open_store(store_dir, config) as store:
         if query_store is None:
