@@ -131,12 +131,15 @@ def test_mutual_matches_are_the_brute_force_mutual_nearest_neighbours():
     db_desc = np.concatenate([query_desc[:15] + 0.3 * unit_rows(rng, 15, 16), unit_rows(rng, 25, 16)])
     db_desc = (db_desc / np.linalg.norm(db_desc, axis=1, keepdims=True)).astype(np.float32)
     db_desc = db_desc[rng.permutation(len(db_desc))]
-    candidates = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
-    nearest, mutual = pn.mutual_matches(query_desc, candidates)
-    for c, candidate in enumerate(candidates):
-        expected = brute_force_mutual(query_desc, candidate) if len(candidate) else set()
-        assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
-    assert len(brute_force_mutual(query_desc, db_desc)) >= 15 and not mutual[1].any()
+    various = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
+    same_size = [db_desc, db_desc[::-1], unit_rows(rng, 40, 16).astype(np.float16)]  # stacked without padding
+    for candidates in (various, same_size):
+        nearest, mutual = pn.mutual_matches(query_desc, candidates)
+        for c, candidate in enumerate(candidates):
+            expected = brute_force_mutual(query_desc, candidate.astype(np.float32)) if len(candidate) else set()
+            assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
+    assert len(brute_force_mutual(query_desc, db_desc)) >= 15
+    assert not pn.mutual_matches(query_desc, various)[1][1].any()
 
 
 def apply_homography(h, points):
@@ -195,12 +198,16 @@ def ransac_one_by_one(source, target, samples, threshold):
     return best
 
 
-def test_batched_ransac_is_each_candidates_ransac_one_by_one():
+@pytest.mark.parametrize('points, first_round', [(2048, 32), (100, 3)])
+def test_batched_ransac_is_each_candidates_ransac_one_by_one(monkeypatch, points, first_round):
     """Candidates with 0 to 120 matches, of which a share (all, most, a fifth, none) follows a planted homography
     (with noise up to 0.2 or 0.8 of the threshold: with the larger, hypotheses through different inliers find
     different counts, and where the search stops matters), the others anywhere in the grid; rows past each
     candidate's matches are noise that must not count. The batched masks are those of the loop written here,
-    candidate by candidate."""
+    candidate by candidate, whether the candidates are tried in one block or in several, in large or small
+    rounds."""
+    monkeypatch.setattr(pn, 'RANSAC_POINTS', points)
+    monkeypatch.setattr(pn, 'RANSAC_ROUND', first_round)
     rng = np.random.default_rng(11)
     counts, shares = [0, 3, 4, 5, 9, 40, 120, 120, 60, 80], [1, 1, 1, 0.8, 0.7, 1, 0.6, 0.2, 0, 0.9]
     threshold = pn.RANSAC_THRESHOLD
