@@ -550,8 +550,9 @@ def test_joint_pass_gives_the_plain_global_descriptors_and_both_stores(whitened_
 def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli, encoded_images):
     """--mode=query --rerank patch with every database image a candidate: the answers are the database in the
     order of the library's re-ranking of the global search (of photos extracted afresh here), read from the store
-    beside the cached database; asked again, each photo goes through the encoder once (its global descriptor and
-    its patches from one pass), the cached database not at all."""
+    beside the cached database. Every image goes through the encoder once: each database image (its cached global
+    descriptor and its patches from one pass) and each photo; asked again, each photo once, the cached database
+    not at all."""
     database, photos, _ = places
     out = tmp_path / 'answers'
     common = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
@@ -559,6 +560,7 @@ def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--patch_sizes', '2',
               '--rerank_top', '12']
     assert run_cli(common + rerank + ['--export_dir', tmp_path / 'first']) == 0
+    assert len(encoded_images) == len(list(database.rglob('*.jpg'))) + len(list(photos.glob('*.jpg')))
     encoded_images.clear()
     assert run_cli(common + rerank + ['--export_dir', out]) == 0
     assert len(encoded_images) == len(list(photos.glob('*.jpg')))

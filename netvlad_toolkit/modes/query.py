@@ -44,6 +44,7 @@ from netvlad_toolkit.search.global_features import (
 )
 from netvlad_toolkit.search.patch_netvlad import (
     build_store,
+    check_first_image,
     flags_config,
     matched_points,
     patch_projection,
@@ -155,8 +156,11 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
     if rerank is not None:
         patch_projection(model, rerank.pca_dim)  # a run that cannot give patch descriptors stops before any work
+    known = None
+    if rerank is not None and os.path.isdir(request.database):
+        known = describe_folder_jointly(model, request, settings, device, rerank, store_dir, run_dir)
     db_file, db_names, db_root = database(db_model, request.database, image_dir, settings, device, db_run,
-                                          request.names)
+                                          request.names, known)
     photos = request.photos
     with cache_folder(prefix='netvlad_query_patches_') as folder:
         if rerank is None:
@@ -185,6 +189,26 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     logging.info('====> Answered %s against %d database images: %s', plural(len(answers), 'query', 'queries'),
                  len(db_names), out)
     return answers
+
+
+def describe_folder_jointly(model, request, settings, device, config, store_dir, run_dir):
+    """With --rerank patch, a database folder whose cache lacks images: its patch store (beside the cache, or in
+    store_dir) built or extended first, each image's global descriptor from the same pass, so that extracting
+    the cache encodes none of them again. Returns {name: global descriptor} of the images that pass encoded
+    (None when the cache holds every image: the store is then built by the re-ranking's own pass)."""
+    path = cache_path(os.path.join(run_dir, CACHE_FOLDER), request.database)
+    cached = set(h5_names(path)) if os.path.isfile(path) else set()
+    paths = [os.path.join(request.database, name) for name in request.names]
+    readable = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    names = [request.names[i] for i in readable]
+    if not readable or cached.issuperset(names):
+        return None
+    descriptors = np.empty((len(names), model.output_dim), dtype=np.float32)
+    check_first_image(model, PhotoList([paths[readable[0]]], settings.resize_max), config, device)
+    build_store(model, PhotoList([paths[i] for i in readable], settings.resize_max), names,
+                store_dir or os.path.dirname(os.path.abspath(path)), config, device, settings.precision, 1,
+                settings.threads, run_dir, descriptors=descriptors)
+    return dict(zip(names, descriptors))
 
 
 def describe_photos_jointly(model, photos, settings, device, config, folder, run_dir):
@@ -271,13 +295,14 @@ def check_database(database):
     return names
 
 
-def database(model, database, image_dir, settings, device, run_dir, names):
+def database(model, database, image_dir, settings, device, run_dir, names, known=None):
     """(global-feats file, image names, folder of the images or None) of the database, a folder extracted into
-    the run folder's cache first (only the images not there yet)."""
+    the run folder's cache first (only the images not there yet; those in `known`, {name: descriptor}, from
+    there)."""
     if os.path.isdir(database):
         path = cache_path(os.path.join(run_dir, CACHE_FOLDER), database)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        extract_folder(model, database, names, path, settings, device, skip_existing=True)
+        extract_folder(model, database, names, path, settings, device, skip_existing=True, known=known)
         return path, names_in(path, names), database
     dim = descriptor_dim(database, names[0])
     if dim != model.output_dim:
