@@ -623,6 +623,24 @@ def test_query_mode_says_that_it_reranked(whitened_run, places, tmp_path, run_cl
         capsys.readouterr().out
 
 
+def test_query_mode_reranks_a_database_with_an_image_that_cannot_be_decoded(whitened_run, places, tmp_path, run_cli,
+                                                                              capsys):
+    """A database image whose header reads but whose pixels do not (cut in half): the joint pass stops naming it;
+    with --skip_unreadable the database is described without it and re-ranked all the same."""
+    database, photos, _ = places
+    broken = sorted(database.rglob('*.jpg'))[5]
+    broken.write_bytes(broken.read_bytes()[:len(broken.read_bytes()) // 2])
+    command = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
+               '--threads', '0', '--num_matched', '11', '--rerank', 'patch', '--rerank_config', 'speed',
+               '--num_pcs', '16', '--patch_sizes', '2', '--rerank_top', '11', '--export_dir', tmp_path / 'out']
+    assert run_cli(command) == 2
+    assert broken.name in capsys.readouterr().err
+    assert run_cli(command + ['--skip_unreadable']) == 0
+    with open(tmp_path / 'out' / f'{sorted(photos.glob("*.jpg"))[0].stem}.csv') as f:
+        listed = [row['database_image'] for row in csv.DictReader(f)]
+    assert len(listed) == 11 and broken.relative_to(database).as_posix() not in listed
+
+
 def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, clustered_data, tmp_path, run_cli, capsys):
     database, photos, _ = places
     assert run_cli(['--mode=test', f'--resume={float_run}', f'--dataPath={clustered_data}', *FAST, '--rerank',

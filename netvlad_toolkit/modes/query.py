@@ -59,6 +59,7 @@ from netvlad_toolkit.utils.commons import (
     make_deterministic,
     plural,
     select_device,
+    user_error_text,
 )
 from netvlad_toolkit.utils.options import AT_LEAST_1, add_describing_flags, add_image_folder_flags, add_rerank_flags
 
@@ -205,9 +206,16 @@ def describe_folder_jointly(model, request, settings, device, config, store_dir,
         return None
     descriptors = np.empty((len(names), model.output_dim), dtype=np.float32)
     check_first_image(model, PhotoList([paths[readable[0]]], settings.resize_max), config, device)
-    build_store(model, PhotoList([paths[i] for i in readable], settings.resize_max), names,
-                store_dir or os.path.dirname(os.path.abspath(path)), config, device, settings.precision, 1,
-                settings.threads, run_dir, descriptors=descriptors)
+    try:
+        build_store(model, PhotoList([paths[i] for i in readable], settings.resize_max), names,
+                    store_dir or os.path.dirname(os.path.abspath(path)), config, device, settings.precision, 1,
+                    settings.threads, run_dir, descriptors=descriptors)
+    except UserError as error:  # an image that cannot be decoded, for one
+        if not settings.skip_unreadable:
+            raise
+        logging.warning('%s With --skip_unreadable the database is described by its own pass, which leaves out '
+                        'what cannot be read, and its patch store completed by a second one.', user_error_text(error))
+        return None
     return dict(zip(names, descriptors))
 
 
