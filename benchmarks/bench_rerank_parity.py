@@ -256,8 +256,8 @@ def former_within(homographies, source, target, threshold):
 def loop_scores(query, candidates, config):
     """The batched matcher's scores [C, sizes] computed one candidate and one hypothesis at a time (RANSAC: the
     same seeded samples in turn, OpenCV's orientation check from the triangles' signs, each homography from the
-    null vector of the 8x9 linear system of its 4 points, the inlier test in float64, OpenCV's adaptive stop), written here
-    independently of patch_netvlad's batched code; the mutual matches are mutual_matches' (checked against the
+    null vector of the 8x9 linear system of its 4 points, the inlier test in float64, OpenCV's adaptive stop),
+    written here independently of patch_netvlad's batched code; the mutual matches are mutual_matches' (checked against the
     original's above)."""
     scores = np.zeros((len(candidates), len(config.patch_sizes)))
     for index, stride in enumerate(config.strides):
@@ -454,7 +454,8 @@ def report(rows, args, before_s):
         if 'loop' in row['recalls']:
             r = {key: '/'.join(f'{values[n]:.3f}' for n in (1, 5, 10) if n in values)
                  for key, values in row['recalls'].items()}
-            print(f'| {row["config"].name} | {row["counts_differ_loop"]} of {row["queries"] * row["config"].num_candidates * len(row["config"].patch_sizes)} | '
+            pairs = row['queries'] * row['config'].num_candidates * len(row['config'].patch_sizes)
+            print(f'| {row["config"].name} | {row["counts_differ_loop"]} of {pairs} | '
                   f'{row["same_order_loop"]}/{row["queries"]} | {r["loop"]} | {r["batched"]} |')
     for row in rows:
         print(f'{row["config"].name}: the original\'s local_matcher gives the orders of its PatchMatcher scores for '

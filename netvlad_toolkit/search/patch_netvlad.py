@@ -643,8 +643,8 @@ def rerank_candidates(model, database, db_names, queries, candidates, store_dir,
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
     order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. query_store:
     (the path of a store of the queries' patches, extraction seconds per query), as extract_jointly gives it: the
-    queries' patches are read from it instead of extracted (queries unused). Returns (re-ranked ids [Q, k], patch scores [Q, k], a
-    summary: the config's settings, the store, and seconds per query: in all and of each part)."""
+    queries' patches are read from it instead of extracted (queries unused). Returns (re-ranked ids [Q, k], patch
+    scores [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
     check_first_image(model, database, config, device)
     started = time.perf_counter()
     path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
