@@ -19,7 +19,9 @@ original's three configs (configs/<name>.ini, num_pcs cut to the run's whitening
   against the toolkit's four_point_homographies and within);
 - time per query of the matching (one thread, process time): the original's PatchMatcher loop, the toolkit's
   batched matcher, and the toolkit's former per-candidate matcher (per_candidate_scores below, kept here only),
-  with Recall@N and the inlier counts of the former and the batched one.
+  with Recall@N and the inlier counts of the former and the batched one;
+- RANSAC, the batched matcher against the same seeded search run one candidate and one hypothesis at a time
+  (loop_scores, written here): inlier counts per (candidate, size), orders and Recall@N.
 
 Shims, all here: faiss and sklearn.neighbors (imported at the top of the original's modules, used only to
 initialise clusters) are stand-in modules; the original computes patch centres for VGG16's 16-pixel stride from
@@ -212,17 +214,92 @@ def per_candidate_scores(query, candidates, config):
 
 
 def former_ransac(source, target, threshold):
+    """The former matcher's RANSAC of one candidate, with its own homography and inlier test (former_*)."""
     source, target = torch.from_numpy(source).double(), torch.from_numpy(target).double()
     samples = pn.ransac_samples(len(source))
-    inliers = pn.within(pn.four_point_homographies(source[samples], target[samples]), source, target, threshold)
+    inliers = former_within(former_homographies(source[samples], target[samples]), source, target, threshold)
     best = inliers[inliers.sum(dim=1).argmax()]
     x, y, u, v = source[best, 0], source[best, 1], target[best, 0], target[best, 1]
     one, zero = torch.ones_like(x), torch.zeros_like(x)
     system = torch.cat([torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=1),
                         torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=1)])
     refit = torch.linalg.lstsq(system, torch.cat([u, v])[:, None]).solution[:, 0]
-    refit_inliers = pn.within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target, threshold)[0]
+    refit_inliers = former_within(torch.cat([refit, refit.new_ones(1)]).reshape(1, 3, 3), source, target,
+                                  threshold)[0]
     return (refit_inliers if refit_inliers.sum() >= best.sum() else best).numpy()
+
+
+def former_adjugate(m):
+    a, b, c = m.unbind(dim=-2)
+    return torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=-1)
+
+
+def former_from_basis(points):
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(1, 2)  # [h, 3, 4]
+    first_three = homogeneous[:, :, :3]
+    return first_three * (former_adjugate(first_three) @ homogeneous[:, :, 3:]).transpose(1, 2)
+
+
+def former_homographies(source, target):
+    return former_from_basis(target) @ former_adjugate(former_from_basis(source))
+
+
+def former_within(homographies, source, target, threshold):
+    unit = homographies / torch.linalg.matrix_norm(homographies)[:, None, None]
+    points = torch.cat([source, torch.ones_like(source[:, :1])], dim=1).float()  # [n, 3]
+    x, y, w = (unit.float().reshape(-1, 3) @ points.T).reshape(len(homographies), 3, -1).unbind(dim=1)
+    u, v = target.float().T
+    dx, dy = torch.addcmul(x, u, w, value=-1), torch.addcmul(y, v, w, value=-1)
+    return torch.addcmul(dx.square_(), dy, dy) <= w.mul_(threshold).square_()
+
+
+def loop_scores(query, candidates, config):
+    """The batched matcher's scores [C, sizes] computed one candidate and one hypothesis at a time (RANSAC: the
+    same seeded samples in turn, OpenCV's orientation check from the triangles' signs, each homography from the
+    null vector of the 8x9 linear system of its 4 points, the inlier test in float64, OpenCV's adaptive stop),
+    written here independently of patch_netvlad's batched code; the mutual matches are mutual_matches' (checked against the
+    original's above)."""
+    scores = np.zeros((len(candidates), len(config.patch_sizes)))
+    for index, stride in enumerate(config.strides):
+        nearest, mutual = pn.mutual_matches(query.descriptors[index], [c.descriptors[index] for c in candidates])
+        for c, candidate in enumerate(candidates):
+            rows = mutual[c].nonzero()[:, 0].numpy()
+            if len(rows) >= 4:
+                source = candidate.keypoints[index][nearest[c, rows].numpy()].astype(np.float64)
+                target = query.keypoints[index][rows].astype(np.float64)
+                scores[c, index] = loop_ransac(source, target, pn.RANSAC_THRESHOLD * stride)
+    return scores / [len(d) for d in query.descriptors]
+
+
+def triangle_signs(points):
+    signs = []
+    for i, j, k in ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3)):
+        (ax, ay), (bx, by) = points[j] - points[i], points[k] - points[i]
+        signs.append(np.sign(ax * by - ay * bx))
+    return np.array(signs)
+
+
+def loop_ransac(source, target, threshold):
+    best, tried, needed = 0, 0, pn.RANSAC_HYPOTHESES
+    for sample in pn.ransac_samples(len(source)).tolist():
+        product = triangle_signs(source[sample]) * triangle_signs(target[sample])
+        if not (np.all(product > 0) or np.all(product < 0)):
+            continue
+        system = []
+        for (x, y), (u, v) in zip(source[sample], target[sample]):
+            system += [[x, y, 1, 0, 0, 0, -u * x, -u * y, -u], [0, 0, 0, x, y, 1, -v * x, -v * y, -v]]
+        h = np.linalg.svd(np.array(system))[2][-1].reshape(3, 3)  # the null vector (h_33 may be 0)
+        projected = np.c_[source, np.ones(len(source))] @ h.T
+        with np.errstate(divide='ignore', invalid='ignore'):  # points mapped to infinity: no inliers
+            count = int((np.linalg.norm(projected[:, :2] / projected[:, 2:] - target, axis=1) <= threshold).sum())
+        tried += 1
+        if count > best:
+            best, ratio = count, count / len(source)
+            needed = 0 if ratio == 1 else min(pn.RANSAC_HYPOTHESES, round(np.log(1 - pn.RANSAC_CONFIDENCE) /
+                                                                          np.log(1 - ratio ** 4)))
+        if tried >= needed:
+            break
+    return best
 
 
 def batched_scores(query, candidates, config):
@@ -259,8 +336,9 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
     theirs = {i: as_features(original32[i], toolkit[i]) for i in needed}
     stats = dict(queries=len(predictions), score_diff=0.0, fused_diff=0.0, same_order=0, same_order_former=0,
                  match_sets_differ=0, pairs=0, hypotheses=0, hypotheses_differ=0, hypotheses_differ64=0, same_up_to_ties=0, time_original=[], time_batched=[],
-                 time_former=[], counts_differ_former=0)
-    orders = {'original': [], 'batched': [], 'former': []}
+                 time_former=[], counts_differ_former=0, counts_differ_loop=0,
+                 same_order_loop=0)
+    orders = {'original': [], 'batched': [], 'former': [], 'loop': []}
     rng = np.random.default_rng(0)
     original.cv2.setRNGSeed(0)
     for q, candidates in enumerate(predictions):
@@ -274,6 +352,11 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
         stats['time_former'].append(spent)
         stats['counts_differ_former'] += int(np.sum(np.abs(former - ours) * [len(d) for d in query.descriptors]
                                                     > 0.5))
+        if config.matcher == 'ransac':
+            loop = loop_scores(query, [theirs[c] for c in candidates], config)
+            stats['counts_differ_loop'] += int(np.sum(np.abs(loop - ours) * [len(d) for d in query.descriptors]
+                                                      > 0.5))
+            orders['loop'].append(order_of(pn.fuse_scores(loop, config.patch_weights), candidates))
         stats['score_diff'] = max(stats['score_diff'], float(np.abs(ours + their_scores).max()))
         their_fused = -original.local_matcher.normalise_func(their_scores, len(patch_sizes),
                                                              np.array(config.patch_weights))
@@ -286,6 +369,8 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
         their_positions = np.argsort(-their_fused)  # the original's order: is it also a descending order of ours?
         stats['same_up_to_ties'] += bool(np.all(np.diff(our_fused[their_positions]) <= TIE))
         stats['same_order_former'] += bool(np.array_equal(orders['former'][-1], orders['batched'][-1]))
+        stats['same_order_loop'] += bool(config.matcher == 'ransac' and np.array_equal(orders['loop'][-1],
+                                                                                     orders['batched'][-1]))
         for c in candidates[:args.match_checks]:
             for index, stride in enumerate(config.strides):
                 nearest, mutual = pn.mutual_matches(query.descriptors[index], [theirs[c].descriptors[index]])
@@ -305,7 +390,7 @@ def compare_config(name, args, original, model, dataset, predictions, out_dir):
     stats['local_matcher_agrees'] = run_local_matcher(original, config_ini, original32, predictions, num_db,
                                                       orders['original'], out_dir, config.matcher)
     positives = dataset.positives()
-    stats['recalls'] = {key: recalls(np.array(value), positives) for key, value in orders.items()}
+    stats['recalls'] = {key: recalls(np.array(value), positives) for key, value in orders.items() if value}
     stats['recalls']['global'] = recalls(predictions, positives)
     return dict(config=config, descriptors=largest, **stats)
 
@@ -361,6 +446,17 @@ def report(rows, args, before_s):
               f'| {ms["former"] / ms["batched"]:.1f}x | {row["same_order_former"]}/{row["queries"]} | '
               f'{row["counts_differ_former"]} of {row["queries"] * config.num_candidates * len(config.patch_sizes)} '
               f'| {r["original"]} | {r["former"]} | {r["batched"]} | {r["global"]} |')
+    print('\nRANSAC, the batched matcher against the same seeded search one candidate and one hypothesis at a time '
+          '(loop_scores, float64)')
+    print('| config | (candidate, size) inlier counts differing | re-ranked orders identical | R@1/5/10 loop | batched |')
+    print('|---|---|---|---|---|')
+    for row in rows:
+        if 'loop' in row['recalls']:
+            r = {key: '/'.join(f'{values[n]:.3f}' for n in (1, 5, 10) if n in values)
+                 for key, values in row['recalls'].items()}
+            pairs = row['queries'] * row['config'].num_candidates * len(row['config'].patch_sizes)
+            print(f'| {row["config"].name} | {row["counts_differ_loop"]} of {pairs} | '
+                  f'{row["same_order_loop"]}/{row["queries"]} | {r["loop"]} | {r["batched"]} |')
     for row in rows:
         print(f'{row["config"].name}: the original\'s local_matcher gives the orders of its PatchMatcher scores for '
               f'{row["local_matcher_agrees"]} queries')

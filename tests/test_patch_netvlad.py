@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import FAST
 from netvlad_toolkit import cli
 from netvlad_toolkit.datasets.datasets import load_dataset
-from netvlad_toolkit.model.models import build_model
+from netvlad_toolkit.model.models import EmbedNet, build_model
 from netvlad_toolkit.runs import figures
 from netvlad_toolkit.runs.runs import open_run
 from netvlad_toolkit.search import patch_netvlad as pn
@@ -131,12 +131,15 @@ def test_mutual_matches_are_the_brute_force_mutual_nearest_neighbours():
     db_desc = np.concatenate([query_desc[:15] + 0.3 * unit_rows(rng, 15, 16), unit_rows(rng, 25, 16)])
     db_desc = (db_desc / np.linalg.norm(db_desc, axis=1, keepdims=True)).astype(np.float32)
     db_desc = db_desc[rng.permutation(len(db_desc))]
-    candidates = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
-    nearest, mutual = pn.mutual_matches(query_desc, candidates)
-    for c, candidate in enumerate(candidates):
-        expected = brute_force_mutual(query_desc, candidate) if len(candidate) else set()
-        assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
-    assert len(brute_force_mutual(query_desc, db_desc)) >= 15 and not mutual[1].any()
+    various = [db_desc, db_desc[:0], db_desc[7:30], unit_rows(rng, 60, 16), db_desc[::-1]]
+    same_size = [db_desc, db_desc[::-1], unit_rows(rng, 40, 16).astype(np.float16)]  # stacked without padding
+    for candidates in (various, same_size):
+        nearest, mutual = pn.mutual_matches(query_desc, candidates)
+        for c, candidate in enumerate(candidates):
+            expected = brute_force_mutual(query_desc, candidate.astype(np.float32)) if len(candidate) else set()
+            assert set(zip(mutual[c].nonzero()[:, 0].tolist(), nearest[c][mutual[c]].tolist())) == expected
+    assert len(brute_force_mutual(query_desc, db_desc)) >= 15
+    assert not pn.mutual_matches(query_desc, various)[1][1].any()
 
 
 def apply_homography(h, points):
@@ -195,12 +198,16 @@ def ransac_one_by_one(source, target, samples, threshold):
     return best
 
 
-def test_batched_ransac_is_each_candidates_ransac_one_by_one():
+@pytest.mark.parametrize('points, first_round', [(2048, 32), (100, 3)])
+def test_batched_ransac_is_each_candidates_ransac_one_by_one(monkeypatch, points, first_round):
     """Candidates with 0 to 120 matches, of which a share (all, most, a fifth, none) follows a planted homography
     (with noise up to 0.2 or 0.8 of the threshold: with the larger, hypotheses through different inliers find
     different counts, and where the search stops matters), the others anywhere in the grid; rows past each
     candidate's matches are noise that must not count. The batched masks are those of the loop written here,
-    candidate by candidate."""
+    candidate by candidate, whether the candidates are tried in one block or in several, in large or small
+    rounds."""
+    monkeypatch.setattr(pn, 'RANSAC_POINTS', points)
+    monkeypatch.setattr(pn, 'RANSAC_ROUND', first_round)
     rng = np.random.default_rng(11)
     counts, shares = [0, 3, 4, 5, 9, 40, 120, 120, 60, 80], [1, 1, 1, 0.8, 0.7, 1, 0.6, 0.2, 0, 0.9]
     threshold = pn.RANSAC_THRESHOLD
@@ -457,17 +464,19 @@ def test_rerank_flags_override_the_config_and_name_its_store(make_opt):
 
 
 def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whitened_run, clustered_data, run_cli,
-                                                                           tmp_path):
+                                                                           tmp_path, encoded_images):
     """--rerank patch in test mode against the global ranking of the same run and the library's re-ranking of it:
-    the top 10 of each query are the global top 10 in the order rerank_queries gives, and Recall@N is that of
-    the new order, counted here."""
+    each image goes through the encoder once; the top 10 of each query are the global top 10 in the order
+    rerank_queries gives (from queries extracted afresh), and Recall@N is that of the new order, counted here."""
     flags = ['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}', '--resize=128x160', *FAST,
              '--runsPath', tmp_path]
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--rerank_top', '10']
     opt = cli.parse_options(flags)
     plain = cli.run(opt)
+    encoded_images.clear()
     reranked = cli.run(cli.parse_options(flags + rerank))
     dataset = load_dataset(opt, 'test')
+    assert sorted(encoded_images) == sorted([tuple(dataset[0][0].shape[1:])] * len(dataset))
     num_db = dataset.db_struct.numDb
     config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], name='speed_p5_s1_d16', pca_dim=16, num_candidates=10)
     model, _ = open_run(opt)
@@ -487,16 +496,74 @@ def test_test_mode_reranks_the_global_candidates_and_scores_the_new_order(whiten
     assert record['rerank']['global_recalls'] == {str(n): r for n, r in plain['recalls'].items()}
 
 
-def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli):
+@pytest.fixture
+def encoded_images(monkeypatch):
+    """Counts the images that go through any model's encoder (EmbedNet.features), by image size."""
+    counted = []
+    features = EmbedNet.features
+
+    def counting(self, images):
+        counted.extend([tuple(images.shape[2:])] * len(images))
+        return features(self, images)
+    monkeypatch.setattr(EmbedNet, 'features', counting)
+    return counted
+
+
+def test_joint_pass_gives_the_plain_global_descriptors_and_both_stores(whitened_run, clustered_data, tmp_path,
+                                                                       encoded_images):
+    """extract_jointly on a database whose store holds its first 30 images already (a store being extended): every
+    image through the encoder once; the global descriptors those of the model applied to each image here; the
+    database store's new rows and the query store's rows the patch features of each image computed here."""
+    opt = cli.parse_options(['--mode=test', f'--resume={whitened_run}', f'--dataPath={clustered_data}',
+                              '--resize=128x160', *FAST])
+    model, _ = open_run(opt)
+    dataset = load_dataset(opt, 'test')
+    struct, num_db = dataset.db_struct, dataset.db_struct.numDb
+    config = dataclasses.replace(pn.RERANK_CONFIGS['speed'], pca_dim=16, num_candidates=10)
+    device = torch.device('cpu')
+    database = torch.utils.data.Subset(dataset, range(num_db))
+    queries = torch.utils.data.Subset(dataset, range(num_db, len(dataset)))
+    pn.build_store(model, torch.utils.data.Subset(database, range(30)), struct.db_paths[:30], tmp_path / 'db', config,
+                   device, batch_size=16)
+    encoded_images.clear()
+    descriptors = np.full((len(dataset), model.output_dim), np.nan, dtype=np.float32)
+    query_store, extraction_s = pn.extract_jointly(model, database, struct.db_paths, queries, struct.query_paths,
+                                                   tmp_path / 'db', tmp_path / 'queries', config, device, descriptors,
+                                                   batch_size=16)
+    assert len(encoded_images) == len(dataset) and extraction_s > 0
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = torch.cat([model(images[first:first + 16]) for first in range(0, len(images), 16)]).numpy()
+    np.testing.assert_allclose(descriptors, expected, atol=1e-5)
+    direct = pn.patch_features(model, images, config)[1]
+    with pn.open_store(tmp_path / 'db', config) as db_store, \
+            PatchStore(query_store, config.patch_sizes, config.strides, config.pca_dim) as stored:
+        assert stored.names == list(struct.query_paths) and db_store.names == list(struct.db_paths)
+        for index in (30, num_db - 1):
+            np.testing.assert_allclose(pn.store_features(db_store, [index], config)[0].descriptors[0],
+                                       direct[index].descriptors[0], atol=1e-3)  # float16 rows
+        for q in (0, len(queries) - 1):
+            np.testing.assert_allclose(pn.store_features(stored, [q], config)[0].descriptors[0],
+                                       direct[num_db + q].descriptors[0], atol=1e-6)
+
+
+def test_query_mode_lists_the_reranked_order(whitened_run, places, tmp_path, run_cli, encoded_images):
     """--mode=query --rerank patch with every database image a candidate: the answers are the database in the
-    order of the library's re-ranking of the global search, read from the store beside the cached database."""
+    order of the library's re-ranking of the global search (of photos extracted afresh here), read from the store
+    beside the cached database. Every image goes through the encoder once: each database image (its cached global
+    descriptor and its patches from one pass) and each photo; asked again, each photo once, the cached database
+    not at all."""
     database, photos, _ = places
     out = tmp_path / 'answers'
     common = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
               '--threads', '0', '--num_matched', '12']
     rerank = ['--rerank', 'patch', '--rerank_config', 'speed', '--num_pcs', '16', '--patch_sizes', '2',
               '--rerank_top', '12']
+    assert run_cli(common + rerank + ['--export_dir', tmp_path / 'first']) == 0
+    assert len(encoded_images) == len(list(database.rglob('*.jpg'))) + len(list(photos.glob('*.jpg')))
+    encoded_images.clear()
     assert run_cli(common + rerank + ['--export_dir', out]) == 0
+    assert len(encoded_images) == len(list(photos.glob('*.jpg')))
     opt = cli.parse_options(common)
     model, _ = open_run(opt)
     names = sorted(p.relative_to(database).as_posix() for p in database.rglob('*.jpg'))
@@ -554,6 +621,24 @@ def test_query_mode_says_that_it_reranked(whitened_run, places, tmp_path, run_cl
                     '--num_pcs', '16', '--patch_sizes', '2', '--rerank_top', '5', '--export_dir', tmp_path]) == 0
     assert 'Re-ranked the top 5 candidates of each query with Patch-NetVLAD (speed_p2_s1_d16, spatial)' in \
         capsys.readouterr().out
+
+
+def test_query_mode_reranks_a_database_with_an_image_that_cannot_be_decoded(whitened_run, places, tmp_path, run_cli,
+                                                                              capsys):
+    """A database image whose header reads but whose pixels do not (cut in half): the joint pass stops naming it;
+    with --skip_unreadable the database is described without it and re-ranked all the same."""
+    database, photos, _ = places
+    broken = sorted(database.rglob('*.jpg'))[5]
+    broken.write_bytes(broken.read_bytes()[:len(broken.read_bytes()) // 2])
+    command = ['--mode=query', f'--resume={whitened_run}', '--query', photos, '--database', database, '--nocuda',
+               '--threads', '0', '--num_matched', '11', '--rerank', 'patch', '--rerank_config', 'speed',
+               '--num_pcs', '16', '--patch_sizes', '2', '--rerank_top', '11', '--export_dir', tmp_path / 'out']
+    assert run_cli(command) == 2
+    assert broken.name in capsys.readouterr().err
+    assert run_cli(command + ['--skip_unreadable']) == 0
+    with open(tmp_path / 'out' / f'{sorted(photos.glob("*.jpg"))[0].stem}.csv') as f:
+        listed = [row['database_image'] for row in csv.DictReader(f)]
+    assert len(listed) == 11 and broken.relative_to(database).as_posix() not in listed
 
 
 def test_rerank_errors_name_what_to_give(whitened_run, float_run, places, clustered_data, tmp_path, run_cli, capsys):

@@ -21,9 +21,15 @@ from netvlad_toolkit.datasets.msls import write_predictions
 from netvlad_toolkit.runs.figures import retrieval_strips
 from netvlad_toolkit.runs.results import record_result, variant_of
 from netvlad_toolkit.runs.runs import load_model, open_database_run, place_model, stored_flags
-from netvlad_toolkit.search.descriptors import open_parts, part_name, part_rows
+from netvlad_toolkit.search.descriptors import DescriptorFile, cache_folder, open_parts, part_name, part_rows
 from netvlad_toolkit.search.global_features import extraction_settings
-from netvlad_toolkit.search.patch_netvlad import check_first_image, flags_config, patch_projection, rerank_candidates
+from netvlad_toolkit.search.patch_netvlad import (
+    check_first_image,
+    extract_jointly,
+    flags_config,
+    patch_projection,
+    rerank_candidates,
+)
 from netvlad_toolkit.search.retrieval import RECALL_NS, evaluate, extract_descriptors, log_recalls, search_and_recall
 from netvlad_toolkit.utils.commons import (
     UserError,
@@ -173,11 +179,13 @@ def recall_at_n(model, dataset, device='cpu', batch_size=24, precision='fp32', t
     settings = argparse.Namespace(**vars(extraction_settings(device, batch_size, precision, threads)), index=index,
                                   compare_exact=compare_exact, desc_dtype=desc_dtype, cachePath=cache_path,
                                   save_predictions=save_predictions)
-    reranker, summary = patch_reranker(model, dataset, rerank, store_dir, device, settings, run)
-    top = rerank.num_candidates if rerank else 0
-    if descriptors is None:
-        result = evaluate(model, dataset, settings, device, reranker, top, db_model)
+    if rerank is not None and descriptors is None:
+        result, summary = evaluate_reranked(model, dataset, settings, device, rerank, store_dir, run)
+    elif descriptors is None:
+        result = evaluate(model, dataset, settings, device, db_model=db_model)
     else:
+        reranker, summary = patch_reranker(model, dataset, rerank, store_dir, device, settings, run)
+        top = rerank.num_candidates if rerank else 0
         result = dict(search_and_recall(descriptors, dataset.db_struct.numDb, dataset.positives(), settings,
                                         dataset.db_struct, reranker, top), extraction_s=None, images_per_s=None)
     if rerank is not None:
@@ -215,24 +223,47 @@ def encoders_of(opt, run_dir, checkpoint, db_name):
                 database_encoder=dict(run=opt.database_run, name=db_name))
 
 
-def patch_reranker(model, dataset, config, store_dir, device, settings, run):
+def patch_reranker(model, dataset, config, store_dir, device, settings, run, query_store=None):
     """(a function re-ranking [Q, n] candidates of the dataset's queries, the summary it fills), or (None, None)
-    without a config."""
+    without a config. query_store: extract_jointly's, when the stores are written already."""
     if config is None:
         return None, None
     patch_projection(model, config.pca_dim)  # a run that cannot give patch descriptors stops before any work
     num_db = dataset.db_struct.numDb
     database, queries = Subset(dataset, range(num_db)), Subset(dataset, range(num_db, len(dataset)))
-    check_first_image(model, database, config, device)  # patches that cannot be placed stop before the extraction
+    if query_store is None:
+        check_first_image(model, database, config, device)  # patches that cannot be placed stop before extraction
     summary = {}
 
     def rerank(candidates):
         reranked, _, done = rerank_candidates(model, database, dataset.db_struct.db_paths, queries, candidates,
                                               store_dir, config, device, settings.precision,
-                                              settings.cacheBatchSize, settings.threads, run)
+                                              settings.cacheBatchSize, settings.threads, run, query_store=query_store)
         summary.update(done)
         return reranked
     return rerank, summary
+
+
+def evaluate_reranked(model, dataset, settings, device, config, store_dir, run):
+    """retrieval.evaluate with Patch-NetVLAD re-ranking, each image through the encoder once: the global
+    descriptors, the database's patch store (in store_dir) and the queries' patches (in a temporary store beside
+    the descriptors) from one pass (extract_jointly); then the search, and the re-ranking from the stores.
+    Returns (the result, the re-ranking's summary)."""
+    patch_projection(model, config.pca_dim)
+    num_db, struct = dataset.db_struct.numDb, dataset.db_struct
+    database, queries = Subset(dataset, range(num_db)), Subset(dataset, range(num_db, len(dataset)))
+    with cache_folder(settings.cachePath) as folder:
+        started = time.time()
+        whole = DescriptorFile.create(os.path.join(folder, f'{dataset.split}.npy'), len(dataset), model.output_dim,
+                                      settings.desc_dtype)
+        query_store = extract_jointly(model, database, struct.db_paths, queries, struct.query_paths, store_dir,
+                                      folder, config, device, whole, settings.precision, settings.cacheBatchSize,
+                                      settings.threads, run)
+        extraction_s = time.time() - started
+        reranker, summary = patch_reranker(model, dataset, config, store_dir, device, settings, run, query_store)
+        result = search_and_recall(whole, num_db, dataset.positives(), settings, struct, reranker,
+                                   config.num_candidates)
+    return dict(result, extraction_s=extraction_s, images_per_s=len(dataset) / extraction_s), summary
 
 
 def save_predictions(dataset, predictions, distances, top_n, run_dir, stem, picture=True):

@@ -19,14 +19,16 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from netvlad_toolkit.datasets.folder_dataset import utm_from_filename
 from netvlad_toolkit.runs.figures import patch_matches, query_strip
 from netvlad_toolkit.runs.runs import load_model, open_database_run, place_model
-from netvlad_toolkit.search.descriptors import load_descriptor_file
+from netvlad_toolkit.search.descriptors import cache_folder, load_descriptor_file
 from netvlad_toolkit.search.global_features import (
     PhotoList,
     cache_path,
@@ -38,8 +40,11 @@ from netvlad_toolkit.search.global_features import (
     h5_names,
     path_key,
     read_descriptors,
+    size_groups,
 )
 from netvlad_toolkit.search.patch_netvlad import (
+    build_store,
+    check_first_image,
     flags_config,
     matched_points,
     patch_projection,
@@ -54,6 +59,7 @@ from netvlad_toolkit.utils.commons import (
     make_deterministic,
     plural,
     select_device,
+    user_error_text,
 )
 from netvlad_toolkit.utils.options import AT_LEAST_1, add_describing_flags, add_image_folder_flags, add_rerank_flags
 
@@ -151,31 +157,82 @@ def answer_request(model, request, out, run_dir, device, top, image_dir, batch_s
     settings = extraction_settings(device, batch_size, precision, threads, as_half, resize_max, skip_unreadable)
     if rerank is not None:
         patch_projection(model, rerank.pca_dim)  # a run that cannot give patch descriptors stops before any work
+    known = None
+    if rerank is not None and os.path.isdir(request.database):
+        known = describe_folder_jointly(model, request, settings, device, rerank, store_dir, run_dir)
     db_file, db_names, db_root = database(db_model, request.database, image_dir, settings, device, db_run,
-                                          request.names)
+                                          request.names, known)
     photos = request.photos
-    kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
-    if not kept:
-        raise UserError(f'None of the {len(photos)} query photos could be read.')
-    db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(db_run, CACHE_FOLDER))
-    scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
-    if rerank is not None:
-        candidates = found[:, :rerank.num_candidates]
-        reranked, _, summary = rerank_candidates(
-            model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names,
-            PhotoList([photos[q][1] for q in kept], resize_max), candidates,
-            store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1, threads, run_dir,
-            match_drawer(rerank, [photos[q] for q in kept], db_root, db_names, out))
-        scores, found = reorder_first(scores, found, reranked)
-        logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per query; '
-                     'the patch store of the database in %s', summary['candidates'], rerank.name, rerank.matcher,
-                     1000 * summary['seconds_per_query'], summary['store'])
+    with cache_folder(prefix='netvlad_query_patches_') as folder:
+        if rerank is None:
+            kept, query_desc = describe_images(model, [path for _, path in photos], settings, device)
+        else:
+            kept, query_desc, query_store = describe_photos_jointly(model, photos, settings, device, rerank, folder,
+                                                                    run_dir)
+        if not kept:
+            raise UserError(f'None of the {len(photos)} query photos could be read.')
+        db_desc = database_rows(db_file, db_names, model.output_dim, os.path.join(db_run, CACHE_FOLDER))
+        scores, found = top_k_by_dot(query_desc, db_desc, max(top, rerank.num_candidates if rerank else 0))
+        if rerank is not None:
+            candidates = found[:, :rerank.num_candidates]
+            reranked, _, summary = rerank_candidates(
+                model, PhotoList([os.path.join(db_root, n) for n in db_names], resize_max), db_names, None,
+                candidates, store_dir or os.path.dirname(os.path.abspath(db_file)), rerank, device, precision, 1,
+                threads, run_dir, match_drawer(rerank, [photos[q] for q in kept], db_root, db_names, out),
+                query_store)
+            scores, found = reorder_first(scores, found, reranked)
+            logging.info('Re-ranked the top %d candidates of each query with Patch-NetVLAD (%s, %s): %.0f ms per '
+                         'query; the patch store of the database in %s', summary['candidates'], rerank.name,
+                         rerank.matcher, 1000 * summary['seconds_per_query'], summary['store'])
     answers = [answer(photos[q], scores[row, :top], found[row, :top], db_names, request.positions)
                for row, q in enumerate(kept)]
     write_answers(answers, request.columns, db_root, out)
     logging.info('====> Answered %s against %d database images: %s', plural(len(answers), 'query', 'queries'),
                  len(db_names), out)
     return answers
+
+
+def describe_folder_jointly(model, request, settings, device, config, store_dir, run_dir):
+    """With --rerank patch, a database folder whose cache lacks images: its patch store (beside the cache, or in
+    store_dir) built or extended first, each image's global descriptor from the same pass, so that extracting
+    the cache encodes none of them again. Returns {name: global descriptor} of the images that pass encoded
+    (None when the cache holds every image: the store is then built by the re-ranking's own pass)."""
+    path = cache_path(os.path.join(run_dir, CACHE_FOLDER), request.database)
+    cached = set(h5_names(path)) if os.path.isfile(path) else set()
+    paths = [os.path.join(request.database, name) for name in request.names]
+    readable = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    names = [request.names[i] for i in readable]
+    if not readable or cached.issuperset(names):
+        return None
+    descriptors = np.empty((len(names), model.output_dim), dtype=np.float32)
+    check_first_image(model, PhotoList([paths[readable[0]]], settings.resize_max), config, device)
+    try:
+        build_store(model, PhotoList([paths[i] for i in readable], settings.resize_max), names,
+                    store_dir or os.path.dirname(os.path.abspath(path)), config, device, settings.precision, 1,
+                    settings.threads, run_dir, descriptors=descriptors)
+    except UserError as error:  # an image that cannot be decoded, for one
+        if not settings.skip_unreadable:
+            raise
+        logging.warning('%s With --skip_unreadable the database is described by its own pass, which leaves out '
+                        'what cannot be read, and its patch store completed by a second one.', user_error_text(error))
+        return None
+    return dict(zip(names, descriptors))
+
+
+def describe_photos_jointly(model, photos, settings, device, config, folder, run_dir):
+    """describe_images of the query photos with --rerank patch: each readable photo through the encoder once, its
+    global descriptor and its patches (into a float32 store in `folder`) from the same pass. Returns (indices of
+    the photos described, their descriptors [n, D], rerank_candidates' query_store)."""
+    paths = [path for _, path in photos]
+    kept = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    descriptors = np.empty((len(kept), model.output_dim), dtype=np.float32)
+    if not kept:
+        return kept, descriptors, None
+    started = time.process_time()
+    path = build_store(model, PhotoList([paths[i] for i in kept], settings.resize_max), [paths[i] for i in kept],
+                       folder, config, device, settings.precision, 1, settings.threads, run_dir, 'float32',
+                       descriptors)
+    return kept, descriptors, (path, (time.process_time() - started) / len(kept))
 
 
 def match_drawer(config, query_photos, db_root, db_names, out):
@@ -246,13 +303,14 @@ def check_database(database):
     return names
 
 
-def database(model, database, image_dir, settings, device, run_dir, names):
+def database(model, database, image_dir, settings, device, run_dir, names, known=None):
     """(global-feats file, image names, folder of the images or None) of the database, a folder extracted into
-    the run folder's cache first (only the images not there yet)."""
+    the run folder's cache first (only the images not there yet; those in `known`, {name: descriptor}, from
+    there)."""
     if os.path.isdir(database):
         path = cache_path(os.path.join(run_dir, CACHE_FOLDER), database)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        extract_folder(model, database, names, path, settings, device, skip_existing=True)
+        extract_folder(model, database, names, path, settings, device, skip_existing=True, known=known)
         return path, names_in(path, names), database
     dim = descriptor_dim(database, names[0])
     if dim != model.output_dim:

@@ -184,12 +184,13 @@ def extraction_settings(device, batch_size=24, precision='fp32', threads=0, as_h
                               skip_unreadable=skip_unreadable)
 
 
-def extract_folder(model, image_dir, names, path, opt, device, skip_existing=False):
+def extract_folder(model, image_dir, names, path, opt, device, skip_existing=False, known=None):
     """Write the descriptors of the images `names` (find_images) under image_dir into the global-feats file at
     `path`.
 
     Groups of other images already in the file stay; those of these images are replaced, or kept with
     skip_existing (a cache). Images of one (original) size are extracted in batches, each size group on its own.
+    known: {name: descriptor} of images described by another pass already (written as they are, not extracted).
     """
     partial = path + '.partial'
     image_bytes = model.output_dim * (2 if opt.as_half else 4) + GROUP_BYTES
@@ -208,9 +209,10 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
             chunk = [todo[i] for i in group[start:start + step]]
             bytes_left = (len(todo) - finished) * image_bytes + ROOM_MARGIN
             finished += len(chunk)
-            kept, descriptors = extract_images(model, [os.path.join(image_dir, n) for n in chunk],
-                                               resized(size, opt.resize_max), opt, device,
-                                               f'images {finished}/{len(todo)}')
+            kept, descriptors = extract_unknown(model, [os.path.join(image_dir, n) for n in chunk],
+                                                [(known or {}).get(n) for n in chunk],
+                                                resized(size, opt.resize_max), opt, device,
+                                                f'images {finished}/{len(todo)}')
             if kept:
                 write_chunk(partial, path, [chunk[i] for i in kept], descriptors, size, opt.as_half,
                             len(kept) * image_bytes + ROOM_MARGIN, bytes_left)
@@ -218,6 +220,20 @@ def extract_folder(model, image_dir, names, path, opt, device, skip_existing=Fal
         raise UserError(f'None of the {len(todo)} images of {image_dir} could be read.')
     os.replace(partial, path)
     return path
+
+
+def extract_unknown(model, paths, known, resize, opt, device, description):
+    """extract_images of the paths whose known descriptor (None or a row, one per path) is None; the others kept
+    with theirs. Returns (indices of the images described, their descriptors), in path order."""
+    unknown = [i for i, row in enumerate(known) if row is None]
+    if len(unknown) == len(paths):
+        return extract_images(model, paths, resize, opt, device, description)
+    found, rows = extract_images(model, [paths[i] for i in unknown], resize, opt, device, description) if unknown \
+        else ([], None)
+    described = {i: row for i, row in enumerate(known) if row is not None}
+    described.update({unknown[f]: row for f, row in zip(found, rows if found else [])})
+    kept = sorted(described)
+    return kept, np.stack([described[i] for i in kept]).astype(np.float32)
 
 
 def write_chunk(partial, path, names, descriptors, size, as_half, room, bytes_left):

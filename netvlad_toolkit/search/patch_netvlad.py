@@ -9,19 +9,22 @@ how well the query's image patches match theirs, and how consistently those matc
   integral image instead; its differences of large running sums cancel for clusters that are weakly assigned in
   a patch, and intra-normalisation turns what is left into unit-norm noise rows.
 - Matching: mutual nearest neighbours between the query's and each candidate's patches of one size, all
-  candidates of a query at once (one matrix product per block of candidates).
+  candidates of a query at once (one matrix product per block of candidates, both argmaxes of it).
 - Scoring: the inliers of a RANSAC homography between the matched patch centres ('ransac', the performance
   config), or rapid spatial scoring ('spatial', the speed and storage configs), both over all candidates at once;
   each size's scores are z-normalised over the query's candidates and summed with the config's weights. RANSAC
   follows cv2.findHomography's (the reference's scorer): seeded 4-point samples that keep their orientation, tried
   in turn until OpenCV's adaptive count for confidence 0.995 (at most 2000), the best one's inliers counted; the
-  candidates' hypotheses are tried in rounds, one batched computation each. Keypoints are the patch centres in
+  candidates' hypotheses are tried in rounds, one batched computation each (the homographies of all samples,
+  the inliers of only those that keep their orientation). Keypoints are the patch centres in
   feature-map cells, so one threshold (RANSAC_THRESHOLD strides) serves VGG16 and AlexNet alike; the reference's
   are pixels for VGG16's stride of 16, a similarity of these, with the threshold scaled alike.
 
 A run without PCA whitening is refused (a UserError naming --mode=pca): its raw patch descriptors are K*D-D
 (32768 for VGG16), tens to hundreds of MB per image (storage_per_image), terabytes for a Pitts30k database.
-The database's patch features are computed once into a store file (patch_features.py).
+The database's patch features are computed once into a store file (patch_features.py). A re-ranked search takes
+each image through the encoder once (extract_jointly): the global descriptors and the patch stores of the
+database and of the queries from the same pass.
 """
 import dataclasses
 import functools
@@ -37,8 +40,9 @@ from tqdm import tqdm
 from netvlad_toolkit.datasets.gpu_decode import image_batches
 from netvlad_toolkit.model.models import build_encoder
 from netvlad_toolkit.model.netvlad import EPS, NetVLAD
+from netvlad_toolkit.search.global_features import extraction_settings
 from netvlad_toolkit.search.patch_features import PatchStore, StoreWriter, model_fingerprint, store_path
-from netvlad_toolkit.search.retrieval import autocast
+from netvlad_toolkit.search.retrieval import autocast, extract_descriptors, rows_of
 from netvlad_toolkit.utils.commons import UserError
 
 MATCHERS = ('ransac', 'spatial')
@@ -46,9 +50,9 @@ RANSAC_THRESHOLD = 1.5       # reprojection error allowed, in patch strides (the
 RANSAC_HYPOTHESES = 2000     # 4-point samples per homography (cv2.findHomography's default maximum)
 RANSAC_SEED = 0
 RANSAC_CONFIDENCE = 0.995    # probability that the hypotheses tried include one of inliers only (cv2's default)
-RANSAC_ROUND = 32            # hypotheses of each candidate tried at once in the first round (then twice as many)
-RANSAC_BLOCK = 16            # candidates whose hypotheses are tried together
-MATCH_BYTES = 64 * 2 ** 20   # float32 bytes of the similarities of one block of candidates
+RANSAC_ROUND = 32            # hypotheses of each candidate tried at once in the first round (then 4 times as many)
+RANSAC_POINTS = 2048         # matches of all candidates whose hypotheses are tried together
+MATCH_BYTES = 2 ** 20        # float32 bytes of the similarities of one block of candidates
 BLOCK_BYTES = 16 * 2 ** 20   # float32 bytes of the weighted residuals of one block of clusters
 WRITE_BYTES = 256 * 2 ** 20  # float32 bytes of patch features kept before a write to the store (what a kill loses)
 
@@ -155,12 +159,25 @@ def check_patches_fit(grid, image_size, config):
                         f'mode). Nothing was recorded.')
 
 
-@torch.inference_mode()
+def feature_grid(model, image, device):
+    """(height, width) of the model's feature map of `image` [3, H, W], from shapes alone: the encoder run on the
+    meta device (no weights read, no arithmetic), so that the checks cost no encoder pass; an encoder that cannot
+    run there (quantized layers) runs on the image."""
+    try:
+        meta = {name: torch.empty_like(value, device='meta')
+                for name, value in model.encoder.state_dict(keep_vars=True).items()}
+        probe = torch.empty(1, *image.shape, device='meta')
+        return tuple(torch.func.functional_call(model.encoder, meta, (probe,)).shape[2:])
+    except (NotImplementedError, RuntimeError, TypeError):
+        with torch.inference_mode():
+            return tuple(model.features(image[None].to(device)).shape[2:])
+
+
 def check_first_image(model, dataset, config, device):
     """check_patches_fit on the first image of `dataset` (of (image, index)), before any store is built; a warning
     naming the sizes that do not fit it, when others do."""
     image = dataset[0][0]
-    grid = model.features(image[None].to(device)).shape[2:]
+    grid = feature_grid(model, image, device)
     check_patches_fit(grid, image.shape[1:], config)
     too_large = [size for size in config.patch_sizes if size > min(grid)]
     if too_large:
@@ -268,22 +285,32 @@ def loader(dataset, batch_size, threads, device):
 # ---------------------------------------------------------------------------------------------- the store
 
 def build_store(model, database, names, folder, config, device, precision='fp32', batch_size=8, threads=0,
-                run='', dtype='float16'):
+                run='', dtype='float16', descriptors=None):
     """The patch features of every image of `database` (a dataset of (image, index), in the order of `names`)
     in the store file of `config` in `folder` (store_path), written in chunks as they are computed: a killed build
     continues where it stopped, and a store of the same model, settings and first images is extended, not
-    rewritten. `run` names the model in the store's errors. Returns the store's path."""
+    rewritten. `run` names the model in the store's errors. descriptors: rows [len(names), output_dim] (an array
+    or a DescriptorFile) that receive each image's global descriptor, from the same encoder pass as its patches
+    (those of the images already in the store from a pass of the global network alone: each image goes through
+    the encoder once). Returns the store's path."""
     patch_projection(model, config.pca_dim)  # a run that cannot give patch descriptors stops before any file
     path = store_path(folder, config.name)
     writer = StoreWriter(path, names, config.patch_sizes, config.strides, config.pca_dim,
                          model_fingerprint(model), run, dtype)
+    if descriptors is not None and writer.done:
+        settings = extraction_settings(device, batch_size, precision, threads)
+        descriptors[:writer.done] = extract_descriptors(model, torch.utils.data.Subset(database, range(writer.done)),
+                                                        settings, device, 'descriptors (patches stored)')
     if writer.done < len(names):
         todo = torch.utils.data.Subset(database, range(writer.done, len(names)))
-        pending, pending_bytes = [], 0
+        pending, pending_bytes, row = [], 0, writer.done
         batches, on_device = loader(todo, batch_size, threads, device)
         for batch in tqdm(batches, desc=f'patch features ({config.name})', unit='batch'):
             images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
-            batch = patch_features(model, images, config, precision)[1]
+            global_desc, batch = patch_features(model, images, config, precision)
+            if descriptors is not None:
+                descriptors[row:row + len(batch)] = global_desc
+            row += len(batch)
             pending += batch
             pending_bytes += sum(d.nbytes for image in batch for d in image.descriptors)
             if pending_bytes >= WRITE_BYTES:
@@ -314,58 +341,70 @@ def store_features(store, ids, config):
 # ---------------------------------------------------------------------------------------------- matching
 
 def padded(arrays, dim):
-    """Row arrays [m_c, dim] (float32) stacked into [C, m, dim], zero rows after each one's own, and which rows
-    are real [C, m]."""
-    most = max((len(rows) for rows in arrays), default=0)
-    stacked = torch.zeros(len(arrays), most, dim)
+    """Row arrays [m_c, dim] stacked into float32 [C, m, dim], zero rows after each one's own, and which rows are
+    real [C, m] (None where all have m rows: one copy, no padding)."""
+    counts = [len(rows) for rows in arrays]
+    if len(set(counts)) == 1:
+        return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False)).reshape(len(arrays), -1, dim), None
+    stacked = torch.zeros(len(arrays), max(counts), dim)
     for index, rows in enumerate(arrays):
         stacked[index, :len(rows)] = torch.as_tensor(np.ascontiguousarray(rows, dtype=np.float32))
-    return stacked, torch.arange(most) < torch.tensor([len(rows) for rows in arrays])[:, None]
+    return stacked, torch.arange(max(counts)) < torch.tensor(counts)[:, None]
 
 
 def mutual_matches(query_desc, candidate_descs):
     """The mutual nearest neighbours between a query's unit descriptors [n, dim] and each candidate's [m_c, dim]
-    (nearest in L2 = largest dot product), by blocks of candidates of MATCH_BYTES of similarities, one matrix
-    product each: (nearest [C, n]: each query row's nearest row of the candidate, mutual [C, n] bool: whether
-    that row's nearest query row is this one)."""
+    (nearest in L2 = largest dot product): (nearest [C, n]: each query row's nearest row of the candidate, mutual
+    [C, n] bool: whether that row's nearest query row is this one). By blocks of candidates of MATCH_BYTES of
+    similarities (small enough to stay in cache for both reductions): one matrix product each, laid out
+    [n, candidates x rows] (the query on the left: the faster GEMM shape here), and NumPy's argmax both ways (the
+    first index on ties; faster than torch's along the strided dimension)."""
     count, dim = query_desc.shape
-    nearest = torch.zeros(len(candidate_descs), count, dtype=torch.int64)
-    mutual = torch.zeros(len(candidate_descs), count, dtype=torch.bool)
+    nearest = np.zeros((len(candidate_descs), count), dtype=np.int64)
+    mutual = np.zeros((len(candidate_descs), count), dtype=bool)
     most = max((len(rows) for rows in candidate_descs), default=0)
-    if not count or not most:
-        return nearest, mutual
-    query = torch.from_numpy(np.asarray(query_desc, dtype=np.float32))
-    step = max(1, MATCH_BYTES // (4 * count * most))
-    for first in range(0, len(candidate_descs), step):
-        rows, real = padded(candidate_descs[first:first + step], dim)
-        similarity = (rows.reshape(-1, dim) @ query.T).reshape(len(rows), most, count)
-        similarity.masked_fill_(~real[:, :, None], -torch.inf)  # [c, m, n]
-        block = slice(first, first + len(rows))
-        nearest[block] = similarity.argmax(dim=1)
-        back = similarity.argmax(dim=2)  # [c, m]: each candidate row's nearest query row
-        mutual[block] = (back.gather(1, nearest[block]) == torch.arange(count)) & real.any(dim=1)[:, None]
-    return nearest, mutual
+    if count and most:
+        query = torch.from_numpy(np.asarray(query_desc, dtype=np.float32))
+        step = max(1, MATCH_BYTES // (4 * count * most))
+        for first in range(0, len(candidate_descs), step):
+            rows, real = padded(candidate_descs[first:first + step], dim)
+            similarity = (query @ rows.reshape(-1, dim).T).numpy().reshape(count, len(rows), -1)  # [n, c, m]
+            if real is not None:
+                similarity[:, ~real.numpy()] = -np.inf
+            block = slice(first, first + len(rows))
+            nearest[block] = similarity.argmax(axis=2).T
+            back = similarity.argmax(axis=0)  # [c, m]: each candidate row's nearest query row
+            mutual[block] = np.take_along_axis(back, nearest[block], axis=1) == np.arange(count)
+            if real is not None:
+                mutual[block] &= real.numpy().any(axis=1)[:, None]
+    return torch.from_numpy(nearest), torch.from_numpy(mutual)
 
 
-def adjugate(m):
-    """Adjugates of 3x3 matrices [..., 3, 3] (the inverse times the determinant), from cross products of rows."""
-    a, b, c = m.unbind(dim=-2)
-    return torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=-1)
-
-
-def from_basis(points):
-    """Homographies [..., 3, 3] (up to scale) mapping the projective basis (e_1, e_2, e_3, 1) onto 4 points
-    [..., 4, 2]: the columns of the first three, homogeneous, scaled so that they sum to the fourth."""
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1).transpose(-1, -2)  # [..., 3, 4]
-    first_three = homogeneous[..., :3]
-    scales = (adjugate(first_three) @ homogeneous[..., 3:]).transpose(-1, -2)  # [..., 1, 3]
-    return first_three * scales
+def basis_map(x, y):
+    """For 4 points, coordinates x, y [4, ...] (contiguous per point): the adjugate's rows (row i the cross product
+    of the other two of the first three points, homogeneous), as 3 lists of 3 [...] tensors, and the scales that
+    make the first three points sum to the fourth (the adjugate times it), 3 [...] tensors."""
+    rows = []
+    for i in range(3):
+        j, k = (i + 1) % 3, (i + 2) % 3
+        rows.append((y[j] - y[k], x[k] - x[j], x[j] * y[k] - x[k] * y[j]))
+    return rows, [torch.addcmul(torch.addcmul(c, a, x[3]), b, y[3]) for a, b, c in rows]
 
 
 def four_point_homographies(source, target):
     """The homographies [..., 3, 3] (up to scale) that map 4 source points [..., 4, 2] onto 4 target points;
-    those of degenerate samples (three points on a line) are zero or not finite."""
-    return from_basis(target) @ adjugate(from_basis(source))
+    those of degenerate samples (three points on a line) are zero or not finite. Through the projective basis:
+    with B = M diag(scales) the map of the basis (e_1, e_2, e_3, 1) onto 4 points (M: the first three as columns,
+    homogeneous), H = B_target adj(B_source) = M_target diag(w) adj(M_source), w_i the target's scale i times the
+    source's other two; element by element over the samples (products of tiny 3x3 tensors are slow)."""
+    sx, sy = source.movedim((-1, -2), (0, 1)).contiguous()
+    tx, ty = target.movedim((-1, -2), (0, 1)).contiguous()
+    rows, scales = basis_map(sx, sy)
+    _, target_scales = basis_map(tx, ty)
+    weights = [target_scales[i] * scales[(i + 1) % 3] * scales[(i + 2) % 3] for i in range(3)]
+    columns = [[tx[i] * weights[i] for i in range(3)], [ty[i] * weights[i] for i in range(3)], weights]
+    entries = [sum(column[i] * rows[i][c] for i in range(3)) for column in columns for c in range(3)]
+    return torch.stack(entries, dim=-1).unflatten(-1, (3, 3))
 
 
 def same_orientation(homographies, source):
@@ -402,6 +441,15 @@ def ransac_samples(count):
     return draws[(ordered[:, 1:] != ordered[:, :-1]).all(dim=1)][:RANSAC_HYPOTHESES]
 
 
+@functools.lru_cache(maxsize=256)
+def sample_table(count):
+    """ransac_samples(count) padded to RANSAC_HYPOTHESES rows (index 0), and which rows exist."""
+    samples = ransac_samples(count)
+    table = torch.zeros(RANSAC_HYPOTHESES, 4, dtype=torch.int64)
+    table[:len(samples)] = samples
+    return table, torch.arange(RANSAC_HYPOTHESES) < len(samples)
+
+
 def hypotheses_needed(inliers, count):
     """How many hypotheses RANSAC tries before it stops, once its best has `inliers` of `count` points: enough
     that a sample of 4 inliers was missed with probability 1 - RANSAC_CONFIDENCE (OpenCV's RANSACUpdateNumIters,
@@ -417,52 +465,57 @@ def ransac_inliers(source, target, counts, threshold):
     target points, its first counts[c] rows being its matches (as cv2.findHomography(source, target, cv2.RANSAC,
     threshold)'s mask): the inliers (||target - H(source)|| <= threshold) of the best of the homographies through
     the samples of ransac_samples(count) that keep their orientation, tried in turn until hypotheses_needed of
-    the best so far. Candidates by blocks of RANSAC_BLOCK of similar counts (each block's points cut to its largest
-    count, small enough to stay in cache). Under 4 matches: no inliers."""
+    the best so far. Candidates by blocks of similar counts, at most RANSAC_POINTS matches in all (each block's
+    points cut to its largest count). Under 4 matches: no inliers."""
     best = torch.zeros(source.shape[:2], dtype=torch.bool)
     by_count = torch.argsort(counts, stable=True)
     eligible = by_count[counts[by_count] >= 4]
-    for block in eligible.split(RANSAC_BLOCK) if len(eligible) else ():
-        rows = int(counts[block].max())
+    while len(eligible):
+        fits = counts[eligible] * torch.arange(1, len(eligible) + 1) <= RANSAC_POINTS  # block size x largest count
+        block, eligible = eligible[:max(1, int(fits.sum()))], eligible[max(1, int(fits.sum())):]
+        rows = int(counts[block[-1]])
         best[block, :rows] = block_inliers(source[block, :rows], target[block, :rows], counts[block], threshold)
     return best
 
 
 def block_inliers(source, target, counts, threshold):
     """ransac_inliers of one block of candidates (all with at least 4 matches): their hypotheses tried together by
-    rounds, RANSAC_ROUND in the first, twice as many in each next one (most candidates that stop early stop in the
-    first), each candidate's search stopped exactly where the one-by-one loop stops."""
+    rounds, RANSAC_ROUND samples in the first, four times as many in each next one (most candidates that stop
+    early stop in the first); in each round the homographies of all samples, then the inliers of those that keep
+    their orientation (moved to the front), each candidate's search stopped exactly where the one-by-one loop
+    stops."""
     rows = source.shape[1]
     target = target.masked_fill(torch.arange(rows)[:, None] >= counts[:, None, None], torch.nan)  # never inliers
+    tables, exist = zip(*[sample_table(count) for count in counts.tolist()])
+    tables, exist = torch.stack(tables), torch.stack(exist)  # [c, RANSAC_HYPOTHESES, 4], [c, RANSAC_HYPOTHESES]
     best = torch.zeros(len(counts), rows, dtype=torch.bool)
     best_count, tried = torch.zeros(len(counts), dtype=torch.int64), torch.zeros(len(counts), dtype=torch.int64)
-    active = torch.ones(len(counts), dtype=torch.bool)
+    ids = torch.arange(len(counts))
     start, size = 0, RANSAC_ROUND
-    while active.any():
-        ids = active.nonzero()[:, 0]
-        samples = [ransac_samples(int(counts[c]))[start:start + size] for c in ids]
-        drawn = torch.zeros(len(ids), size, 4, dtype=torch.int64)
-        exists = torch.zeros(len(ids), size, dtype=torch.bool)
-        for index, sample in enumerate(samples):
-            drawn[index, :len(sample)], exists[index, :len(sample)] = sample, True
+    while len(ids) and start < RANSAC_HYPOTHESES:
+        drawn, exists = tables[ids, start:start + size], exist[ids, start:start + size]
         pick = drawn.reshape(len(ids), -1, 1).expand(-1, -1, 2)
-        corners = [points[ids].gather(1, pick).reshape(len(ids), size, 4, 2) for points in (source, target)]
+        corners = [points[ids].gather(1, pick).reshape(*drawn.shape, 2) for points in (source, target)]
         homographies = four_point_homographies(*corners)
-        usable = exists & same_orientation(homographies, corners[0]) & torch.isfinite(homographies).all(dim=(2, 3))
+        usable = exists & same_orientation(homographies, corners[0])
+        usable_count = usable.sum(dim=1)
+        front = torch.argsort(~usable, dim=1, stable=True)[:, :max(1, int(usable_count.max()))]
+        homographies = homographies.gather(1, front[..., None, None].expand(-1, -1, 3, 3))
+        usable = torch.arange(front.shape[1]) < usable_count[:, None]  # [a, u]
         inliers = within(homographies, source[ids], target[ids], threshold)
-        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, size]
+        found = torch.where(usable, inliers.sum(dim=2), -1)  # [a, u]
         leading = torch.maximum(found.cummax(dim=1).values, best_count[ids, None])
-        turn = tried[ids, None] + usable.cumsum(dim=1)  # the hypothesis' number among those tried
+        turn = tried[ids, None] + torch.arange(1, front.shape[1] + 1)  # the hypothesis' number among those tried
         stops = usable & (turn >= hypotheses_needed(leading, counts[ids, None]))
-        last = torch.where(stops.any(dim=1), stops.int().argmax(dim=1), size - 1)
+        stopped = stops.any(dim=1)
+        last = torch.where(stopped, stops.int().argmax(dim=1), (usable_count - 1).clamp_min(0))
         final = leading.gather(1, last[:, None])[:, 0]
         improved = final > best_count[ids]
         first_best = (found == final[:, None]).int().argmax(dim=1)
         best[ids[improved]] = inliers[improved, first_best[improved]]
-        best_count[ids], tried[ids] = final, turn[:, -1]
-        exhausted = torch.tensor([len(sample) < size for sample in samples])
-        active[ids[stops.any(dim=1) | exhausted]] = False
-        start, size = start + size, 2 * size
+        best_count[ids], tried[ids] = final, tried[ids] + usable_count
+        ids = ids[~stopped & exists[:, -1]]
+        start, size = start + size, 4 * size
     return best
 
 
@@ -550,41 +603,83 @@ def rerank_queries(model, queries, predictions, store, config, device, precision
     order of the rows of predictions [Q, k] (database ids). on_query(row, query PatchFeatures, re-ranked ids, store),
     if given, is called after each query. Returns (re-ranked [Q, k], scores [Q, k], timing: per query arrays
     extraction_s, reading_s, matching_s)."""
-    reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
-    timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
-    row = 0
+    return rerank_each(extracted_queries(model, queries, config, device, precision, batch_size, threads),
+                       predictions, store, config, on_query)
+
+
+def extracted_queries(model, queries, config, device, precision, batch_size, threads):
+    """Each query's PatchFeatures in turn, extracted batch by batch."""
     batches, on_device = loader(queries, batch_size, threads, device)
     for batch in tqdm(batches, desc=f're-ranking ({config.name})', unit='batch'):
         images = on_device(batch)[0].contiguous(memory_format=torch.channels_last)
-        for query in patch_features(model, images, config, precision)[1]:
-            reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
-            if on_query is not None:
-                on_query(row, query, reranked[row], store)
-            for key, seconds in spent.items():
-                timing[key][row] = seconds
-            row += 1
+        yield from patch_features(model, images, config, precision)[1]
+
+
+def stored_queries(query_store, count, config, extraction_s):
+    """Each query's PatchFeatures in turn, read from a query store (extract_jointly's), with the extraction time
+    per query of the pass that wrote it."""
+    for row in tqdm(range(count), desc=f're-ranking ({config.name})', unit='query'):
+        query = store_features(query_store, [row], config)[0]
+        query.extraction_s = extraction_s
+        yield query
+
+
+def rerank_each(queries, predictions, store, config, on_query=None):
+    """rerank_queries of the query PatchFeatures given in the order of the rows of predictions."""
+    reranked, scores = np.empty_like(predictions), np.empty(predictions.shape)
+    timing = {key: np.zeros(len(predictions)) for key in ('extraction_s', 'reading_s', 'matching_s')}
+    for row, query in enumerate(queries):
+        reranked[row], scores[row], spent = rerank(query, predictions[row], store, config)
+        if on_query is not None:
+            on_query(row, query, reranked[row], store)
+        for key, seconds in spent.items():
+            timing[key][row] = seconds
     return reranked, scores, timing
 
 
 def rerank_candidates(model, database, db_names, queries, candidates, store_dir, config, device, precision='fp32',
-                      batch_size=8, threads=0, run='', on_query=None):
+                      batch_size=8, threads=0, run='', on_query=None, query_store=None):
     """Re-rank each query's candidates [Q, k] (database ids from the global search, best first): the database's
     store is built (or extended) in store_dir first. database, queries: datasets of (image, index), database in the
-    order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. Returns (re-ranked ids [Q, k], patch scores
-    [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
+    order of db_names, queries in the order of the rows of candidates; on_query: as rerank_queries'. query_store:
+    (the path of a store of the queries' patches, extraction seconds per query), as extract_jointly gives it: the
+    queries' patches are read from it instead of extracted (queries unused). Returns (re-ranked ids [Q, k], patch
+    scores [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
     check_first_image(model, database, config, device)
     started = time.perf_counter()
     path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
     store_s = time.perf_counter() - started
     with open_store(store_dir, config) as store:
-        reranked, scores, timing = rerank_queries(model, queries, candidates, store, config, device, precision,
-                                                  batch_size, threads, on_query)
+        if query_store is None:
+            reranked, scores, timing = rerank_queries(model, queries, candidates, store, config, device, precision,
+                                                      batch_size, threads, on_query)
+        else:
+            with PatchStore(query_store[0], config.patch_sizes, config.strides, config.pca_dim) as stored:
+                reranked, scores, timing = rerank_each(stored_queries(stored, len(candidates), config,
+                                                                      query_store[1]), candidates, store, config,
+                                                       on_query)
     per_query = {f'{key}_per_query': float(np.mean(values)) if len(values) else 0.0 for key, values in timing.items()}
     summary = dict(config=config.name, patch_sizes=list(config.patch_sizes), strides=list(config.strides),
                    patch_weights=list(config.patch_weights), num_pcs=config.pca_dim, matcher=config.matcher,
                    candidates=int(candidates.shape[1]), store=path, store_s=store_s, **per_query,
                    seconds_per_query=sum(per_query.values()))
     return reranked, scores, summary
+
+
+def extract_jointly(model, database, db_names, queries, query_names, store_dir, query_dir, config, device,
+                    descriptors, precision='fp32', batch_size=8, threads=0, run=''):
+    """One encoder pass of each image for a re-ranked search: the database's store built (or extended) in
+    store_dir and its global descriptors written to rows 0..len(database) of `descriptors`, the queries' patch
+    features into a float32 store in query_dir (the same layout; float32 as the features of queries extracted at
+    re-ranking time) and their global descriptors to the rows after. Returns rerank_candidates' query_store
+    argument: (the query store's path, the joint pass's process time per query)."""
+    check_first_image(model, database, config, device)
+    build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run,
+                descriptors=rows_of(descriptors, 0, len(database)))
+    started = time.process_time()
+    path = build_store(model, queries, query_names, query_dir, config, device, precision, batch_size, threads, run,
+                       'float32', rows_of(descriptors, len(database), len(database) + len(queries)))
+    return path, (time.process_time() - started) / max(1, len(queries))
 
 
 # ---------------------------------------------------------------------------------------------- storage
