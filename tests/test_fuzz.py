@@ -20,7 +20,7 @@ SEED = 2026
 TRIALS = 12
 # What each mode needs on its command line besides the fuzzed flag (only parsed, never run).
 REQUIRED = {'prune': ['--resume=run'], 'quantize': ['--resume=run'], 'pca': ['--resume=run'],
-            'export': ['--resume=run'], 'pairs': ['--descriptors=q.h5', '--num_matched=1', '--output=pairs.txt'],
+            'distill': ['--resume=run'], 'export': ['--resume=run'], 'pairs': ['--descriptors=q.h5', '--num_matched=1', '--output=pairs.txt'],
             'query': ['--query=photo.jpg', '--database=db.h5'], 'extract': ['--image_dir=in', '--export_dir=out'],
             'import': ['--matlab=net.mat']}
 
