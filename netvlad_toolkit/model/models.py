@@ -190,6 +190,21 @@ class EmbedNet(nn.Module):
             images = self.input_norm(images)
         return self.encoder(images)
 
+    def feature_grid(self, height, width):
+        """(h, w) of the local features of images of height x width, from shapes alone: the encoder run on the meta
+        device (no weights read, no arithmetic; two images, so that BatchNorm in training mode accepts a 1x1 map);
+        an encoder that cannot run there (an int8 program) runs on one blank image."""
+        try:
+            meta = {name: torch.empty_like(value, device='meta')
+                    for name, value in self.encoder.state_dict(keep_vars=True).items()}
+            probe = torch.empty(2, 3, height, width, device='meta')
+            return tuple(torch.func.functional_call(self.encoder, meta, (probe,)).shape[2:])
+        except (NotImplementedError, RuntimeError, TypeError):
+            parameter = next(self.parameters(), None)
+            device = parameter.device if parameter is not None else torch.device('cpu')
+            with torch.inference_mode():
+                return tuple(self.features(torch.zeros(1, 3, height, width, device=device)).shape[2:])
+
     def forward_from_trunk(self, trunk_output):
         """The descriptor from the output of `frozen_trunk`: the trainable layers only."""
         return self.describe(self.encoder[self.frozen_layers:](trunk_output))

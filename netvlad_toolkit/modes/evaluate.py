@@ -232,7 +232,7 @@ def patch_reranker(model, dataset, config, store_dir, device, settings, run, que
     num_db = dataset.db_struct.numDb
     database, queries = Subset(dataset, range(num_db)), Subset(dataset, range(num_db, len(dataset)))
     if query_store is None:
-        check_first_image(model, database, config, device)  # patches that cannot be placed stop before extraction
+        check_first_image(model, database, config)  # patches that cannot be placed stop before extraction
     summary = {}
 
     def rerank(candidates):

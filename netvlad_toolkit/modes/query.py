@@ -40,7 +40,7 @@ from netvlad_toolkit.search.global_features import (
     h5_names,
     path_key,
     read_descriptors,
-    size_groups,
+    readable_indices,
 )
 from netvlad_toolkit.search.patch_netvlad import (
     build_store,
@@ -200,12 +200,12 @@ def describe_folder_jointly(model, request, settings, device, config, store_dir,
     path = cache_path(os.path.join(run_dir, CACHE_FOLDER), request.database)
     cached = set(h5_names(path)) if os.path.isfile(path) else set()
     paths = [os.path.join(request.database, name) for name in request.names]
-    readable = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    readable = readable_indices(paths, settings.skip_unreadable)
     names = [request.names[i] for i in readable]
     if not readable or cached.issuperset(names):
         return None
     descriptors = np.empty((len(names), model.output_dim), dtype=np.float32)
-    check_first_image(model, PhotoList([paths[readable[0]]], settings.resize_max), config, device)
+    check_first_image(model, PhotoList([paths[readable[0]]], settings.resize_max), config)
     try:
         build_store(model, PhotoList([paths[i] for i in readable], settings.resize_max), names,
                     store_dir or os.path.dirname(os.path.abspath(path)), config, device, settings.precision, 1,
@@ -224,7 +224,7 @@ def describe_photos_jointly(model, photos, settings, device, config, folder, run
     global descriptor and its patches (into a float32 store in `folder`) from the same pass. Returns (indices of
     the photos described, their descriptors [n, D], rerank_candidates' query_store)."""
     paths = [path for _, path in photos]
-    kept = sorted(index for group in size_groups(paths, settings.skip_unreadable).values() for index in group)
+    kept = readable_indices(paths, settings.skip_unreadable)
     descriptors = np.empty((len(kept), model.output_dim), dtype=np.float32)
     if not kept:
         return kept, descriptors, None

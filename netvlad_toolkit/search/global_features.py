@@ -331,6 +331,11 @@ def write_error(path, error, bytes_needed, state):
                      f'{bytes_needed / 2 ** 20:.0f} MB free there; {state}')
 
 
+def readable_indices(paths, skip_unreadable):
+    """The indices of the paths whose image headers read, in order (size_groups' rule for the others)."""
+    return sorted(index for group in size_groups(paths, skip_unreadable).values() for index in group)
+
+
 def size_groups(paths, skip_unreadable):
     """{(width, height): [indices into paths]} from the image headers; unreadable images stop the run or, with
     skip_unreadable, are left out with a warning naming each."""

@@ -159,25 +159,11 @@ def check_patches_fit(grid, image_size, config):
                         f'mode). Nothing was recorded.')
 
 
-def feature_grid(model, image, device):
-    """(height, width) of the model's feature map of `image` [3, H, W], from shapes alone: the encoder run on the
-    meta device (no weights read, no arithmetic), so that the checks cost no encoder pass; an encoder that cannot
-    run there (quantized layers) runs on the image."""
-    try:
-        meta = {name: torch.empty_like(value, device='meta')
-                for name, value in model.encoder.state_dict(keep_vars=True).items()}
-        probe = torch.empty(1, *image.shape, device='meta')
-        return tuple(torch.func.functional_call(model.encoder, meta, (probe,)).shape[2:])
-    except (NotImplementedError, RuntimeError, TypeError):
-        with torch.inference_mode():
-            return tuple(model.features(image[None].to(device)).shape[2:])
-
-
-def check_first_image(model, dataset, config, device):
+def check_first_image(model, dataset, config):
     """check_patches_fit on the first image of `dataset` (of (image, index)), before any store is built; a warning
     naming the sizes that do not fit it, when others do."""
     image = dataset[0][0]
-    grid = feature_grid(model, image, device)
+    grid = model.feature_grid(*image.shape[1:])
     check_patches_fit(grid, image.shape[1:], config)
     too_large = [size for size in config.patch_sizes if size > min(grid)]
     if too_large:
@@ -645,7 +631,7 @@ def rerank_candidates(model, database, db_names, queries, candidates, store_dir,
     (the path of a store of the queries' patches, extraction seconds per query), as extract_jointly gives it: the
     queries' patches are read from it instead of extracted (queries unused). Returns (re-ranked ids [Q, k], patch
     scores [Q, k], a summary: the config's settings, the store, and seconds per query: in all and of each part)."""
-    check_first_image(model, database, config, device)
+    check_first_image(model, database, config)
     started = time.perf_counter()
     path = build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run)
     store_s = time.perf_counter() - started
@@ -673,7 +659,7 @@ def extract_jointly(model, database, db_names, queries, query_names, store_dir, 
     features into a float32 store in query_dir (the same layout; float32 as the features of queries extracted at
     re-ranking time) and their global descriptors to the rows after. Returns rerank_candidates' query_store
     argument: (the query store's path, the joint pass's process time per query)."""
-    check_first_image(model, database, config, device)
+    check_first_image(model, database, config)
     build_store(model, database, db_names, store_dir, config, device, precision, batch_size, threads, run,
                 descriptors=rows_of(descriptors, 0, len(database)))
     started = time.process_time()

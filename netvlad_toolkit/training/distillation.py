@@ -64,13 +64,6 @@ def teacher_local_targets(features, grid):
     return F.adaptive_avg_pool2d(F.normalize(features, p=2, dim=1), grid)
 
 
-def student_grid(student, image_size):
-    """The (h, w) of the student's feature map for images of `image_size` (H, W)."""
-    with torch.no_grad():
-        probe = torch.zeros(1, 3, *image_size, device=next(student.parameters()).device)
-        return tuple(student.eval().features(probe).shape[-2:])
-
-
 def teacher_targets(teacher, student, images, opt, device):
     """The teacher's descriptors [N, D] and local features resampled onto the student's grid (a list of N
     [D, h, w] tensors: images of different sizes give different grids) of every training image, computed once."""
@@ -83,7 +76,7 @@ def teacher_targets(teacher, student, images, opt, device):
             batch = batch.to(device).contiguous(memory_format=torch.channels_last)
             size = tuple(batch.shape[-2:])
             if size not in grids:
-                grids[size] = student_grid(student, size)
+                grids[size] = student.feature_grid(*size)
             features = teacher.features(batch).float()
             for index, descriptor, local in zip(indices.tolist(), teacher.describe(features).cpu(),
                                                 teacher_local_targets(features, grids[size]).cpu()):
