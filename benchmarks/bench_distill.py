@@ -5,11 +5,14 @@
 Per teacher: cluster, then, for the teachers in --trained_teachers, train (--teacher_epochs, Adam at 1e-5 from
 scratch as the demo); the others are the cluster-initialised network as it is (by default both: the question here is
 how close a student gets to its teacher, and the CPU time goes to distillation). Test. Per student (--fromscratch: no
-ImageNet weights can be downloaded here): --mode=distill on the train split's images (with --hint_weight), then
+ImageNet weights can be downloaded here): --mode=distill on the train split's images (with --hint_weight,
+--rank_weight and --student_stride), then
 --mode=test of the student alone (symmetric) and of its queries against the teacher's database (asymmetric,
 --database_run). Latency: one 480x640 image, one thread, process CPU time, the teacher and its students timed in
 alternating rounds; GMAC counted at 480x640; size: the serialised state dict. Distillation time: wall and process CPU
-time of the --mode=distill command; the mean cosines to the teacher are those of its last epoch (training images).
+time of the --mode=distill command; the descriptor cosine to the teacher and how often a training image's student
+descriptor finds the teacher's descriptor of that image first among all training images are the means of its last
+epoch.
 """
 import argparse
 import json
@@ -67,10 +70,11 @@ def distilled(teacher, student, args, data_flags):
     if not done:  # a run killed before its last epoch continues (its time is then that of the rest)
         started, started_cpu = time.time(), time.process_time()
         run_command('--mode=distill', '--resume', teacher, '--student', student, '--nEpochs', args.distill_epochs,
-                    '--hint_weight', args.hint_weight, '--fromscratch', *data_flags)
+                    '--hint_weight', args.hint_weight, '--rank_weight', args.rank_weight, '--student_stride',
+                    args.student_stride, '--fromscratch', *data_flags)
         timing = dict(seconds=time.time() - started, cpu_seconds=time.process_time() - started_cpu)
     state = read_checkpoint(checkpoint_path(run))
-    return run, dict(timing, descriptor_cosine=state['descriptor_cosine'], local_cosine=state['local_cosine'])
+    return run, dict(timing, descriptor_cosine=state['descriptor_cosine'], own_image_first=state['own_image_first'])
 
 
 def model_of(run):
@@ -117,15 +121,15 @@ def saved_rows(teachers):
 def print_table(rows):
     print(f'\nCPU: {cpu_model()}; latency at {LATENCY_SIZE[0]}x{LATENCY_SIZE[1]}, 1 thread, process CPU time\n')
     print('| model | R@1 | R@5 | asym. R@1 | asym. R@5 | size (MB) | latency (ms) | GMAC | distillation wall / CPU '
-          '(min) | cosine to teacher: descriptor / local |')
+          '(min) | training: descriptor cosine / own image first |')
     print('|---|---|---|---|---|---|---|---|---|---|')
     for row in rows:
         sym, asym = row['symmetric'], row['asymmetric']
         asym_cells = f'{asym["1"]:.3f} | {asym["5"]:.3f}' if asym else '- | -'
         minutes = f'{row["seconds"] / 60:.1f} / {row["cpu_seconds"] / 60:.1f}' if row.get('seconds') else '-'
-        cosines = f'{row["descriptor_cosine"]:.3f} / {row["local_cosine"]:.3f}' if asym else '-'
+        training = f'{row["descriptor_cosine"]:.3f} / {row["own_image_first"]:.3f}' if asym else '-'
         print(f'| {row["model"]} | {sym["1"]:.3f} | {sym["5"]:.3f} | {asym_cells} | {row["mb"]:.1f} | '
-              f'{row["latency_ms"]:.0f} | {row["gmac"]:.2f} | {minutes} | {cosines} |')
+              f'{row["latency_ms"]:.0f} | {row["gmac"]:.2f} | {minutes} | {training} |')
 
 
 def parse_args():
@@ -136,8 +140,10 @@ def parse_args():
     p.add_argument('--trained_teachers', nargs='*', default=[],
                    help='Teachers trained (triplets) before distillation; the others are cluster-initialised.')
     p.add_argument('--teacher_epochs', default='3', help='Training epochs of each trained teacher.')
-    p.add_argument('--distill_epochs', type=int, default=4)
+    p.add_argument('--distill_epochs', type=int, default=20)
     p.add_argument('--hint_weight', default='1.0', help="--mode=distill's weight of the local-feature term.")
+    p.add_argument('--rank_weight', default='1.0', help="--mode=distill's weight of the ranking term.")
+    p.add_argument('--student_stride', default='16', help="--mode=distill's output stride of the students.")
     p.add_argument('--synth_db', type=int, default=150,
                    help='Test database images; the train split (the distillation images) has twice as many, and '
                         'twice as many queries.')

@@ -30,12 +30,15 @@ from netvlad_toolkit import cli
 from netvlad_toolkit.datasets.images import ImageList
 from netvlad_toolkit.model.checkpoint import checkpoint_path
 from netvlad_toolkit.model.int8 import COMPILE_ENV
-from netvlad_toolkit.model.models import STUDENTS
+from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
+from netvlad_toolkit.model.models import STUDENT_STRIDES, STUDENTS, build_student_encoder
 from netvlad_toolkit.runs.runs import open_run
 from netvlad_toolkit.training.distillation import (
+    RANKING_TEMPERATURE,
     distil_epoch,
     distillation_loss,
     local_feature_loss,
+    ranking_loss,
     student_for,
     teacher_local_targets,
     teacher_targets,
@@ -94,13 +97,15 @@ def random_images(count=3, size=(64, 80), seed=0):
     return torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize('stride', STUDENT_STRIDES)
 @pytest.mark.parametrize('student', list(STUDENTS))
 @pytest.mark.parametrize('kind', ['float', 'pruned', 'whitened', 'imported'])
-def test_student_descriptor_has_the_teachers_dimension_and_norm(kind, student, tmp_path):
+def test_student_descriptor_has_the_teachers_dimension_and_norm(kind, student, stride, tmp_path):
     # imported: as a MATLAB network, its own input normalisation and whitening (the student takes the project's input)
     config = dict(CONFIGS['whitened'], input_norm=True) if kind == 'imported' else CONFIGS[kind]
     teacher = save_run(tmp_path / 'teacher', config)
-    model = student_for(teacher, student, pretrained=False).eval()
+    model = student_for(teacher, student, False, stride).eval()
+    assert model.feature_grid(64, 96) == (64 // stride, 96 // stride)
     with torch.no_grad():
         descriptors = model(random_images())
         teacher_descriptors = teacher(random_images())
@@ -112,9 +117,50 @@ def test_student_descriptor_has_the_teachers_dimension_and_norm(kind, student, t
             assert torch.equal(model.state_dict()[key], value)
 
 
+@pytest.mark.parametrize('student', ['mobilenet_v3_large', 'mobilenet_v3_small'])
+def test_stride_16_is_torchvisions_own_dilated_mobilenet(student):
+    """torchvision builds MobileNetV3 at output stride 16 itself (dilated=True, for segmentation): the student's
+    stride-16 layers are the same convs, and with the same weights give the same map."""
+    dilated = getattr(torchvision.models, student)(dilated=True).features.eval()
+    encoder = build_student_encoder(student, False, 8, 16).eval()
+    encoder[:-1].load_state_dict(dilated.state_dict())
+    geometry = lambda network: [(conv.stride, conv.dilation, conv.padding) for conv in network.modules()  # noqa: E731
+                                if isinstance(conv, torch.nn.Conv2d)]
+    assert geometry(encoder[:-1]) == geometry(dilated)
+    images = random_images(1, (96, 128))
+    with torch.no_grad():
+        assert torch.equal(encoder[:-1](images), dilated(images))
+
+
+def test_resnet18_at_stride_16_keeps_its_weights_and_doubles_its_grid():
+    torch.manual_seed(0)
+    native = build_student_encoder('resnet18', False, 8, 32).eval()
+    halved = build_student_encoder('resnet18', False, 8, 16).eval()
+    halved.load_state_dict(native.state_dict())  # the same parameters, by name and shape
+    with torch.no_grad():
+        assert native(random_images(1, (96, 128))).shape[-2:] == (3, 4)
+        assert halved(random_images(1, (96, 128))).shape[-2:] == (6, 8)
+    last_stage = [conv for conv in halved[-2].modules() if isinstance(conv, torch.nn.Conv2d)]
+    assert all(conv.stride == (1, 1) for conv in last_stage)
+    assert all(conv.dilation == (2, 2) for conv in last_stage if conv.kernel_size == (3, 3))
+
+
+def test_a_student_run_that_names_no_stride_loads_at_stride_32(teacher_run, tmp_path):
+    """Student runs written before the choice of stride hold no output_stride: their students were stride 32."""
+    student = student_for(teacher_run[1], STUDENT, False, 32)
+    state = model_state(student)
+    assert state.pop('output_stride') == 32
+    save_checkpoint(dict(state, epoch=1, recalls={}, best_score=0.0), str(tmp_path / 'old'), True)
+    loaded, _ = open_run(cli.parse_options(['--mode=test', f'--resume={tmp_path / "old"}']))
+    assert loaded.output_stride == 32 and loaded.feature_grid(64, 96) == (2, 3)
+    images = random_images(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), student.eval()(images))
+
+
 def test_the_students_imagenet_weights_come_from_torchvisions_cache(stand_in_home, monkeypatch, teacher_run):
     monkeypatch.setenv('TORCH_HOME', str(stand_in_home[0]))
-    model = student_for(teacher_run[1], STUDENT, pretrained=True)
+    model = student_for(teacher_run[1], STUDENT, True, 16)
     for key, value in stand_in_home[1].items():
         if key.startswith('features.'):
             assert torch.equal(model.state_dict()[key.replace('features.', 'encoder.', 1)], value)
@@ -161,6 +207,48 @@ def test_local_feature_loss_and_gradient_against_a_computation_here():
     np.testing.assert_allclose(student_t.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-12)
 
 
+def softmax(logits):
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def ranking_term(student, teacher, bank):
+    """KL(teacher || student) of softmaxes over cosines to `bank`, and its gradient with respect to `student`
+    (rows of all three are unit vectors)."""
+    target, predicted = softmax(teacher @ bank.T / RANKING_TEMPERATURE), softmax(student @ bank.T / RANKING_TEMPERATURE)
+    kl = np.sum(target * (np.log(target) - np.log(predicted)), axis=1)
+    # d/ds of -sum_j p_j log q_j with q = softmax(s.b_j / T): sum_j (q_j - p_j) b_j / T
+    return kl.mean(), (predicted - target) @ bank / RANKING_TEMPERATURE / len(student)
+
+
+def test_ranking_loss_and_gradient_against_a_computation_here():
+    rng = np.random.default_rng(8)
+    unit = lambda rows: rows / np.linalg.norm(rows, axis=1, keepdims=True)  # noqa: E731
+    bank, student = unit(rng.normal(size=(7, 5))), unit(rng.normal(size=(3, 5)))
+    teacher = bank[[4, 0, 6]]
+    student_t = torch.tensor(student, requires_grad=True)
+    loss = ranking_loss(student_t @ torch.tensor(bank).T, torch.tensor(teacher @ bank.T))
+    loss.backward()
+    expected, expected_grad = ranking_term(student, teacher, bank)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    np.testing.assert_allclose(student_t.grad.numpy(), expected_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_the_ranking_term_punishes_one_descriptor_for_every_image_that_the_cosine_term_accepts():
+    """The mean direction of the teacher's descriptors is as close to each of them as a descriptor of the image's own
+    can be on the way there, but ranks every image's own descriptor no better than the others."""
+    rng = np.random.default_rng(9)
+    bank = rng.normal(size=(40, 64)) + 2.0  # a shared component, as NetVLAD descriptors of one city have
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    mean = np.tile(bank.mean(axis=0) / np.linalg.norm(bank.mean(axis=0)), (40, 1))
+    own = bank + 1.2 * rng.normal(size=bank.shape) / 8  # each near its own image, further from it than the mean
+    own /= np.linalg.norm(own, axis=1, keepdims=True)
+    cosine = lambda student: distillation_loss(torch.tensor(student), torch.tensor(bank)).item()  # noqa: E731
+    ranking = lambda student: ranking_loss(torch.tensor(student @ bank.T), torch.tensor(bank @ bank.T)).item()  # noqa: E731
+    assert cosine(mean) < cosine(own)
+    assert ranking(mean) > ranking(own)
+
+
 def test_teacher_local_features_are_normalised_then_averaged_over_each_student_cell():
     features = np.random.default_rng(7).normal(size=(2, 5, 6, 8))
     targets = teacher_local_targets(torch.tensor(features), (3, 2)).numpy()
@@ -174,19 +262,19 @@ class NoWriter:
         pass
 
 
-@pytest.mark.parametrize('hint_weight', [0.0, 0.5])
-def test_an_epochs_loss_is_the_descriptor_term_plus_the_weighted_local_term(hint_weight, teacher_run,
-                                                                            training_images):
+@pytest.mark.parametrize('hint_weight, rank_weight', [(0.0, 0.0), (0.5, 0.0), (0.5, 2.0)])
+def test_an_epochs_loss_is_the_descriptor_term_plus_the_weighted_local_and_ranking_terms(
+        hint_weight, rank_weight, teacher_run, training_images):
     """With a learning rate of 0 the student stays as it is, so the epoch's mean loss is the mean over its batches
     of the loss of that fixed student, computed here from the descriptors and feature maps."""
     opt = cli.parse_options(distill_argv(teacher_run[0], training_images, 'unused', f'--hint_weight={hint_weight}',
-                                         '--batchSize=8'))
+                                         f'--rank_weight={rank_weight}', '--batchSize=8'))
     images = ImageList(sorted(str(p) for p in training_images.rglob('*.jpg')), None)
     torch.manual_seed(1)
-    student = student_for(teacher_run[1], STUDENT, pretrained=False)
+    student = student_for(teacher_run[1], STUDENT, False, 16)
     targets = teacher_targets(teacher_run[1], student, images, opt, torch.device('cpu'))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
-    _, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, torch.device('cpu'), 1, NoWriter(), 0)
+    _, loss, measures = distil_epoch(student, targets, images, optimizer, opt, torch.device('cpu'), 1, NoWriter(), 0)
     batch = torch.stack([images[i][0] for i in range(len(images))])
     student.train()  # as the epoch ran it (batch norm on the batch's statistics: one batch of all 8 images)
     with torch.no_grad():
@@ -202,15 +290,19 @@ def test_an_epochs_loss_is_the_descriptor_term_plus_the_weighted_local_term(hint
     np.testing.assert_allclose(torch.stack(targets[1]).numpy(), expected_targets, atol=1e-5)
     as_rows = lambda maps: maps.transpose(0, 2, 3, 1).reshape(-1, maps.shape[1])  # noqa: E731
     local_terms, _ = cosine_terms(as_rows(local.numpy()), as_rows(expected_targets))
-    assert loss == pytest.approx(global_term + hint_weight * local_terms.mean(), rel=1e-4)
-    assert cosines == pytest.approx((1 - global_term, 1 - local_terms.mean()), rel=1e-4)
+    rank_term, _ = ranking_term(descriptors, teacher_desc, teacher_desc)  # the bank: all 8 teacher descriptors
+    own_first = np.mean(np.argmax(descriptors @ teacher_desc.T, axis=1) == np.arange(len(descriptors)))
+    assert loss == pytest.approx(global_term + hint_weight * local_terms.mean() + rank_weight * rank_term, rel=1e-4)
+    # the KL of two near-equal distributions is a small difference of float32 logarithms: compared absolutely
+    assert measures == pytest.approx(dict(descriptor_cosine=1 - global_term, local_cosine=1 - local_terms.mean(),
+                                          ranking_kl=rank_term, own_image_first=own_first), rel=1e-4, abs=1e-7)
 
 
 def test_distillation_brings_the_student_towards_the_teacher(student_run, teacher_run, training_images):
     images = torch.stack([read_image(path).float() for path in sorted(training_images.rglob('*.jpg'))])
     trained, state = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}']))
     torch.manual_seed(0)
-    untrained = student_for(teacher_run[1], STUDENT, pretrained=False)
+    untrained = student_for(teacher_run[1], STUDENT, False, 16)
     with torch.no_grad():
         target = teacher_run[1].eval()(images)
         cosines = [(model.eval()(images) * target).sum(1).mean().item() for model in (untrained, trained)]
@@ -298,6 +390,20 @@ def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_
     assert resumed['epoch'] == 2 and resumed['epoch_losses'] == expected['epoch_losses']
     for key, value in expected['state_dict'].items():
         assert torch.equal(resumed['state_dict'][key], value), key
+
+
+def test_a_distillation_is_continued_only_with_its_own_stride_and_loss(teacher_run, training_images, tmp_path,
+                                                                      capsys):
+    out = tmp_path / 'student'
+    assert cli.main(distill_argv(teacher_run[0], training_images, out, '--fromscratch', '--student_stride=32',
+                                 '--nEpochs=1')) == 0
+    before = {path: (tmp_path / path).read_bytes() for path in files_under(tmp_path)}
+    for flag, stored in [('--student_stride=16', 'output_stride=32 (asked: 16)'),
+                         ('--rank_weight=0.5', 'rank_weight=1.0 (asked: 0.5)')]:
+        argv = distill_argv(teacher_run[0], training_images, out, '--fromscratch', '--student_stride=32', flag)
+        assert cli.main(argv) == 2
+        assert stored in error_paragraph(capsys.readouterr().err)
+        assert {path: (tmp_path / path).read_bytes() for path in files_under(tmp_path)} == before
 
 
 @pytest.fixture(scope='module')

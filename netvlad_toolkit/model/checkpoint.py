@@ -199,9 +199,11 @@ def is_best_state(checkpoint):
 
 def model_state(model):
     """The parts of a checkpoint that describe the model: its weights, plus what the weights cannot show: the
-    pooling, and the first encoder layer that trains (its index and name; the layers before it stay frozen)."""
+    pooling, a distilled student's output stride, and the first encoder layer that trains (its index and name; the
+    layers before it stay frozen)."""
     return {'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
             'pooling': 'netvlad' if hasattr(model.pool, 'centroids') else model.pool.mode,
+            **({'output_stride': model.output_stride} if hasattr(model, 'output_stride') else {}),
             **trainable_state(model)}
 
 

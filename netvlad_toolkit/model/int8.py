@@ -24,7 +24,17 @@ import time
 import torch
 
 from netvlad_toolkit.model.checkpoint import check_entries, read_checkpoint
-from netvlad_toolkit.model.models import ARCHS, POOLINGS, STUDENTS, EmbedNet, build_head, build_model, trunk
+from netvlad_toolkit.model.models import (
+    ARCHS,
+    NATIVE_STUDENT_STRIDE,
+    POOLINGS,
+    STUDENT_STRIDES,
+    STUDENTS,
+    EmbedNet,
+    build_head,
+    build_model,
+    trunk,
+)
 from netvlad_toolkit.utils.commons import UserError, atomic_torch_save, error_summary
 
 ENCODER_NAME = 'encoder_int8.pth'
@@ -342,7 +352,8 @@ def checked_config(config, folder):
     """The architecture a quantised checkpoint describes, each value of the type and range the models take."""
     arch = config.get('arch') if isinstance(config, dict) else None
     channels = config.get('encoder_channels') if arch in ARCHS else None
-    student = arch in STUDENTS and _positive_int(config.get('local_dim'))  # a distilled student's own trunk
+    student = arch in STUDENTS and _positive_int(config.get('local_dim')) and \
+        config.get('output_stride', NATIVE_STUDENT_STRIDE) in STUDENT_STRIDES  # a distilled student's own trunk
     valid = (arch in ARCHS or student) and config.get('pooling') in POOLINGS and \
         isinstance(config.get('vladv2'), bool) and isinstance(config.get('input_norm', False), bool) and \
         all(config.get(key) is None or _positive_int(config[key]) for key in ('num_clusters', 'pca_dim')) and \
@@ -351,7 +362,7 @@ def checked_config(config, folder):
          all(_positive_int(width) and width <= full for width, full in zip(channels, ARCHS[arch]['channels'])))
     if not valid:
         raise UserError(f'The quantized checkpoint in {folder} has no valid "config" entry (arch, pooling, '
-                        f'num_clusters, vladv2, encoder_channels or local_dim, pca_dim, input_norm of a model this toolkit '
+                        f'num_clusters, vladv2, encoder_channels or local_dim and output_stride, pca_dim, input_norm of a model this toolkit '
                         f'builds): it was not written by --mode=quantize.')
     return config
 

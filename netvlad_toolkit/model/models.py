@@ -36,6 +36,11 @@ STUDENTS = {
                                          net.layer3, net.layer4]),
 }
 
+# A student's output stride: 32 is its torchvision network as built; 16 is the stride of the conv5 maps of VGG16 and
+# AlexNet, the grid a teacher's pooling sees (see halve_output_stride).
+STUDENT_STRIDES = (16, 32)
+NATIVE_STUDENT_STRIDE = 32
+
 POOLINGS = ('netvlad', 'max', 'avg')
 
 
@@ -92,12 +97,35 @@ def build_encoder(arch, pretrained, channels=None):
     return encoder
 
 
-def build_student_encoder(student, pretrained, dim):
-    """The student network's layers up to its last feature map, then a 1x1 conv projecting that map to the teacher's
-    local width `dim`, so that the teacher's pooling (and whitening) can follow it."""
+def build_student_encoder(student, pretrained, dim, output_stride=NATIVE_STUDENT_STRIDE):
+    """The student network's layers up to its last feature map (at `output_stride`: 32 or 16), then a 1x1 conv
+    projecting that map to the teacher's local width `dim`, so that the teacher's pooling (and whitening) can follow
+    it."""
     spec = STUDENTS[student]
-    layers = spec['layers'](torchvision_network(student, spec, pretrained))
+    layers = nn.Sequential(*spec['layers'](torchvision_network(student, spec, pretrained)))
+    if output_stride != NATIVE_STUDENT_STRIDE:
+        halve_output_stride(layers)
     return nn.Sequential(*layers, nn.Conv2d(spec['channels'], dim, kernel_size=1))
+
+
+def halve_output_stride(network):
+    """Output stride 32 -> 16 as DeepLab does, in place and with the same weights: every conv whose output is at
+    stride 32 runs at stride 1, and those wider than 1x1 are dilated by 2, so that each still sees the image region
+    it was trained on (for MobileNetV3 this is torchvision's own `dilated=True` network)."""
+    side = 2 * NATIVE_STUDENT_STRIDE
+    strides, hooks = {}, []
+    for conv in (module for module in network.modules() if isinstance(module, nn.Conv2d)):
+        hooks.append(conv.register_forward_hook(
+            lambda conv, inputs, output: strides.__setitem__(conv, side // output.shape[-1])))
+    meta = {name: torch.empty_like(value, device='meta') for name, value in network.state_dict(keep_vars=True).items()}
+    torch.func.functional_call(network, meta, (torch.empty(2, 3, side, side, device='meta'),))
+    for hook in hooks:
+        hook.remove()
+    for conv in (conv for conv, stride in strides.items() if stride == NATIVE_STUDENT_STRIDE):
+        conv.stride = (1, 1)
+        if conv.kernel_size != (1, 1):
+            conv.dilation = (2, 2)
+            conv.padding = tuple(2 * (size - 1) // 2 for size in conv.kernel_size)
 
 
 def conv_indices(encoder):
@@ -227,12 +255,16 @@ def build_model(config, pretrained=False):
     """The network described by a config dict (see `model_config`); the encoder layers before
     config['first_trainable'] (default 0) are frozen."""
     if config['arch'] in STUDENTS:
-        encoder = build_student_encoder(config['arch'], pretrained, config['local_dim'])
+        encoder = build_student_encoder(config['arch'], pretrained, config['local_dim'],
+                                        config.get('output_stride', NATIVE_STUDENT_STRIDE))
     else:
         encoder = build_encoder(config['arch'], pretrained, config.get('encoder_channels'))
     pool, whiten = build_head(config)
     input_norm = InputNormalization() if config.get('input_norm') else None
-    return EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'], input_norm)
+    model = EmbedNet(encoder, pool, config.get('first_trainable', 0), whiten, config['arch'], input_norm)
+    if config['arch'] in STUDENTS:  # what its weights cannot show, for model_state to record
+        model.output_stride = config.get('output_stride', NATIVE_STUDENT_STRIDE)
+    return model
 
 
 def build_head(config):
@@ -255,6 +287,19 @@ def model_config(opt):
     """The architecture the flags ask for."""
     return dict(arch=opt.arch, pooling=opt.pooling, num_clusters=opt.num_clusters, vladv2=opt.vladv2,
                 encoder_channels=None, pca_dim=None, first_trainable=first_trainable_index(opt), input_norm=False)
+
+
+def config_from_checkpoint(checkpoint, pooling, path):
+    """The architecture a checkpoint dict (`path`) holds: its state dict's, with the pooling it names (else
+    `pooling`) and a distilled student's output stride (32 in runs written before students had a choice)."""
+    config = config_from_state_dict(checkpoint['state_dict'], checkpoint.get('pooling', pooling))
+    if config['arch'] in STUDENTS:
+        config['output_stride'] = checkpoint.get('output_stride', NATIVE_STUDENT_STRIDE)
+        if config['output_stride'] not in STUDENT_STRIDES:
+            raise UserError(f'Checkpoint {path} holds a {config["arch"]} student with output_stride='
+                            f'{config["output_stride"]!r}; a student of --mode=distill has one of '
+                            f'{", ".join(map(str, STUDENT_STRIDES))}.')
+    return config
 
 
 def config_from_state_dict(state_dict, pooling):

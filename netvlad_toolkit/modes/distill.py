@@ -12,7 +12,7 @@ from netvlad_toolkit.datasets.datasets import load_dataset
 from netvlad_toolkit.datasets.folder_dataset import images_in
 from netvlad_toolkit.datasets.images import ImageList
 from netvlad_toolkit.model.checkpoint import checkpoint_path
-from netvlad_toolkit.model.models import STUDENTS
+from netvlad_toolkit.model.models import STUDENT_STRIDES, STUDENTS
 from netvlad_toolkit.runs.results import variant_of
 from netvlad_toolkit.runs.runs import (
     check_new_run_folder,
@@ -38,7 +38,7 @@ from netvlad_toolkit.utils.options import (
 # --resume names the teacher: the student takes its data, never its optimiser or training settings.
 REUSES_RUN_TRAINING = False
 # Flags a continued distillation must share with the run it continues.
-SAME_ON_CONTINUE = ('teacher', 'student', 'hint_weight')
+SAME_ON_CONTINUE = ('teacher', 'student', 'output_stride', 'hint_weight', 'rank_weight')
 
 
 def add_flags(p):
@@ -51,6 +51,11 @@ def add_flags(p):
     group.add_argument('--student', default='mobilenet_v3_large', choices=list(STUDENTS),
                        help='The torchvision network to distil the --resume run (the teacher) into; ImageNet-'
                             'initialised unless --fromscratch.')
+    group.add_argument('--student_stride', type=int, default=16, choices=STUDENT_STRIDES,
+                       help='Output stride of the student\'s feature map. 16: its last stage dilated (DeepLab\'s '
+                            'output stride 16, the same ImageNet weights), the stride of the VGG16 and AlexNet conv5 '
+                            'maps a teacher pools, so each student cell can stand for one teacher cell; 32: the '
+                            'torchvision network as it is, a quarter of the cells and fewer MACs.')
     group.add_argument('--image_dir', default=None,
                        help='Folder of training images (unlabelled, any depth); default: the images (database and '
                             'queries) of the train split of --dataset.')
@@ -63,6 +68,10 @@ def add_flags(p):
                        help='Weight of the local-feature term of the loss (1 - cosine of the student\'s projected '
                             'local features and the teacher\'s, resampled onto the student\'s grid), added to the '
                             'descriptor term (1 - cosine of the descriptors); 0: the descriptor term alone.')
+    group.add_argument('--rank_weight', type=number_in(float, 0), default=1.0,
+                       help='Weight of the ranking term of the loss: the KL divergence of the student\'s softmax over '
+                            'the cosines of its descriptor to the teacher\'s descriptors of all training images from '
+                            'the teacher\'s own (the asymmetric search as a loss); 0: the cosine terms alone.')
     add_optimizer_flags(group)
     p.set_defaults(optim='ADAM', lr=0.001)
 
@@ -90,12 +99,15 @@ def student_run(opt, teacher, out_dir):
     """(student, training state): the run in out_dir to continue, or a new student (state None)."""
     if not os.path.isfile(checkpoint_path(out_dir)):
         check_new_run_folder(out_dir)
-        return student_for(teacher, opt.student, pretrained=not opt.fromscratch), None
+        return student_for(teacher, opt.student, not opt.fromscratch, opt.student_stride), None
     student, state = open_other_run(opt, out_dir)
-    if any(state.get(key) != opt.distilled[key] for key in SAME_ON_CONTINUE):
-        raise UserError(f'{out_dir} holds the distillation of {state.get("teacher")} into {state.get("student")}, '
-                        f'not of {opt.teacher} into {opt.student}: give another --savePath, or move that folder '
-                        f'away. Nothing was written.')
+    # runs written before a term of the loss or the choice of stride existed name none: they trained without it
+    stored = {'hint_weight': 0.0, 'rank_weight': 0.0, **state, 'output_stride': student.output_stride}
+    differing = [f'{key}={stored.get(key)} (asked: {opt.distilled[key]})' for key in SAME_ON_CONTINUE
+                 if stored.get(key) != opt.distilled[key]]
+    if differing:
+        raise UserError(f'{out_dir} holds another distillation than the one asked for: {", ".join(differing)}. '
+                        f'Give another --savePath, or move that folder away. Nothing was written.')
     logging.info('Continuing the distillation in %s after epoch %d', out_dir, state.get('epoch', 0))
     return student, state
 
@@ -109,7 +121,8 @@ def distill(opt):
     teacher, teacher_checkpoint = open_teacher(opt)
     opt.teacher = os.path.normpath(opt.resume)
     opt.distilled = dict(teacher=opt.teacher, teacher_arch=teacher.arch, student=opt.student,
-                         hint_weight=opt.hint_weight, variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
+                         output_stride=opt.student_stride, hint_weight=opt.hint_weight, rank_weight=opt.rank_weight,
+                         variant=f'distilled from {teacher.arch} {variant_of(teacher_checkpoint)}')
     out_dir = opt.savePath or derived_run_folder(opt.resume, f'distilled_{opt.student}')
     images = training_images(opt)
     with run_folder(out_dir):
@@ -120,8 +133,8 @@ def distill(opt):
             return state
         setup_logging(out_dir)  # only now: a run that stops on its input writes nothing
         device = select_device(opt)
-        logging.info('Distilling %s (%s, %d-D) into %s (%s) on %d images: %s, lr %g, batch %d, %d epochs',
-                     opt.resume, teacher.arch, teacher.output_dim, opt.student,
+        logging.info('Distilling %s (%s, %d-D) into %s (output stride %d, %s) on %d images: %s, lr %g, batch %d, '
+                     '%d epochs', opt.resume, teacher.arch, teacher.output_dim, opt.student, opt.student_stride,
                      'random init' if opt.fromscratch else 'ImageNet init', len(images), opt.optim, opt.lr,
                      opt.batchSize, opt.nEpochs)
         started = time.time()

@@ -44,7 +44,7 @@ from netvlad_toolkit.model.int8 import (
     quantization_record,
     save_encoder,
 )
-from netvlad_toolkit.model.models import config_from_state_dict, trunk
+from netvlad_toolkit.model.models import config_from_checkpoint, trunk
 from netvlad_toolkit.runs.measure import LATENCY_TEXT, compare, directory_size, interleaved_latency, model_bytes
 from netvlad_toolkit.runs.results import append_result, variant_of
 from netvlad_toolkit.runs.runs import (
@@ -191,7 +191,7 @@ def quantize(opt):
     if 'quantized' in source:
         raise UserError(f'--resume={opt.resume} holds an already quantized model; quantize its float run instead.')
     apply_backprop_flag(model, opt)
-    config = config_from_state_dict(source['state_dict'], source.get('pooling', opt.pooling))
+    config = config_from_checkpoint(source, opt.pooling, opt.resume)
     calib_set = calibration_set(opt)
     eval_set = load_dataset(opt, opt.split)
     splits = qat_splits(opt) if opt.quantization_type == 'qat' else None

@@ -18,7 +18,7 @@ import torch
 from netvlad_toolkit.model.centroids import initialised_model
 from netvlad_toolkit.model.checkpoint import check_entries, checkpoint_path, is_best_state, read_checkpoint
 from netvlad_toolkit.model.int8 import load_quantized_model
-from netvlad_toolkit.model.models import ARCHS, build_model, config_from_state_dict, layer_index
+from netvlad_toolkit.model.models import ARCHS, build_model, config_from_checkpoint, layer_index
 from netvlad_toolkit.utils.commons import UserError, atomic_copy, empty_folder, locked_folder
 
 
@@ -189,7 +189,7 @@ def open_run(opt, which=None):
         return load_quantized_model(checkpoint, opt.resume, opt.unsafe_load, path), checkpoint
     if not any(key.startswith('encoder.0.') for key in state_dict):
         raise UserError(f'Checkpoint {path} has no encoder weights (encoder.0.*): not a NetVLAD model.')
-    config = config_from_state_dict(state_dict, checkpoint.get('pooling', opt.pooling))
+    config = config_from_checkpoint(checkpoint, opt.pooling, path)
     check_config_against_flags(config, opt, path)
     config['first_trainable'] = first_trainable(checkpoint, config['arch'], opt, opt.resume)
     with torch.device('meta'):  # the shapes the architecture needs, before memory is taken for them

@@ -16,6 +16,12 @@ The loss has two terms, each a mean of 1 - cosine:
   teacher feature L2-normalised first, as NetVLAD normalises its input). The global term alone is one target
   vector per image, reached only through the pooling's soft-assignment; the local term tells every cell of the
   projection what the teacher's pooling expects there, a far denser signal for a student trained from scratch.
+- ranking, weighted by --rank_weight: the asymmetric search itself. The student's descriptor of an image, used as a
+  query, ranks the teacher's descriptors of all the training images; so does the teacher's own descriptor of it. The
+  term is the KL divergence of the student's softmax over those similarities (temperature RANKING_TEMPERATURE) from
+  the teacher's. Both cosine terms can be nearly met by a descriptor close to the mean of the teacher's descriptors,
+  the same for every image, which ranks the database at random; this term is met only by a descriptor that finds
+  its own image (and the images the teacher finds as close) first.
 The teacher is frozen, so its descriptors and resampled local features of the training images are computed once.
 """
 import logging
@@ -33,17 +39,26 @@ from netvlad_toolkit.search.retrieval import autocast
 from netvlad_toolkit.training.training import make_optimizer, tensorboard_writer
 
 
-def student_for(teacher, student, pretrained):
-    """A new student of the torchvision network `student` for `teacher` (an EmbedNet), ImageNet-initialised when
-    `pretrained`, with a copy of the teacher's pooling and whitening."""
+def student_for(teacher, student, pretrained, output_stride):
+    """A new student of the torchvision network `student` (its feature map at `output_stride`) for `teacher` (an
+    EmbedNet), ImageNet-initialised when `pretrained`, with a copy of the teacher's pooling and whitening."""
     pooling = getattr(teacher.pool, 'mode', 'netvlad')
     config = dict(config_from_state_dict(teacher.state_dict(), pooling), arch=student, encoder_channels=None,
-                  local_dim=teacher.pool.dim, input_norm=False, first_trainable=0)
+                  local_dim=teacher.pool.dim, input_norm=False, first_trainable=0, output_stride=output_stride)
     model = build_model(config, pretrained)
     model.pool.load_state_dict(teacher.pool.state_dict())
     if hasattr(teacher, 'whiten'):
         model.whiten.load_state_dict(teacher.whiten.state_dict())
     return model
+
+
+# Softmax temperature of the ranking term, on cosines of unit descriptors: a student descriptor must beat the
+# other images' cosines by about this much to rank its own image first with confidence.
+RANKING_TEMPERATURE = 0.05
+# What an epoch reports of the student against the teacher (means over its steps), in its log, its checkpoint and
+# TensorBoard: the two cosines, the ranking term, and how often an image's student descriptor finds the teacher's
+# descriptor of the same image first among those of all training images (asymmetric Recall@1 on the training set).
+EPOCH_MEASURES = ('descriptor_cosine', 'local_cosine', 'ranking_kl', 'own_image_first')
 
 
 def distillation_loss(student_desc, teacher_desc):
@@ -56,6 +71,13 @@ def local_feature_loss(student_local, teacher_local):
     """Mean over the batch and the cells of 1 - cos(student, teacher) of [B, D, h, w] local feature maps on one
     grid (the teacher's resampled by `teacher_local_targets`; neither needs to be normalised)."""
     return (1 - F.cosine_similarity(student_local, teacher_local, dim=1)).mean()
+
+
+def ranking_loss(student_similarities, teacher_similarities):
+    """Mean over the batch of KL(teacher || student) of the softmax at RANKING_TEMPERATURE over [B, N] cosines of
+    each image's descriptor (the student's, the teacher's) to the teacher's descriptors of all N training images."""
+    target = F.softmax(teacher_similarities / RANKING_TEMPERATURE, dim=1)
+    return F.kl_div(F.log_softmax(student_similarities / RANKING_TEMPERATURE, dim=1), target, reduction='batchmean')
 
 
 def teacher_local_targets(features, grid):
@@ -105,16 +127,17 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     try:
         while epoch < opt.nEpochs:
             epoch += 1
-            step, loss, cosines = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
-                                               memory_format)
+            step, loss, measures = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
+                                                memory_format)
             scheduler.step()
             epoch_losses.append(loss)
             best_epoch = 1 + int(np.argmin(epoch_losses))
             writer.add_scalar('Train/epoch_loss', loss, epoch)
-            logging.info('Epoch %d: distillation loss %.5f, mean cosine to the teacher: descriptors %.4f, local '
-                         'features %.4f%s', epoch, loss, *cosines, ' *' if best_epoch == epoch else '')
+            logging.info('Epoch %d: distillation loss %.5f; the student against the teacher: descriptor cosine '
+                         '%.4f, local-feature cosine %.4f, ranking KL %.4f, own image first among the teacher\'s '
+                         'descriptors %.4f%s', epoch, loss, *measures.values(), ' *' if best_epoch == epoch else '')
             state = dict(epoch=epoch, step=step, epoch_losses=epoch_losses, best_epoch=best_epoch,
-                         best_score=cosines[0], descriptor_cosine=cosines[0], local_cosine=cosines[1], recalls={},
+                         best_score=measures['descriptor_cosine'], **measures, recalls={},
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             save_checkpoint(dict(model_state(student), **state, **opt.distilled), run_dir, best_epoch == epoch)
             if on_checkpoint is not None:
@@ -134,30 +157,34 @@ def training_memory_format(student, device):
 
 def distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
                  memory_format=torch.channels_last):
-    """One pass over the training images in an order drawn from (seed, epoch): (step count, mean loss, (mean
-    descriptor cosine, mean local-feature cosine) to the teacher)."""
+    """One pass over the training images in an order drawn from (seed, epoch): (step count, mean loss, the means of
+    EPOCH_MEASURES)."""
     generator = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
     torch.manual_seed(opt.seed * 1000 + epoch)
     loader = image_loader(images, opt, opt.batchSize, shuffle=True, generator=generator)
-    target_descriptors, target_locals = targets
+    bank, target_locals = targets[0].to(device), targets[1]
     student.train()
-    losses, cosines = [], []
+    losses, measures = [], []
     with tqdm(loader, desc=f'epoch {epoch}/{opt.nEpochs}', unit='batch') as bar:
         for batch, indices in bar:
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast(opt.precision, device):
                 local = student.features(batch)
-            global_term = distillation_loss(student.describe(local), target_descriptors[indices].to(device))
+            descriptors, teacher_descriptors = student.describe(local), bank[indices.to(device)]
+            similarities = descriptors @ bank.T
+            global_term = distillation_loss(descriptors, teacher_descriptors)
             local_term = local_feature_loss(local.float(), torch.stack([target_locals[i] for i in indices]).to(device))
-            loss = global_term + opt.hint_weight * local_term
+            rank_term = ranking_loss(similarities, teacher_descriptors @ bank.T)
+            loss = global_term + opt.hint_weight * local_term + opt.rank_weight * rank_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             losses.append(loss.item())
-            cosines.append((1 - global_term.item(), 1 - local_term.item()))
+            own_first = (similarities.argmax(dim=1).cpu() == indices).float().mean()
+            measures.append((1 - global_term.item(), 1 - local_term.item(), rank_term.item(), own_first.item()))
             bar.set_postfix(loss=f'{losses[-1]:.4f}')
             writer.add_scalar('Train/Loss', losses[-1], step)
-            writer.add_scalar('Train/descriptor_cosine', cosines[-1][0], step)
-            writer.add_scalar('Train/local_cosine', cosines[-1][1], step)
-    return step, float(np.mean(losses)), tuple(np.mean(cosines, axis=0).tolist())
+            for name, value in zip(EPOCH_MEASURES, measures[-1]):
+                writer.add_scalar(f'Train/{name}', value, step)
+    return step, float(np.mean(losses)), dict(zip(EPOCH_MEASURES, np.mean(measures, axis=0).tolist()))
