@@ -28,9 +28,8 @@ from helpers import (
 )
 from netvlad_toolkit import cli
 from netvlad_toolkit.datasets.images import ImageList
-from netvlad_toolkit.model.checkpoint import checkpoint_path
+from netvlad_toolkit.model.checkpoint import checkpoint_path, model_state, save_checkpoint
 from netvlad_toolkit.model.int8 import COMPILE_ENV
-from netvlad_toolkit.model.checkpoint import model_state, save_checkpoint
 from netvlad_toolkit.model.models import STUDENT_STRIDES, STUDENTS, build_student_encoder
 from netvlad_toolkit.runs.runs import open_run
 from netvlad_toolkit.training.distillation import (
