@@ -309,6 +309,20 @@ def test_distillation_brings_the_student_towards_the_teacher(student_run, teache
     assert cosines[1] > cosines[0]
 
 
+def test_the_students_batch_norm_statistics_are_those_of_its_final_weights_on_the_training_images(student_run,
+                                                                                                    training_images):
+    """Running averages trail weights that change fast; after each epoch they are estimated again, here from the
+    one batch of all 8 training images (--cacheBatchSize 8)."""
+    images = torch.stack([read_image(path).float() for path in sorted(training_images.rglob('*.jpg'))])
+    student, _ = open_run(cli.parse_options(['--mode=test', f'--resume={student_run}']))
+    first_conv, first_norm = student.encoder[0][0], student.encoder[0][1]
+    with torch.no_grad():
+        outputs = first_conv(images).numpy()  # the first BatchNorm's input
+    per_channel = outputs.transpose(1, 0, 2, 3).reshape(outputs.shape[1], -1)
+    np.testing.assert_allclose(first_norm.running_mean.numpy(), per_channel.mean(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first_norm.running_var.numpy(), per_channel.var(axis=1, ddof=1), rtol=1e-4, atol=1e-6)
+
+
 def test_asymmetric_recall_against_a_brute_force_search(student_run, teacher_run, tiny_data, tmp_path):
     runs = tmp_path / 'runs'
     assert cli.main(['--mode=test', f'--resume={student_run}', f'--database_run={teacher_run[0]}',

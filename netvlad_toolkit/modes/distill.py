@@ -51,11 +51,10 @@ def add_flags(p):
     group.add_argument('--student', default='mobilenet_v3_large', choices=list(STUDENTS),
                        help='The torchvision network to distil the --resume run (the teacher) into; ImageNet-'
                             'initialised unless --fromscratch.')
-    group.add_argument('--student_stride', type=int, default=16, choices=STUDENT_STRIDES,
-                       help='Output stride of the student\'s feature map. 16: its last stage dilated (DeepLab\'s '
-                            'output stride 16, the same ImageNet weights), the stride of the VGG16 and AlexNet conv5 '
-                            'maps a teacher pools, so each student cell can stand for one teacher cell; 32: the '
-                            'torchvision network as it is, a quarter of the cells and fewer MACs.')
+    group.add_argument('--student_stride', type=int, default=32, choices=STUDENT_STRIDES,
+                       help='Output stride of the student\'s feature map. 32: the torchvision network as it is; '
+                            '16: its last stage dilated (DeepLab\'s output stride 16, the same ImageNet weights), the '
+                            'stride of the VGG16 and AlexNet conv5 maps a teacher pools, at more MACs.')
     group.add_argument('--image_dir', default=None,
                        help='Folder of training images (unlabelled, any depth); default: the images (database and '
                             'queries) of the train split of --dataset.')

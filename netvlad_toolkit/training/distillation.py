@@ -23,6 +23,11 @@ The loss has two terms, each a mean of 1 - cosine:
   the same for every image, which ranks the database at random; this term is met only by a descriptor that finds
   its own image (and the images the teacher finds as close) first.
 The teacher is frozen, so its descriptors and resampled local features of the training images are computed once.
+
+After every epoch the student's BatchNorm statistics are estimated again from one pass over the training images
+(recalibrate_batch_norm): the running averages that training keeps trail weights that change fast, the more so at
+torchvision MobileNetV3's momentum of 0.01, and a student evaluated with them describes images far from the teacher
+even when its training-mode descriptors match it.
 """
 import logging
 import time
@@ -129,6 +134,7 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
             epoch += 1
             step, loss, measures = distil_epoch(student, targets, images, optimizer, opt, device, epoch, writer, step,
                                                 memory_format)
+            recalibrate_batch_norm(student, images, opt, device)
             scheduler.step()
             epoch_losses.append(loss)
             best_epoch = 1 + int(np.argmin(epoch_losses))
@@ -145,6 +151,12 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
     finally:
         writer.close()
     return state
+
+
+def recalibrate_batch_norm(student, images, opt, device):
+    """Every BatchNorm's running mean and variance set to their averages over one pass of the training images (in
+    batches of --cacheBatchSize, no gradients), the statistics the student's weights now give."""
+    torch.optim.swa_utils.update_bn(image_loader(images, opt, opt.cacheBatchSize), student, device)
 
 
 def training_memory_format(student, device):
