@@ -143,7 +143,7 @@ def parse_args():
     p.add_argument('--distill_epochs', type=int, default=20)
     p.add_argument('--hint_weight', default='1.0', help="--mode=distill's weight of the local-feature term.")
     p.add_argument('--rank_weight', default='1.0', help="--mode=distill's weight of the ranking term.")
-    p.add_argument('--student_stride', default='16', help="--mode=distill's output stride of the students.")
+    p.add_argument('--student_stride', default='32', help="--mode=distill's output stride of the students.")
     p.add_argument('--synth_db', type=int, default=150,
                    help='Test database images; the train split (the distillation images) has twice as many, and '
                         'twice as many queries.')

@@ -405,18 +405,41 @@ def test_a_killed_distillation_continues_where_it_stopped(teacher_run, training_
         assert torch.equal(resumed['state_dict'][key], value), key
 
 
-def test_a_distillation_is_continued_only_with_its_own_stride_and_loss(teacher_run, training_images, tmp_path,
-                                                                      capsys):
-    out = tmp_path / 'student'
-    assert cli.main(distill_argv(teacher_run[0], training_images, out, '--fromscratch', '--student_stride=32',
+@pytest.fixture(scope='module')
+def stride_16_run(teacher_run, training_images, tmp_path_factory):
+    """A student distilled at output stride 16 for one epoch."""
+    out = tmp_path_factory.mktemp('stride_16') / 'student'
+    assert cli.main(distill_argv(teacher_run[0], training_images, out, '--fromscratch', '--student_stride=16',
                                  '--nEpochs=1')) == 0
-    before = {path: (tmp_path / path).read_bytes() for path in files_under(tmp_path)}
-    for flag, stored in [('--student_stride=16', 'output_stride=32 (asked: 16)'),
+    return out
+
+
+def test_a_distillation_is_continued_only_with_its_own_stride_and_loss(stride_16_run, teacher_run, training_images,
+                                                                      capsys):
+    folder = stride_16_run.parent
+    before = {path: (folder / path).read_bytes() for path in files_under(folder)}
+    for flag, stored in [('--student_stride=32', 'output_stride=16 (asked: 32)'),
                          ('--rank_weight=0.5', 'rank_weight=1.0 (asked: 0.5)')]:
-        argv = distill_argv(teacher_run[0], training_images, out, '--fromscratch', '--student_stride=32', flag)
+        argv = distill_argv(teacher_run[0], training_images, stride_16_run, '--fromscratch', '--student_stride=16',
+                            flag)
         assert cli.main(argv) == 2
         assert stored in error_paragraph(capsys.readouterr().err)
-        assert {path: (tmp_path / path).read_bytes() for path in files_under(tmp_path)} == before
+        assert {path: (folder / path).read_bytes() for path in files_under(folder)} == before
+
+
+def test_a_stride_16_student_keeps_its_stride_at_int8(stride_16_run, tiny_data, tmp_path, monkeypatch):
+    student, checkpoint = open_run(cli.parse_options(['--mode=test', f'--resume={stride_16_run}']))
+    assert checkpoint['output_stride'] == 16 and student.feature_grid(64, 96) == (4, 6)
+    monkeypatch.setenv(COMPILE_ENV, '0')
+    assert cli.main(['--mode=quantize', '--quantization_type=static', f'--resume={stride_16_run}',
+                      '--dataset=synthetic', f'--dataPath={tiny_data}', '--split=test', f'--runsPath={tmp_path}',
+                      '--calib_images=8', '--latency_size=64x80', *FAST]) == 0
+    int8_model, _ = open_run(cli.parse_options(['--mode=test', f'--resume={stride_16_run}_quantized_static']))
+    images = random_images(2, (64, 96))
+    with torch.no_grad():
+        assert int8_model.features(images).shape[-2:] == (4, 6)
+        cosines = (int8_model(images) * student.eval()(images)).sum(dim=1)
+    assert cosines.min() > 0.9  # the int8 program of the same dilated network
 
 
 @pytest.fixture(scope='module')
