@@ -362,8 +362,8 @@ def checked_config(config, folder):
          all(_positive_int(width) and width <= full for width, full in zip(channels, ARCHS[arch]['channels'])))
     if not valid:
         raise UserError(f'The quantized checkpoint in {folder} has no valid "config" entry (arch, pooling, '
-                        f'num_clusters, vladv2, encoder_channels or local_dim and output_stride, pca_dim, input_norm of a model this toolkit '
-                        f'builds): it was not written by --mode=quantize.')
+                        f'num_clusters, vladv2, encoder_channels or local_dim and output_stride, pca_dim, input_norm '
+                        f'of a model this toolkit builds): it was not written by --mode=quantize.')
     return config
 
 

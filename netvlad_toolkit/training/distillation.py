@@ -7,7 +7,7 @@ of the teacher's pooling and whitening, then L2 normalisation: its descriptor ha
 normalisation by construction, and the copied head gives the projection a target it can already be compared with.
 Every layer of the student trains (the copied head too).
 
-The loss has two terms, each a mean of 1 - cosine:
+The loss has three terms, two means of 1 - cosine and a divergence of rankings:
 - global: 1 - cos(student descriptor, teacher descriptor); for unit vectors that is half their squared L2 distance,
   the quantity the exact search ranks by, and unlike an element-wise MSE it does not shrink with the dimension;
 - local (a hint, FitNets-style), weighted by --hint_weight: at every cell of the student's feature map, 1 - cos of
@@ -156,7 +156,8 @@ def distil(student, targets, images, opt, device, run_dir, state=None, on_checkp
 def recalibrate_batch_norm(student, images, opt, device):
     """Every BatchNorm's running mean and variance set to their averages over one pass of the training images (in
     batches of --cacheBatchSize, no gradients), the statistics the student's weights now give."""
-    torch.optim.swa_utils.update_bn(image_loader(images, opt, opt.cacheBatchSize), student, device)
+    batches = tqdm(image_loader(images, opt, opt.cacheBatchSize), desc='BatchNorm statistics', unit='batch')
+    torch.optim.swa_utils.update_bn(batches, student, device)
 
 
 def training_memory_format(student, device):
