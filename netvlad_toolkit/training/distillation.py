@@ -19,8 +19,8 @@ The loss has three terms, two means of 1 - cosine and a divergence of rankings:
 - ranking, weighted by --rank_weight: the asymmetric search itself. The student's descriptor of an image, used as a
   query, ranks the teacher's descriptors of all the training images; so does the teacher's own descriptor of it. The
   term is the KL divergence of the student's softmax over those similarities (temperature RANKING_TEMPERATURE) from
-  the teacher's. Both cosine terms can be nearly met by a descriptor close to the mean of the teacher's descriptors,
-  the same for every image, which ranks the database at random; this term is met only by a descriptor that finds
+  the teacher's. The cosine terms reward nearness to the teacher's descriptor, much of which is the component all
+  images of an area share and which ranks the database at random; this term is met only by a descriptor that finds
   its own image (and the images the teacher finds as close) first.
 The teacher is frozen, so its descriptors and resampled local features of the training images are computed once.
 
