@@ -117,8 +117,7 @@ def halve_output_stride(network):
     for conv in (module for module in network.modules() if isinstance(module, nn.Conv2d)):
         hooks.append(conv.register_forward_hook(
             lambda conv, inputs, output: strides.__setitem__(conv, side // output.shape[-1])))
-    meta = {name: torch.empty_like(value, device='meta') for name, value in network.state_dict(keep_vars=True).items()}
-    torch.func.functional_call(network, meta, (torch.empty(2, 3, side, side, device='meta'),))
+    meta_output(network, (2, 3, side, side))
     for hook in hooks:
         hook.remove()
     for conv in (conv for conv, stride in strides.items() if stride == NATIVE_STUDENT_STRIDE):
@@ -126,6 +125,13 @@ def halve_output_stride(network):
         if conv.kernel_size != (1, 1):
             conv.dilation = (2, 2)
             conv.padding = tuple(2 * (size - 1) // 2 for size in conv.kernel_size)
+
+
+def meta_output(module, shape):
+    """The output of `module` for an input of `shape`, on the meta device: shapes only, no weights read and no
+    arithmetic (batch norm in training mode needs two images or more)."""
+    meta = {name: torch.empty_like(value, device='meta') for name, value in module.state_dict(keep_vars=True).items()}
+    return torch.func.functional_call(module, meta, (torch.empty(*shape, device='meta'),))
 
 
 def conv_indices(encoder):
@@ -223,10 +229,7 @@ class EmbedNet(nn.Module):
         device (no weights read, no arithmetic; two images, so that BatchNorm in training mode accepts a 1x1 map);
         an encoder that cannot run there (an int8 program) runs on one blank image."""
         try:
-            meta = {name: torch.empty_like(value, device='meta')
-                    for name, value in self.encoder.state_dict(keep_vars=True).items()}
-            probe = torch.empty(2, 3, height, width, device='meta')
-            return tuple(torch.func.functional_call(self.encoder, meta, (probe,)).shape[2:])
+            return tuple(meta_output(self.encoder, (2, 3, height, width)).shape[2:])
         except (NotImplementedError, RuntimeError, TypeError):
             parameter = next(self.parameters(), None)
             device = parameter.device if parameter is not None else torch.device('cpu')
